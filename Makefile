@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse the
+# virtualenv (.venv) and install fastmeta into it first (tools/bootstrap.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*.h)
+# Require the C++ extension in tests unless the user asked for a pure-Python install.
+REQUIRE_EXT := $(if $(filter 0,$(FASTMETA_BUILD_EXT)),0,1)
+
+.PHONY: install test demo bench cuda-check ci clean
+
+$(VENV)/.installed: $(SOURCES) tools/bootstrap.sh
+	bash tools/bootstrap.sh $(VENV)
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	FASTMETA_REQUIRE_EXT=$(REQUIRE_EXT) $(PY) -m pytest tests -q
+
+demo: install
+	$(PY) bench/bench_proto.py
+
+bench: install
+	$(PY) bench/bench_proto.py
+
+cuda-check:
+	bash csrc/check_cuda.sh
+
+ci: cuda-check test
+
+clean:
+	rm -rf build *.egg-info fastmeta/_C*.so $(VENV)/.installed

@@ -1,0 +1,20 @@
+"""fastmeta ops: fused, task-batched PyTorch autograd ops for meta-learning.
+
+Each op lives in one contract file (reference, checks, registered custom ops, autograd,
+public function); ``_registry`` decides which backend runs a call.
+"""
+
+from fastmeta.ops._registry import BackendError, backends_for
+from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
+from fastmeta.ops.prototypes import prototypes, prototypes_ref
+
+__all__ = [
+    "BackendError",
+    "backends_for",
+    "proto_logits",
+    "proto_logits_ref",
+    "proto_loss",
+    "proto_loss_ref",
+    "prototypes",
+    "prototypes_ref",
+]

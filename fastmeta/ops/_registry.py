@@ -1,0 +1,254 @@
+"""The one backend table: which backend serves which op on which device, dtype and shape.
+
+Every op registers an ordered list of :class:`Backend` entries. A call walks that list and
+runs the first backend whose :meth:`Backend.not_supported_reasons` is empty. ``backend=`` on
+the public function, or the ``FASTMETA_BACKEND`` environment variable, forces one backend;
+when nothing fits, :class:`BackendError` lists every backend's reasons.
+
+Backends:
+
+* ``triton`` -- Triton kernels (``fastmeta.kernels``), CUDA tensors. On a machine without a
+  GPU the Triton interpreter (``TRITON_INTERPRET=1``) can run them on CPU tensors, but only
+  when forced (it is ~1000x slower than PyTorch), which is how the tests exercise them.
+* ``cuda`` -- CUDA C++ kernels in ``fastmeta._C`` (only for ops CUDA C++ serves best).
+* ``cpp`` -- C++ CPU kernels in ``fastmeta._C`` (``at::parallel_for``).
+* ``reference`` -- plain PyTorch; always available, any device, twice differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fastmeta import _ext
+
+BACKEND_NAMES = ("triton", "cuda", "cpp", "reference")
+_ENV_VAR = "FASTMETA_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """No backend can serve a call (or the forced one cannot); the message lists why."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_triton_reason_cache: list[str] = []
+
+
+def triton_unavailable_reason() -> str:
+    """'' when Triton kernels can be launched somewhere on this machine, else why not."""
+    if not _triton_reason_cache:
+        if importlib.util.find_spec("triton") is None:
+            reason = "triton is not installed (pip install 'fastmeta[triton]')"
+        elif not (torch.cuda.is_available() or triton_interpreting()):
+            reason = "no CUDA device (set TRITON_INTERPRET=1 to run kernels on the CPU, slowly)"
+        else:
+            reason = ""
+        _triton_reason_cache.append(reason)
+    return _triton_reason_cache[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One way to run an op.
+
+    ``devices``: device types served (``"cpu"``, ``"cuda"``); ``dtypes``: floating dtypes
+    served; ``available``: returns '' when the backend's code is present on this machine,
+    else the reason; ``limits``: extra per-call checks returning reasons (shape limits).
+    ``interpreter_cpu``: a Triton backend that may run CPU tensors under TRITON_INTERPRET=1
+    when forced.
+    """
+
+    name: str
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    available: Callable[[], str]
+    limits: Callable[..., list[str]] | None = None
+    interpreter_cpu: bool = False
+
+    def not_supported_reasons(
+        self, tensors: Sequence[torch.Tensor], forced: bool = False, **shape_info
+    ) -> list[str]:
+        reasons = []
+        why = self.available()
+        if why:
+            return [why]
+        device = tensors[0].device.type
+        devices = set(self.devices)
+        if self.interpreter_cpu and forced and triton_interpreting():
+            devices.add("cpu")
+        if device not in devices:
+            reasons.append(f"device {device} not supported (serves {', '.join(sorted(devices))})")
+        dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+        if dtype is not None and dtype not in self.dtypes:
+            served = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
+            reasons.append(f"dtype {str(dtype).replace('torch.', '')} not supported ({served})")
+        if self.limits is not None:
+            reasons.extend(self.limits(*tensors, **shape_info))
+        return reasons
+
+
+def _always() -> str:
+    return ""
+
+
+def _cpp_available() -> str:
+    return "" if _ext.available() else _ext.reason()
+
+
+def _cuda_ext_available() -> str:
+    if not _ext.available():
+        return _ext.reason()
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _ext.build_info().get("cuda", False):
+        return "fastmeta._C was built without CUDA kernels"
+    return ""
+
+
+FLOAT32_64 = frozenset({torch.float32, torch.float64})
+ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def triton_backend(limits=None) -> Backend:
+    return Backend(
+        "triton", frozenset({"cuda"}), ALL_FLOATS, triton_unavailable_reason, limits,
+        interpreter_cpu=True,
+    )
+
+
+def cpp_backend(limits=None) -> Backend:
+    return Backend("cpp", frozenset({"cpu"}), FLOAT32_64, _cpp_available, limits)
+
+
+def cuda_backend(limits=None) -> Backend:
+    return Backend("cuda", frozenset({"cuda"}), ALL_FLOATS, _cuda_ext_available, limits)
+
+
+def reference_backend() -> Backend:
+    return Backend("reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), ALL_FLOATS, _always)
+
+
+_TABLE: dict[str, tuple[Backend, ...]] = {}
+
+
+def register(op: str, backends: Sequence[Backend]) -> None:
+    """Declare ``op``'s backends in priority order (first that fits wins)."""
+    names = [b.name for b in backends]
+    unknown = set(names) - set(BACKEND_NAMES)
+    if unknown:
+        raise ValueError(f"unknown backend names {sorted(unknown)} for op {op!r}")
+    _TABLE[op] = tuple(backends)
+
+
+def kernel(backend: str, stem: str, name: str) -> Callable:
+    """The compiled or Triton entry point ``name`` of op ``stem`` for ``backend``.
+
+    ``cpp``/``cuda`` entry points are torch.library ops registered by ``fastmeta._C`` under
+    ``torch.ops.fastmeta_cpp``; ``triton`` ones are launchers in ``fastmeta.kernels.<stem>``.
+    """
+    if backend in ("cpp", "cuda"):
+        if _ext.load() is None:
+            raise BackendError(f"backend {backend!r}: {_ext.reason()}")
+        return getattr(torch.ops.fastmeta_cpp, name)
+    if backend == "triton":
+        import importlib
+
+        return getattr(importlib.import_module(f"fastmeta.kernels.{stem}"), name)
+    raise ValueError(f"backend {backend!r} has no compiled entry points")
+
+
+def ops() -> list[str]:
+    return sorted(_TABLE)
+
+
+def select(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None, **shape_info) -> str:
+    """Name of the backend that runs this call of ``op``.
+
+    ``backend`` (or ``FASTMETA_BACKEND`` when ``backend`` is None) forces one backend; an
+    unknown name raises ``ValueError``; a forced backend that cannot serve the call, or no
+    backend at all, raises :class:`BackendError` listing every reason.
+    """
+    if op not in _TABLE:
+        raise KeyError(f"op {op!r} has no backends registered; known ops: {ops()}")
+    entries = _TABLE[op]
+    forced = backend if backend is not None else (os.environ.get(_ENV_VAR) or None)
+    if forced is not None:
+        if not isinstance(forced, str):
+            raise TypeError(f"backend must be a str or None, got {type(forced).__name__}")
+        by_name = {b.name: b for b in entries}
+        if forced not in by_name:
+            source = "backend=" if backend is not None else f"{_ENV_VAR}="
+            raise ValueError(
+                f"{source}{forced!r} is not a backend of {op}; choose one of {list(by_name)}"
+            )
+        reasons = by_name[forced].not_supported_reasons(tensors, forced=True, **shape_info)
+        if reasons:
+            raise BackendError(f"{op}: backend {forced!r} cannot run this call: " + "; ".join(reasons))
+        return forced
+    all_reasons = []
+    for b in entries:
+        reasons = b.not_supported_reasons(tensors, **shape_info)
+        if not reasons:
+            return b.name
+        all_reasons.append(f"  {b.name}: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can run this call:\n" + "\n".join(all_reasons))
+
+
+def backends_for(op: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of ``op``'s backends that would accept a ``dtype`` call on ``device`` now."""
+    dev = torch.device(device).type
+    out = []
+    for b in _TABLE[op]:
+        if b.available():
+            continue
+        if dev not in b.devices or dtype not in b.dtypes:
+            continue
+        out.append(b.name)
+    return out
+
+
+def table() -> list[dict]:
+    """Rows of the backend table: op, backend, devices, dtypes, available, why not."""
+    rows = []
+    for op in ops():
+        for b in _TABLE[op]:
+            why = b.available()
+            rows.append(
+                dict(
+                    op=op,
+                    backend=b.name,
+                    devices=",".join(sorted(b.devices)),
+                    dtypes=",".join(sorted(str(d).replace("torch.", "") for d in b.dtypes)),
+                    available=not why,
+                    why_not=why,
+                )
+            )
+    return rows
+
+
+def format_table() -> str:
+    rows = table()
+    lines = [
+        f"fastmeta backends (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
+        f"forced: {os.environ.get(_ENV_VAR) or 'none'})",
+        f"  C++ extension: {'built' if _ext.available() else 'not available: ' + _ext.reason()}",
+        f"  Triton: {triton_unavailable_reason() or 'available'}"
+        + (" (interpreter mode)" if triton_interpreting() else ""),
+        "",
+    ]
+    header = ("op", "backend", "devices", "dtypes", "status")
+    body = [
+        (r["op"], r["backend"], r["devices"], r["dtypes"], "ok" if r["available"] else "unavailable: " + r["why_not"])
+        for r in rows
+    ]
+    widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(4)]
+    for r in [header, *body]:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""``proto_logits`` and the fused ``proto_loss``: distance to prototypes + log-softmax + NLL.
+
+Snell et al., "Prototypical Networks for Few-shot Learning", NeurIPS 2017, eq. (2):
+``p(y=n|x) = softmax_n(-d(f(x), c_n))``. The fused loss never materialises the
+``[B, Q, N, D]`` differences of the broadcast pattern, keeps only a ``[B, Q]`` log-sum-exp
+for backward and recomputes the distances there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmeta.ops import _checks, _registry
+
+_STEM = "proto_loss"
+METRICS = {"sqeuclidean": 0, "cosine": 1}
+EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
+
+_BACKENDS = [_registry.triton_backend(), _registry.cpp_backend(), _registry.reference_backend()]
+_registry.register("proto_logits", _BACKENDS)
+_registry.register("proto_loss", _BACKENDS)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- reference (oracle; always-available backend; twice differentiable) ------------------
+
+
+def proto_logits_ref(
+    query: torch.Tensor, protos: torch.Tensor, metric: str = "sqeuclidean", scale: float = 1.0,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Plain-PyTorch logits ``[B,Q,N]``: ``-scale*||q-p||^2`` or ``scale*cos(q,p)``."""
+    if metric == "cosine":
+        qn = F.normalize(query, dim=-1, eps=eps)
+        pn = F.normalize(protos, dim=-1, eps=eps)
+        return scale * torch.bmm(qn, pn.transpose(1, 2))
+    qq = (query * query).sum(-1, keepdim=True)  # [B,Q,1]
+    pp = (protos * protos).sum(-1).unsqueeze(1)  # [B,1,N]
+    d = torch.baddbmm(qq + pp, query, protos.transpose(1, 2), alpha=-2.0).clamp_min(0)
+    return -scale * d
+
+
+def proto_loss_ref(
+    query: torch.Tensor, protos: torch.Tensor, query_labels: torch.Tensor,
+    metric: str = "sqeuclidean", scale: float = 1.0, reduction: str = "mean", eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch ``(loss, acc)`` with the same contract as :func:`proto_loss`."""
+    logits = proto_logits_ref(query, protos, metric, scale, eps)
+    return _loss_from_logits(logits, query_labels.long(), reduction)
+
+
+def _loss_from_logits(logits, labels, reduction):
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
+    correct = (logits.detach().argmax(-1) == labels).to(logits.dtype)
+    if reduction == "none":
+        return loss.view(labels.shape), correct
+    return loss, correct.mean()
+
+
+# ---- registered ops ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::proto_logits_fwd", mutates_args=())
+def _logits_fwd(
+    query: torch.Tensor, protos: torch.Tensor, metric: int, scale: float, eps: float, backend: str
+) -> torch.Tensor:
+    return _registry.kernel(backend, _STEM, "proto_logits_fwd")(query, protos, metric, scale, eps)
+
+
+@_logits_fwd.register_fake
+def _(query, protos, metric, scale, eps, backend):
+    return query.new_empty(query.shape[0], query.shape[1], protos.shape[1])
+
+
+@torch.library.custom_op("fastmeta::proto_logits_bwd", mutates_args=())
+def _logits_bwd(
+    grad: torch.Tensor, query: torch.Tensor, protos: torch.Tensor, metric: int, scale: float,
+    eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _registry.kernel(backend, _STEM, "proto_logits_bwd")
+    return fn(grad, query, protos, metric, scale, eps)
+
+
+@_logits_bwd.register_fake
+def _(grad, query, protos, metric, scale, eps, backend):
+    return torch.empty_like(query), torch.empty_like(protos)
+
+
+def _logits_setup(ctx, inputs, output):
+    query, protos, metric, scale, eps, backend = inputs
+    ctx.save_for_backward(query, protos)
+    ctx.args = (metric, scale, eps, backend)
+
+
+def _logits_backward(ctx, grad):
+    query, protos = ctx.saved_tensors
+    gq, gp = _logits_bwd(grad.contiguous(), query, protos, *ctx.args)
+    return gq, gp, None, None, None, None
+
+
+_logits_fwd.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+@torch.library.custom_op("fastmeta::proto_loss_fwd", mutates_args=())
+def _loss_fwd(
+    query: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, metric: int, scale: float,
+    eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = _registry.kernel(backend, _STEM, "proto_loss_fwd")
+    return fn(query, protos, labels, metric, scale, eps)
+
+
+@_loss_fwd.register_fake
+def _(query, protos, labels, metric, scale, eps, backend):
+    acc = _acc_dtype(query.dtype)
+    b, q = labels.shape
+    return query.new_empty(b, q, dtype=acc), query.new_empty(b, q, dtype=acc), labels.new_empty(b, q)
+
+
+@torch.library.custom_op("fastmeta::proto_loss_bwd", mutates_args=())
+def _loss_bwd(
+    grad_loss: torch.Tensor, query: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
+    lse: torch.Tensor, metric: int, scale: float, eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _registry.kernel(backend, _STEM, "proto_loss_bwd")
+    return fn(grad_loss, query, protos, labels, lse, metric, scale, eps)
+
+
+@_loss_bwd.register_fake
+def _(grad_loss, query, protos, labels, lse, metric, scale, eps, backend):
+    return torch.empty_like(query), torch.empty_like(protos)
+
+
+def _loss_setup(ctx, inputs, output):
+    query, protos, labels, metric, scale, eps, backend = inputs
+    _, lse, pred = output
+    ctx.save_for_backward(query, protos, labels, lse)
+    ctx.args = (metric, scale, eps, backend)
+    ctx.mark_non_differentiable(lse, pred)
+
+
+def _loss_backward(ctx, grad_loss, _grad_lse, _grad_pred):
+    query, protos, labels, lse = ctx.saved_tensors
+    grad_loss = grad_loss.to(lse.dtype).contiguous()
+    gq, gp = _loss_bwd(grad_loss, query, protos, labels, lse, *ctx.args)
+    return gq, gp, None, None, None, None, None
+
+
+_loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+# ---- public functions ----------------------------------------------------------------------
+
+
+def _check_pair(query, protos, metric, scale):
+    _checks.float_tensor("query", query, 3, "[B, Q, D]")
+    _checks.float_tensor("protos", protos, 3, "[B, N, D]")
+    _checks.same_dtype(query=query, protos=protos)
+    _checks.same_device(query=query, protos=protos)
+    _checks.dim_match("episode count B", query_B=query.shape[0], protos_B=protos.shape[0])
+    _checks.dim_match("feature size D", query_D=query.shape[2], protos_D=protos.shape[2])
+    _checks.nonempty(B=query.shape[0], Q=query.shape[1], N=protos.shape[1], D=query.shape[2])
+    return _checks.metric_code(metric, METRICS)
+
+
+def _learnable(scale) -> bool:
+    return isinstance(scale, torch.Tensor) and scale.requires_grad
+
+
+def proto_logits(
+    query: torch.Tensor,
+    protos: torch.Tensor,
+    metric: str = "sqeuclidean",
+    scale: float | torch.Tensor = 1.0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Logits of every query against every prototype, batched over episodes.
+
+    Args:
+        query: ``[B, Q, D]`` query embeddings.
+        protos: ``[B, N, D]`` class prototypes (e.g. from :func:`fastmeta.ops.prototypes`).
+        metric: ``"sqeuclidean"`` (logit ``-scale * ||q - p||^2``, Snell et al.) or
+            ``"cosine"`` (logit ``scale * cos(q, p)``, each vector divided by
+            ``max(||x||, 1e-8)`` so a zero vector has similarity 0).
+        scale: temperature multiplying the logits; a float, or a scalar tensor that may
+            require grad (a learned temperature; then the scaling runs outside the kernel).
+        backend: force ``"triton"``, ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``[B, Q, N]`` logits in the dtype of ``query``, differentiable w.r.t. ``query``
+        and ``protos`` (once; use ``backend="reference"`` for double backward).
+
+    Example::
+
+        >>> logits = fastmeta.ops.proto_logits(torch.randn(2, 15, 64), torch.randn(2, 5, 64))
+        >>> logits.shape
+        torch.Size([2, 15, 5])
+
+    Equivalent PyTorch code::
+
+        logits = -scale * torch.cdist(query, protos) ** 2                     # sqeuclidean
+        logits = scale * F.normalize(query, dim=-1) @ F.normalize(protos, dim=-1).mT   # cosine
+    """
+    code = _check_pair(query, protos, metric, 1.0)
+    if _learnable(scale):
+        return scale * proto_logits(query, protos, metric, 1.0, backend=backend)
+    scale = _checks.scalar("scale", scale)
+    name = _registry.select("proto_logits", [query, protos], backend)
+    if name == "reference":
+        return proto_logits_ref(query, protos, metric, scale)
+    return _logits_fwd(query, protos, code, scale, EPS, name)
+
+
+def proto_loss(
+    query: torch.Tensor,
+    protos: torch.Tensor,
+    query_labels: torch.Tensor,
+    metric: str = "sqeuclidean",
+    scale: float | torch.Tensor = 1.0,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused prototypical loss: distance + log-softmax + NLL (+ accuracy) in one pass.
+
+    Forward memory beyond the inputs is O(B*Q): the ``[B, Q, N]`` logits are never stored
+    (backward recomputes them) and ``[B, Q, N, D]`` never exists. Stable for any N >= 1 and
+    distances of any size (log-sum-exp is max-subtracted).
+
+    Args:
+        query: ``[B, Q, D]`` query embeddings.
+        protos: ``[B, N, D]`` class prototypes.
+        query_labels: ``[B, Q]`` integer labels in ``[0, N)``.
+        metric: ``"sqeuclidean"`` or ``"cosine"`` (see :func:`proto_logits`).
+        scale: logit temperature (float, or a scalar tensor that may require grad).
+        reduction: ``"mean"`` (over all B*Q queries), ``"sum"`` or ``"none"``.
+        backend: force ``"triton"``, ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``(loss, acc)``: ``loss`` a scalar (``[B, Q]`` for ``reduction="none"``) in the
+        dtype of ``query``; ``acc`` the fraction of queries whose nearest prototype is
+        their label (``[B, Q]`` 0/1 values for ``"none"``), without gradient.
+
+    Example::
+
+        >>> protos = fastmeta.ops.prototypes(support, support_labels, n_way=5)
+        >>> loss, acc = fastmeta.ops.proto_loss(query, protos, query_labels)
+        >>> loss.backward()
+
+    Equivalent PyTorch code::
+
+        logits = -scale * torch.cdist(query, protos) ** 2
+        loss = F.cross_entropy(logits.flatten(0, 1), query_labels.flatten(), reduction=reduction)
+        acc = (logits.argmax(-1) == query_labels).float().mean()
+    """
+    code = _check_pair(query, protos, metric, 1.0)
+    reduction = _checks.reduction_value(reduction)
+    labels = _checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
+    _checks.same_device(query=query, query_labels=query_labels)
+    _checks.labels_in_range("query_labels", labels, protos.shape[1], "N, the number of prototypes")
+    if _learnable(scale):
+        logits = proto_logits(query, protos, metric, scale, backend=backend)
+        return _loss_from_logits(logits, labels, reduction)
+    scale = _checks.scalar("scale", scale)
+    name = _registry.select("proto_loss", [query, protos], backend)
+    if name == "reference":
+        return proto_loss_ref(query, protos, labels, metric, scale, reduction)
+    rows, _lse, pred = _loss_fwd(query, protos, labels.contiguous(), code, scale, EPS, name)
+    correct = (pred == labels).to(query.dtype)
+    if reduction == "none":
+        return rows.to(query.dtype), correct
+    loss = rows.mean() if reduction == "mean" else rows.sum()
+    return loss.to(query.dtype), correct.mean()
