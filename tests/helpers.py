@@ -39,3 +39,12 @@ def assert_close_measured(fast, same_dtype_torch, oracle, *, atol, name=""):
 
 def assert_close64(a, b, *, rtol=1e-10, atol=1e-12, name=""):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def case_id(value):
+    """Readable pytest ids: float32, 2x5x3x7."""
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return None

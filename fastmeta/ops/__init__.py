@@ -5,10 +5,12 @@ public function); ``_registry`` decides which backend runs a call.
 """
 
 from fastmeta.ops._registry import BackendError, backends_for
+from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
 from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
 
 __all__ = [
+    "PROTO_METRICS",
     "BackendError",
     "backends_for",
     "proto_logits",

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
+from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
 
 from fastmeta.ops import BackendError, proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 
@@ -57,7 +57,7 @@ def _cases(backends):
     ]
 
 
-@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(ALL_BACKENDS))
+@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(ALL_BACKENDS), ids=case_id)
 def test_loss_matches_float64_oracle(backend, metric, dtype, shape):
     query, protos, labels = make(*shape, dtype)
     weights = torch.rand(shape[0], shape[1], device=DEVICE, dtype=torch.float64)
@@ -75,7 +75,7 @@ def test_loss_matches_float64_oracle(backend, metric, dtype, shape):
     torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(ALL_BACKENDS))
+@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(ALL_BACKENDS), ids=case_id)
 def test_logits_match_float64_oracle(backend, metric, dtype, shape):
     query, protos, _ = make(*shape, dtype)
     weights = torch.randn(shape[0], shape[1], shape[2], device=DEVICE, dtype=torch.float64)

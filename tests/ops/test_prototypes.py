@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
+from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
 
 from fastmeta.ops import prototypes, prototypes_ref
 
@@ -39,7 +39,7 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("backend,dtype,shape", _cases())
+@pytest.mark.parametrize("backend,dtype,shape", _cases(), ids=case_id)
 def test_matches_float64_oracle(backend, dtype, shape):
     b, s, n, d = shape
     support, labels = make(b, s, n, d, dtype)

@@ -1,0 +1,51 @@
+"""The evaluator every few-shot learner shares: mean accuracy over episodes with a 95% CI."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Mean accuracy over ``episodes`` test episodes and the half-width of its 95% CI."""
+
+    accuracy: float
+    ci95: float
+    episodes: int
+
+    def __str__(self) -> str:
+        return f"{100 * self.accuracy:.2f} +- {100 * self.ci95:.2f} % ({self.episodes} episodes)"
+
+
+def confidence_interval(per_episode: torch.Tensor) -> EvalResult:
+    """Mean and 95% normal-approximation CI half-width (1.96 standard errors)."""
+    acc = per_episode.double().flatten()
+    n = acc.numel()
+    if n == 0:
+        raise ValueError("no episodes to evaluate")
+    std = acc.std(unbiased=True).item() if n > 1 else 0.0
+    return EvalResult(acc.mean().item(), 1.96 * std / math.sqrt(n), n)
+
+
+@torch.no_grad()
+def evaluate_episodes(
+    episode_accuracy: Callable[..., torch.Tensor], batches: Iterable, episodes: int = 600, device=None
+) -> EvalResult:
+    """Run ``episode_accuracy(support_x, support_y, query_x, query_y) -> [B]`` over
+    ``batches`` of episodes until ``episodes`` episodes are scored."""
+    accs = []
+    seen = 0
+    for batch in batches:
+        sx, sy, qx, qy = (t.to(device) if device is not None else t for t in batch[:4])
+        acc = episode_accuracy(sx, sy, qx, qy)
+        accs.append(acc[: episodes - seen].cpu())
+        seen += len(accs[-1])
+        if seen >= episodes:
+            break
+    if seen < episodes:
+        raise ValueError(f"the episode source ran out after {seen} of {episodes} episodes")
+    return confidence_interval(torch.cat(accs))

@@ -1,0 +1,237 @@
+"""The training loop every learner shares: progress bar, periodic validation, atomic
+checkpoints that resume exactly, a metrics CSV and a PNG learning curve.
+
+Exact resume rests on two facts: the training batch of step ``i`` is a pure function of
+``(seed, i)`` (the episode samplers are indexed by episode number), and the checkpoint holds
+the model, the optimizer, torch's RNG state and the step. A checkpoint is written to a
+temporary file and renamed over the old one, so a crash never leaves a half-written file in
+place of a good one; Ctrl-C saves one before exiting.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from fastmeta.learners._evaluate import EvalResult
+
+CSV_FIELDS = ["step", "loss", "acc", "val_acc", "val_ci95", "episodes_per_s", "elapsed_s"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How long and how often. ``minutes`` (optional) stops early on wall-clock time."""
+
+    steps: int = 1000
+    minutes: float | None = None
+    log_every: int = 20
+    val_every: int = 200
+    ckpt_every: int = 200
+    episodes_per_step: int = 1
+    run_dir: Path = Path("runs/default")
+    resume: bool = False
+    progress: bool = True
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Trainer:
+    """Runs ``step_fn(batch) -> (loss, acc)`` with ``optimizer`` over ``batches(start_step)``.
+
+    Args:
+        model: the learner (its ``state_dict`` is checkpointed).
+        optimizer: any torch optimizer over the model's parameters.
+        scheduler: optional learning-rate scheduler stepped once per step (checkpointed).
+        batches: ``batches(start_step)`` returns an iterator of training batches beginning
+            at that step (deterministic per step).
+        step_fn: computes ``(loss, acc)`` of one batch; the trainer does backward/step.
+        validate: optional ``() -> EvalResult`` run every ``val_every`` steps.
+        config: :class:`TrainConfig`.
+        extra_state: JSON-like dict stored in checkpoints (e.g. the CLI arguments).
+    """
+
+    def __init__(self, model, optimizer, batches: Callable[[int], Iterator], step_fn: Callable,
+                 validate: Callable[[], EvalResult] | None, config: TrainConfig,
+                 scheduler=None, extra_state: dict | None = None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.batches, self.step_fn, self.validate = batches, step_fn, validate
+        self.cfg = config
+        self.extra_state = extra_state or {}
+        self.run_dir = Path(config.run_dir)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.csv_path = self.run_dir / "metrics.csv"
+        self.step = 0
+        self.best_val = -math.inf
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "step": self.step,
+            "best_val": self.best_val,
+            "torch_rng": torch.get_rng_state(),
+            "extra": self.extra_state,
+        }
+
+    def save(self) -> None:
+        save_checkpoint(self.ckpt_path, self.state())
+
+    def restore(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        state = load_checkpoint(self.ckpt_path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.best_val = float(state["best_val"])
+        torch.set_rng_state(state["torch_rng"])
+        self._truncate_csv(self.step)
+        return True
+
+    # -- metrics ----------------------------------------------------------------------------
+    def _truncate_csv(self, step: int) -> None:
+        """Drop rows logged after the checkpoint so a resumed run has no duplicates."""
+        if not self.csv_path.exists():
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        self._write_csv(rows, mode="w")
+
+    def _write_csv(self, rows: list[dict], mode: str = "a") -> None:
+        new = mode == "w" or not self.csv_path.exists()
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.csv_path, mode, newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    def history(self) -> list[dict]:
+        if not self.csv_path.exists():
+            return []
+        with open(self.csv_path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def plot(self) -> Path | None:
+        rows = self.history()
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def col(name):
+            pts = [(int(r["step"]), float(r[name])) for r in rows if r[name] not in ("", None)]
+            return zip(*pts) if pts else ((), ())
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax1.plot(*col("loss"), label="train loss")
+        ax1.set_xlabel("step")
+        ax1.set_yscale("log")
+        ax1.legend()
+        ax2.plot(*col("acc"), label="train acc", alpha=0.7)
+        ax2.plot(*col("val_acc"), "o-", label="val acc")
+        ax2.set_xlabel("step")
+        ax2.set_ylim(0, 1)
+        ax2.legend()
+        fig.tight_layout()
+        out = self.run_dir / "learning_curve.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        if cfg.resume and self.restore():
+            print(f"resumed from {self.ckpt_path} at step {self.step}")
+        elif self.csv_path.exists() and not cfg.resume:
+            self.csv_path.unlink()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        window_t, window_loss, window_acc, window_n = time.perf_counter(), 0.0, 0.0, 0
+        self.model.train()
+        it = self.batches(self.step)
+        consistent = True
+        try:
+            while self.step < cfg.steps:
+                if cfg.minutes is not None and time.perf_counter() - start > 60 * cfg.minutes:
+                    break
+                batch = next(it)
+                consistent = False  # an interrupt inside the update must not be saved
+                loss, acc = self.step_fn(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.step += 1
+                consistent = True
+                window_loss += loss.item()
+                window_acc += float(acc)
+                window_n += 1
+                bar.update(1)
+                row = None
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    row = dict(step=self.step, loss=window_loss / window_n, acc=window_acc / window_n,
+                               val_acc="", val_ci95="",
+                               episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
+                               elapsed_s=now - start)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}")
+                    window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
+                if self.validate is not None and self.step % cfg.val_every == 0:
+                    res = self.validate()
+                    self.model.train()
+                    row = row or dict(step=self.step, loss="", acc="", episodes_per_s="",
+                                      elapsed_s=time.perf_counter() - start)
+                    row.update(val_acc=res.accuracy, val_ci95=res.ci95)
+                    bar.write(f"step {self.step}: val acc {res}")
+                    self.best_val = max(self.best_val, res.accuracy)
+                if row is not None:
+                    self._write_csv([row])
+                if self.step % cfg.ckpt_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            if consistent:
+                bar.write(f"interrupted at step {self.step}: saving {self.ckpt_path}")
+                self.save()
+            else:
+                bar.write(f"interrupted mid-update: keeping the last checkpoint {self.ckpt_path}")
+            raise
+        finally:
+            bar.close()
+        self.save()
+        self.plot()
+        return self.history()
