@@ -124,7 +124,7 @@ def demo(argv: list[str]) -> int:
     from fastmeta.learners import PixelNN
 
     print(f"fastmeta demo: each learner trains {a.minutes:g} min on glyphs "
-          f"(train longer with `python -m fastmeta demo --minutes 30`)")
+          f"(train longer: `make demo DEMO_MINUTES=30` or `python -m fastmeta demo --minutes 30`)")
     ds = data.load_dataset("glyphs")
     print(ds.summary())
     rows = []

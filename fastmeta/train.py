@@ -178,7 +178,10 @@ class Trainer:
             self.csv_path.unlink()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True)
+        import sys
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         start = time.perf_counter()
         window_t, window_loss, window_acc, window_n = time.perf_counter(), 0.0, 0.0, 0
         self.model.train()
