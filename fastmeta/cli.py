@@ -7,18 +7,43 @@ validation, exact resume, metrics CSV, learning-curve PNG).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-LEARNERS = ("protonet",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSpec:
+    """How the CLI builds a learner: ``build(args, in_channels) -> FewShotLearner``;
+    ``shuffle``: sequence learners need episodes whose support/query order is shuffled."""
+
+    build: Callable[[argparse.Namespace, int], torch.nn.Module]
+    shuffle: bool = False
+    help: str = ""
+    demo_args: tuple[str, ...] = ()  # extra `train` arguments the demo uses
+
+
+def _protonet(args, in_channels):
+    from fastmeta.learners import ProtoNet
+
+    return ProtoNet(build_backbone(args.backbone, in_channels), metric=args.metric)
+
+
+# name -> spec; every learner the CLI and the demo know
+LEARNERS: dict[str, LearnerSpec] = {
+    "protonet": LearnerSpec(_protonet, help="Prototypical Networks (Snell et al. 2017)",
+                            demo_args=("--train-ways", "20")),
+}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("learner", choices=LEARNERS)
+    p.add_argument("learner", choices=sorted(LEARNERS))
     p.add_argument("--dataset", default="glyphs", choices=["glyphs", "omniglot", "miniimagenet"])
     p.add_argument("--data-root", default=None, help="dataset folder (omniglot/miniimagenet) or glyph cache folder")
     p.add_argument("--ways", type=int, default=5, help="N of the test (and validation) episodes")
@@ -54,7 +79,6 @@ def build_backbone(name: str, in_channels: int) -> torch.nn.Module:
 def run_training(args: argparse.Namespace) -> dict:
     """Train ``args.learner`` and evaluate it on the test split; returns the results dict."""
     from fastmeta import data
-    from fastmeta.learners import ProtoNet
     from fastmeta.train import Trainer, TrainConfig
 
     torch.manual_seed(args.seed)
@@ -62,14 +86,15 @@ def run_training(args: argparse.Namespace) -> dict:
     ds = data.load_dataset(args.dataset, args.data_root)
     train_ways = args.train_ways or args.ways
     run_dir = Path(args.run_dir or f"runs/{args.learner}-{args.dataset}-{args.ways}w{args.shots}s")
-    learner = ProtoNet(build_backbone(args.backbone, ds.image_shape[0]), metric=args.metric).to(device)
+    spec = LEARNERS[args.learner]
+    learner = spec.build(args, ds.image_shape[0]).to(device)
     opt = torch.optim.Adam(learner.parameters(), lr=args.lr)
     sched = (torch.optim.lr_scheduler.StepLR(opt, args.lr_halve_every, gamma=0.5)
              if args.lr_halve_every > 0 else None)
 
     def loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch):
         return data.episodes(ds, split, ways, args.shots, args.queries, batch_size=batch,
-                             num_batches=n_batches, start=start, seed=seed,
+                             num_batches=n_batches, start=start, seed=seed, shuffle=spec.shuffle,
                              num_workers=args.workers, device=device)
 
     def batches(start_step):
@@ -112,42 +137,49 @@ def run_training(args: argparse.Namespace) -> dict:
 
 
 def demo(argv: list[str]) -> int:
-    """Train every learner that exists briefly on glyphs and print test accuracy +- 95% CI
-    next to a pixel nearest-neighbour baseline."""
+    """Train every learner that exists briefly on glyphs (5-way 1-shot) and print its test
+    accuracy +- 95% CI next to a pixel nearest-neighbour baseline, on the same episodes."""
     p = argparse.ArgumentParser(prog="python -m fastmeta demo")
-    p.add_argument("--minutes", type=float, default=3.0,
-                   help="training time per learner (train longer: --minutes 30)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training minutes per learner (default: 6 minutes shared by all learners, "
+                        "at most 3 each; train longer: --minutes 30)")
+    p.add_argument("--shots", type=int, default=1)
     p.add_argument("--episodes", type=int, default=600, help="test episodes")
+    p.add_argument("--learners", default=",".join(LEARNERS), help="comma-separated subset")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     from fastmeta import data
     from fastmeta.learners import PixelNN
 
-    print(f"fastmeta demo: each learner trains {a.minutes:g} min on glyphs "
+    names = [n for n in a.learners.split(",") if n]
+    unknown = set(names) - set(LEARNERS)
+    if unknown:
+        raise SystemExit(f"unknown learners {sorted(unknown)}; choose from {sorted(LEARNERS)}")
+    minutes = a.minutes if a.minutes is not None else min(3.0, 6.0 / len(names))
+    print(f"fastmeta demo: {', '.join(names)} train {minutes:g} min each on glyphs, 5-way {a.shots}-shot "
           f"(train longer: `make demo DEMO_MINUTES=30` or `python -m fastmeta demo --minutes 30`)")
     ds = data.load_dataset("glyphs")
     print(ds.summary())
     rows = []
-    for shots in (1,):
+    for name in names:
         args = build_parser().parse_args([
-            "train", "protonet", "--dataset", "glyphs", "--ways", "5", "--train-ways", "20",
-            "--shots", str(shots), "--steps", "100000", "--minutes", str(a.minutes),
-            "--val-every", "250", "--val-episodes", "100", "--ckpt-every", "250",
-            "--test-episodes", str(a.episodes), "--device", a.device,
-            "--run-dir", f"runs/demo-protonet-glyphs-5w{shots}s",
+            "train", name, "--dataset", "glyphs", "--ways", "5", "--shots", str(a.shots),
+            "--steps", "1000000", "--minutes", str(minutes), "--val-every", "250", "--val-episodes", "100",
+            "--ckpt-every", "250", "--test-episodes", str(a.episodes), "--device", a.device,
+            "--run-dir", f"runs/demo-{name}-glyphs-5w{a.shots}s", *LEARNERS[name].demo_args,
         ])
         res = run_training(args)
-        test = data.episodes(ds, "test", 5, shots, 15, batch_size=16, num_batches=-(-a.episodes // 16),
-                             seed=20_000, device=a.device)
-        nn_res = PixelNN().evaluate(test, episodes=a.episodes)
-        rows.append((f"ProtoNet Conv4 ({res['steps']} steps)", f"5-way {shots}-shot",
+        rows.append((f"{name} ({res['steps']} steps, {res['train_seconds']:.0f} s)",
                      f"{100 * res['test_accuracy']:.2f} +- {100 * res['test_ci95']:.2f}"))
-        rows.append(("pixel nearest neighbour", f"5-way {shots}-shot",
-                     f"{100 * nn_res.accuracy:.2f} +- {100 * nn_res.ci95:.2f}"))
-    print(f"\nglyphs, held-out test scripts {ds.groups('test')}, {a.episodes} episodes, accuracy % +- 95% CI")
+    test = data.episodes(ds, "test", 5, a.shots, 15, batch_size=16, num_batches=-(-a.episodes // 16),
+                         seed=20_000, device=a.device)
+    nn_res = PixelNN().evaluate(test, episodes=a.episodes)
+    rows.append(("pixel nearest neighbour (no training)", f"{100 * nn_res.accuracy:.2f} +- {100 * nn_res.ci95:.2f}"))
+    print(f"\nglyphs 5-way {a.shots}-shot on the held-out test scripts {ds.groups('test')}: "
+          f"accuracy % +- 95% CI over {a.episodes} episodes")
     w = max(len(r[0]) for r in rows)
     for r in rows:
-        print(f"  {r[0]:<{w}}  {r[1]:<14} {r[2]}")
+        print(f"  {r[0]:<{w}}  {r[1]}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Meta-learners built on fastmeta.ops (each calls only public ops)."""
 
-from fastmeta.learners._evaluate import EvalResult, confidence_interval
+from fastmeta.learners._evaluate import EvalResult, FewShotLearner, confidence_interval
 from fastmeta.learners.baselines import PixelNN
 from fastmeta.learners.protonet import ProtoNet
 
-__all__ = ["EvalResult", "PixelNN", "ProtoNet", "confidence_interval"]
+__all__ = ["EvalResult", "FewShotLearner", "PixelNN", "ProtoNet", "confidence_interval"]

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,3 +50,26 @@ def evaluate_episodes(
     if seen < episodes:
         raise ValueError(f"the episode source ran out after {seen} of {episodes} episodes")
     return confidence_interval(torch.cat(accs))
+
+
+class FewShotLearner(nn.Module):
+    """Base of the episodic learners: ``forward(support_x, support_y, query_x, query_y,
+    n_way=None, reduction="mean") -> (loss, acc)`` batched over episodes; with
+    ``reduction="none"`` it returns per-query ``[B, Q]`` losses and 0/1 correctness. The
+    shared trainer and evaluator only rely on this."""
+
+    @torch.no_grad()
+    def episode_accuracy(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
+        """Per-episode query accuracy ``[B]``."""
+        _, correct = self(support_x, support_y, query_x, query_y, reduction="none")
+        return correct.float().mean(1)
+
+    def evaluate(self, batches, episodes: int = 600, device=None) -> EvalResult:
+        """Mean test accuracy over ``episodes`` episodes drawn from ``batches`` (an iterable
+        of ``(support_x, support_y, query_x, query_y, ...)`` batches) with its 95% CI."""
+        was_training = self.training
+        self.eval()
+        try:
+            return evaluate_episodes(self.episode_accuracy, batches, episodes, device)
+        finally:
+            self.train(was_training)

@@ -13,10 +13,10 @@ from torch import nn
 
 from fastmeta import ops
 
-from fastmeta.learners._evaluate import EvalResult, evaluate_episodes
+from fastmeta.learners._evaluate import FewShotLearner
 
 
-class ProtoNet(nn.Module):
+class ProtoNet(FewShotLearner):
     """ProtoNet learner over batches of episodes.
 
     Args:
@@ -63,19 +63,3 @@ class ProtoNet(nn.Module):
         n_way = int(support_y.max()) + 1 if n_way is None else n_way
         protos = ops.prototypes(zs, support_y, n_way)
         return ops.proto_loss(zq, protos, query_y, self.metric, self.scale, reduction)
-
-    @torch.no_grad()
-    def episode_accuracy(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
-        """Per-episode query accuracy ``[B]``."""
-        _, correct = self(support_x, support_y, query_x, query_y, reduction="none")
-        return correct.float().mean(1)
-
-    def evaluate(self, batches, episodes: int = 600, device=None) -> EvalResult:
-        """Mean test accuracy over ``episodes`` episodes drawn from ``batches`` (an iterable
-        of ``(support_x, support_y, query_x, query_y)`` batches) with its 95% CI."""
-        was_training = self.training
-        self.eval()
-        try:
-            return evaluate_episodes(self.episode_accuracy, batches, episodes, device)
-        finally:
-            self.train(was_training)
