@@ -5,6 +5,12 @@ public function); ``_registry`` decides which backend runs a call.
 """
 
 from fastmeta.ops._registry import BackendError, backends_for
+from fastmeta.ops.matching import (
+    matching_attention,
+    matching_attention_ref,
+    matching_loss,
+    matching_loss_ref,
+)
 from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
 from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
@@ -13,6 +19,10 @@ __all__ = [
     "PROTO_METRICS",
     "BackendError",
     "backends_for",
+    "matching_attention",
+    "matching_attention_ref",
+    "matching_loss",
+    "matching_loss_ref",
     "proto_logits",
     "proto_logits_ref",
     "proto_loss",

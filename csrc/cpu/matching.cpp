@@ -1,0 +1,394 @@
+// matching_{fwd,bwd} and the fused matching_loss_{fwd,bwd} CPU kernels (Matching Networks,
+// Vinyals et al. 2016, eq. 1-2: softmax over the support set of scale * cos, summed per class).
+//
+// Work is split over (episode, chunk of query rows); inside a chunk, query rows are processed in
+// tiles whose [rows, S] logits workspace stays around kTileBytes per thread (one single-threaded
+// GEMM per tile). The [B, Q, S] attention matrix never exists: only a tile of it, per thread.
+//
+// Per query row the per-class log-sum-exp is exact and stable: a first sweep over the row
+// takes the per-class maximum, a second sums exp(l - max_class) per class, so
+// lse_n = max_n + log(sum_n) is finite for every class with a support example, however small
+// its attention (a log of the summed probabilities would underflow to -inf).
+// log P[n] = lse_n - lse with lse = logsumexp_n(lse_n).
+//
+// Backward recomputes the logits tile by tile. With dY = grad of log P:
+//   dl[s] = dY[c_s] * exp(l_s - lse_{c_s}) - (sum_n dY_n) * exp(l_s - lse),  c_s = label of s,
+// and G = scale * dl gives grad_qn = G @ Sn and grad_sn = G^T @ Qn (per tile, accumulated per
+// work item), then the normalisation backward  g_x = (g - [|x| > eps] xn (xn . g)) / max(|x|, eps).
+// The fused loss uses dY = -grad_loss * onehot(y) and lse_y = lse - loss.
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace fastmeta {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileBytes = 1 << 20;  // per-thread [rows, S] logits workspace
+
+struct Plan {
+  int64_t chunks;  // chunks per episode
+  int64_t rows;    // rows per chunk
+  int64_t tile;    // rows per GEMM tile inside a chunk
+};
+
+inline Plan plan(int64_t B, int64_t Q, int64_t S, int64_t elt) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = 2 * nt;
+  int64_t chunks = B >= want ? 1 : ceil_div(want, B);
+  chunks = std::max<int64_t>(1, std::min(chunks, Q));
+  const int64_t rows = ceil_div(Q, chunks);
+  chunks = ceil_div(Q, rows);
+  const int64_t tile = std::max<int64_t>(1, std::min(rows, kTileBytes / std::max<int64_t>(1, S * elt)));
+  return {chunks, rows, tile};
+}
+
+// xn = x / max(|x|, eps) row by row; nrm = |x|.
+template <typename T>
+void normalize_rows(const T* x, int64_t R, int64_t D, T eps, T* xn, T* nrm) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T n = std::sqrt(dot(x + r * D, x + r * D, D));
+      nrm[r] = n;
+      scale_to<T>(T(1) / std::max(n, eps), x + r * D, xn + r * D, D);
+    }
+  });
+}
+
+// In place: g = (g - [n > eps] xn (xn . g)) / max(n, eps), row by row.
+template <typename T>
+void normalize_bwd_rows(T* g, const T* xn, const T* nrm, int64_t R, int64_t D, T eps) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* gr = g + r * D;
+      const T* xr = xn + r * D;
+      const T n = nrm[r];
+      if (n > eps) axpy<T>(-dot(xr, gr, D), xr, gr, D);
+      div_inplace<T>(gr, std::max(n, eps), D);
+    }
+  });
+}
+
+// Per-class log-sum-exp of one row of logits l[S] (labels lab[S] in [0, N)); writes
+// logp[n] = lse_n - lse and returns lse. cm, cs: [N] scratch.
+template <typename T>
+inline T row_class_lse(const T* __restrict l, const int64_t* __restrict lab, int64_t S, int64_t N,
+                       T* __restrict cm, T* __restrict cs, T* __restrict logp) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  std::fill(cm, cm + N, kNegInf);
+  std::fill(cs, cs + N, T(0));
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t c = lab[s];
+    if (l[s] > cm[c] || std::isnan(l[s])) cm[c] = l[s];
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t c = lab[s];
+    cs[c] += std::exp(l[s] - cm[c]);
+  }
+  T M = kNegInf;
+  for (int64_t n = 0; n < N; ++n) {
+    logp[n] = cm[n] + std::log(cs[n]);  // -inf for a class without support examples
+    if (logp[n] > M || std::isnan(logp[n])) M = logp[n];
+  }
+  T tot = 0;
+  for (int64_t n = 0; n < N; ++n) tot += std::exp(logp[n] - M);
+  const T lse = M + std::log(tot);
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) logp[n] -= lse;
+  return lse;
+}
+
+template <typename T>
+struct Ctx {
+  int64_t B, Q, S, N, D;
+  T scale, eps;
+  const int64_t* lab;  // [B, S]
+};
+
+// --------------------------------------------------------------------------------------------
+// forward (kLoss: writes loss/pred from query labels y; else writes logp [B,Q,N])
+// --------------------------------------------------------------------------------------------
+template <typename T, bool kLoss>
+void fwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, T* logp_out, T* lse_out,
+              const int64_t* y, T* loss, int64_t* pred) {
+  const int64_t B = c.B, Q = c.Q, S = c.S, N = c.N;
+  const Plan pl = plan(B, Q, S, sizeof(T));
+  at::parallel_for(0, B * pl.chunks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
+    at::Tensor ws = at::empty({pl.tile, S}, qn.options());
+    T* w = ws.mutable_data_ptr<T>();
+    std::vector<T> cm(N), cs(N), lp(kLoss ? N : 0);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / pl.chunks;
+      const int64_t q0 = (it % pl.chunks) * pl.rows;
+      const int64_t q1 = std::min(Q, q0 + pl.rows);
+      const int64_t* lab = c.lab + b * S;
+      for (int64_t t0 = q0; t0 < q1; t0 += pl.tile) {
+        const int64_t rows = std::min(pl.tile, q1 - t0);
+        at::Tensor wt = ws.narrow(0, 0, rows);
+        at::mm_out(wt, qn.select(0, b).narrow(0, t0, rows), sn.select(0, b).t());
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = b * Q + t0 + i;
+          T* l = w + i * S;
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) l[s] *= c.scale;
+          T* dst = kLoss ? lp.data() : logp_out + r * N;
+          lse_out[r] = row_class_lse<T>(l, lab, S, N, cm.data(), cs.data(), dst);
+          if constexpr (kLoss) {
+            loss[r] = -dst[y[r]];
+            int64_t am = 0;
+            for (int64_t n = 1; n < N; ++n)
+              if (dst[n] > dst[am] || (std::isnan(dst[n]) && !std::isnan(dst[am]))) am = n;
+            pred[r] = am;
+          }
+        }
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------------------
+// backward. kLoss: gsrc = grad_loss [B,Q], aux = loss [B,Q], y = query labels.
+//           else:  gsrc = grad_logp [B,Q,N], aux = logp [B,Q,N].
+// gq/gs receive the gradients w.r.t. the *normalised* inputs; the caller maps them back.
+// --------------------------------------------------------------------------------------------
+template <typename T, bool kLoss>
+void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const T* gsrc,
+              const T* aux, const T* lse, const int64_t* y, at::Tensor& gq_t, at::Tensor& gs_t) {
+  const int64_t B = c.B, Q = c.Q, S = c.S, N = c.N, D = c.D;
+  const Plan pl = plan(B, Q, S, sizeof(T));
+  const int64_t items = B * pl.chunks;
+  const bool direct = pl.chunks == 1;
+  at::Tensor part = direct ? gs_t : at::empty({items, S, D}, qn.options());
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
+    at::Tensor ws = at::empty({pl.tile, S}, qn.options());
+    T* w = ws.mutable_data_ptr<T>();
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / pl.chunks;
+      const int64_t q0 = (it % pl.chunks) * pl.rows;
+      const int64_t q1 = std::min(Q, q0 + pl.rows);
+      const int64_t* lab = c.lab + b * S;
+      at::Tensor acc = part.select(0, direct ? b : it);
+      acc.zero_();
+      const at::Tensor snb = sn.select(0, b);
+      for (int64_t t0 = q0; t0 < q1; t0 += pl.tile) {
+        const int64_t rows = std::min(pl.tile, q1 - t0);
+        at::Tensor wt = ws.narrow(0, 0, rows);
+        const at::Tensor qt = qn.select(0, b).narrow(0, t0, rows);
+        at::mm_out(wt, qt, snb.t());
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = b * Q + t0 + i;
+          T* l = w + i * S;
+          const T L = lse[r];
+          if constexpr (kLoss) {
+            const T g = gsrc[r];
+            const int64_t yr = y[r];
+            const T lse_y = L - aux[r];
+            for (int64_t s = 0; s < S; ++s) {
+              const T ls = c.scale * l[s];
+              T d = g * std::exp(ls - L);
+              if (lab[s] == yr) d -= g * std::exp(ls - lse_y);
+              l[s] = c.scale * d;
+            }
+          } else {
+            const T* dy = gsrc + r * N;
+            const T* lp = aux + r * N;
+            T sdy = 0;
+            for (int64_t n = 0; n < N; ++n) sdy += dy[n];
+            for (int64_t s = 0; s < S; ++s) {
+              const T ls = c.scale * l[s];
+              const int64_t cl = lab[s];
+              const T d = dy[cl] * std::exp(ls - L - lp[cl]) - sdy * std::exp(ls - L);
+              l[s] = c.scale * d;
+            }
+          }
+        }
+        at::Tensor gqt = gq_t.select(0, b).narrow(0, t0, rows);
+        at::mm_out(gqt, wt, snb);
+        acc.addmm_(wt.t(), qt);
+      }
+    }
+  });
+  if (direct) return;
+  at::sum_out(gs_t, part.view({B, pl.chunks, S, D}), {1});
+}
+
+struct Inputs {
+  at::Tensor q, s, lab;  // contiguous, compute dtype / int64
+  at::ScalarType in_dtype, ct;
+  int64_t B, Q, S, N, D;
+};
+
+Inputs prep(const at::Tensor& query, const at::Tensor& support, const at::Tensor& labels,
+            int64_t n_way, double scale, double eps, const char* op) {
+  check_float_input(query, op, "query", 3);
+  check_float_input(support, op, "support", 3);
+  TORCH_CHECK(query.scalar_type() == support.scalar_type(), "fastmeta_cpp::", op,
+              ": query and support must have the same dtype, got ", query.scalar_type(), " and ",
+              support.scalar_type());
+  TORCH_CHECK(query.size(0) == support.size(0) && query.size(2) == support.size(2),
+              "fastmeta_cpp::", op, ": query [B,Q,D] and support [B,S,D] disagree: ",
+              query.sizes(), " vs ", support.sizes());
+  TORCH_CHECK(n_way >= 1, "fastmeta_cpp::", op, ": n_way must be >= 1, got ", n_way);
+  TORCH_CHECK(support.size(1) >= 1, "fastmeta_cpp::", op, ": support set is empty (S = 0)");
+  TORCH_CHECK(std::isfinite(scale), "fastmeta_cpp::", op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "fastmeta_cpp::", op,
+              ": eps must be finite and >= 0, got ", eps);
+  check_index_tensor(labels, op, "support_labels", support.size(0), support.size(1));
+  Inputs in;
+  in.lab = labels.contiguous();
+  check_label_range(in.lab, n_way, op, "support_labels");
+  in.in_dtype = query.scalar_type();
+  in.ct = compute_dtype(in.in_dtype);
+  in.q = as_compute(query, in.ct);
+  in.s = as_compute(support, in.ct);
+  in.B = query.size(0);
+  in.Q = query.size(1);
+  in.S = support.size(1);
+  in.N = n_way;
+  in.D = query.size(2);
+  return in;
+}
+
+// Normalised copies and norms of query and support rows.
+struct Normed {
+  at::Tensor qn, sn, qnrm, snrm;
+};
+
+template <typename T>
+Normed normalize(const Inputs& in, T eps) {
+  Normed r;
+  r.qn = at::empty({in.B, in.Q, in.D}, in.q.options());
+  r.sn = at::empty({in.B, in.S, in.D}, in.q.options());
+  r.qnrm = at::empty({in.B * in.Q}, in.q.options());
+  r.snrm = at::empty({in.B * in.S}, in.q.options());
+  normalize_rows<T>(in.q.const_data_ptr<T>(), in.B * in.Q, in.D, eps, r.qn.mutable_data_ptr<T>(),
+                    r.qnrm.mutable_data_ptr<T>());
+  normalize_rows<T>(in.s.const_data_ptr<T>(), in.B * in.S, in.D, eps, r.sn.mutable_data_ptr<T>(),
+                    r.snrm.mutable_data_ptr<T>());
+  return r;
+}
+
+template <typename T>
+Ctx<T> make_ctx(const Inputs& in, double scale, double eps) {
+  return Ctx<T>{in.B, in.Q, in.S, in.N, in.D, static_cast<T>(scale), static_cast<T>(eps),
+                in.lab.const_data_ptr<int64_t>()};
+}
+
+// Shared backward driver: gradients w.r.t. the normalised inputs, then through the norms.
+template <bool kLoss>
+std::tuple<at::Tensor, at::Tensor> run_bwd(const Inputs& in, double scale, double eps,
+                                           const at::Tensor& g, const at::Tensor& aux,
+                                           const at::Tensor& lse, const at::Tensor& y) {
+  at::Tensor gq = at::empty({in.B, in.Q, in.D}, in.q.options());
+  at::Tensor gs = at::empty({in.B, in.S, in.D}, in.q.options());
+  AT_DISPATCH_FLOATING_TYPES(in.ct, "matching_bwd", [&] {
+    using T = scalar_t;
+    const Ctx<T> c = make_ctx<T>(in, scale, eps);
+    Normed nm = normalize<T>(in, c.eps);
+    bwd_impl<T, kLoss>(c, nm.qn, nm.sn, g.const_data_ptr<T>(), aux.const_data_ptr<T>(),
+                       lse.const_data_ptr<T>(), kLoss ? y.const_data_ptr<int64_t>() : nullptr,
+                       gq, gs);
+    normalize_bwd_rows<T>(gq.mutable_data_ptr<T>(), nm.qn.const_data_ptr<T>(),
+                          nm.qnrm.const_data_ptr<T>(), in.B * in.Q, in.D, c.eps);
+    normalize_bwd_rows<T>(gs.mutable_data_ptr<T>(), nm.sn.const_data_ptr<T>(),
+                          nm.snrm.const_data_ptr<T>(), in.B * in.S, in.D, c.eps);
+  });
+  return {to_dtype(gq, in.in_dtype), to_dtype(gs, in.in_dtype)};
+}
+
+void check_rows(const at::Tensor& t, const char* op, const char* name, const Inputs& in,
+                bool with_n) {
+  check_float_input(t, op, name, with_n ? 3 : 2);
+  TORCH_CHECK(t.size(0) == in.B && t.size(1) == in.Q && (!with_n || t.size(2) == in.N),
+              "fastmeta_cpp::", op, ": ", name, " has shape ", t.sizes(),
+              ", expected [B, Q", with_n ? ", N]" : "]");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> matching_fwd(const at::Tensor& query, const at::Tensor& support,
+                                                const at::Tensor& support_labels, int64_t n_way,
+                                                double scale, double eps) {
+  constexpr const char* op = "matching_fwd";
+  // Kernels run below autograd (the Python wrapper owns the gradient formula).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Inputs in = prep(query, support, support_labels, n_way, scale, eps, op);
+  at::Tensor logp = at::empty({in.B, in.Q, in.N}, in.q.options());
+  at::Tensor lse = at::empty({in.B, in.Q}, in.q.options());
+  if (in.B * in.Q > 0) {
+    AT_DISPATCH_FLOATING_TYPES(in.ct, op, [&] {
+      using T = scalar_t;
+      const Ctx<T> c = make_ctx<T>(in, scale, eps);
+      Normed nm = normalize<T>(in, c.eps);
+      fwd_impl<T, false>(c, nm.qn, nm.sn, logp.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
+                         nullptr, nullptr, nullptr);
+    });
+  }
+  return {logp, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> matching_bwd(const at::Tensor& grad_logp,
+                                                const at::Tensor& query, const at::Tensor& support,
+                                                const at::Tensor& support_labels,
+                                                const at::Tensor& logp, const at::Tensor& lse,
+                                                int64_t n_way, double scale, double eps) {
+  constexpr const char* op = "matching_bwd";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Inputs in = prep(query, support, support_labels, n_way, scale, eps, op);
+  check_rows(grad_logp, op, "grad_logp", in, true);
+  check_rows(logp, op, "logp", in, true);
+  check_rows(lse, op, "lse", in, false);
+  return run_bwd<false>(in, scale, eps, as_compute(grad_logp, in.ct), as_compute(logp, in.ct),
+                        as_compute(lse, in.ct), at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matching_loss_fwd(
+    const at::Tensor& query, const at::Tensor& support, const at::Tensor& support_labels,
+    const at::Tensor& query_labels, int64_t n_way, double scale, double eps) {
+  constexpr const char* op = "matching_loss_fwd";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Inputs in = prep(query, support, support_labels, n_way, scale, eps, op);
+  check_index_tensor(query_labels, op, "query_labels", in.B, in.Q);
+  const at::Tensor y = query_labels.contiguous();
+  check_label_range(y, in.N, op, "query_labels");
+  at::Tensor loss = at::empty({in.B, in.Q}, in.q.options());
+  at::Tensor lse = at::empty({in.B, in.Q}, in.q.options());
+  at::Tensor pred = at::empty({in.B, in.Q}, y.options());
+  if (in.B * in.Q > 0) {
+    AT_DISPATCH_FLOATING_TYPES(in.ct, op, [&] {
+      using T = scalar_t;
+      const Ctx<T> c = make_ctx<T>(in, scale, eps);
+      Normed nm = normalize<T>(in, c.eps);
+      fwd_impl<T, true>(c, nm.qn, nm.sn, nullptr, lse.mutable_data_ptr<T>(),
+                        y.const_data_ptr<int64_t>(), loss.mutable_data_ptr<T>(),
+                        pred.mutable_data_ptr<int64_t>());
+    });
+  }
+  return {loss, lse, pred};
+}
+
+std::tuple<at::Tensor, at::Tensor> matching_loss_bwd(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& support,
+    const at::Tensor& support_labels, const at::Tensor& query_labels, const at::Tensor& loss,
+    const at::Tensor& lse, int64_t n_way, double scale, double eps) {
+  constexpr const char* op = "matching_loss_bwd";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Inputs in = prep(query, support, support_labels, n_way, scale, eps, op);
+  check_rows(grad_loss, op, "grad_loss", in, false);
+  check_rows(loss, op, "loss", in, false);
+  check_rows(lse, op, "lse", in, false);
+  check_index_tensor(query_labels, op, "query_labels", in.B, in.Q);
+  const at::Tensor y = query_labels.contiguous();
+  check_label_range(y, in.N, op, "query_labels");
+  return run_bwd<true>(in, scale, eps, as_compute(grad_loss, in.ct), as_compute(loss, in.ct),
+                       as_compute(lse, in.ct), y);
+}
+
+}  // namespace cpu
+}  // namespace fastmeta
