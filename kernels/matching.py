@@ -64,9 +64,12 @@ def _blocks(N: int, D: int) -> dict:
     # One config under the interpreter (autotune cannot run there); all dims >= 16 for tl.dot.
     if _INTERPRET:
         return {"BLOCK_Q": 16, "BLOCK_S": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4}
-    bn = max(16, min(32, triton.next_power_of_2(N)))
+    # The forward's masked [BLOCK_Q, BLOCK_S, BLOCK_N] tile is the register budget: 4K or 8K
+    # elements. Untuned (no GPU was available when this was written).
+    bn = 16 if N <= 16 else 32
     bd = max(16, min(64, triton.next_power_of_2(D)))
-    return {"BLOCK_Q": 16, "BLOCK_S": 32, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": 4}
+    return {"BLOCK_Q": 16, "BLOCK_S": 16, "BLOCK_N": bn, "BLOCK_D": bd,
+            "num_warps": 4 if bn == 16 else 8}
 
 
 def _normalized(x: torch.Tensor, eps: float):
