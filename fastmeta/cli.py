@@ -35,10 +35,26 @@ def _protonet(args, in_channels):
     return ProtoNet(build_backbone(args.backbone, in_channels), metric=args.metric)
 
 
+def _matching(args, in_channels):
+    from fastmeta.learners import MatchingNet
+
+    backbone = build_backbone(args.backbone, in_channels)
+    fce = getattr(args, "fce", False)
+    dim = None
+    if fce:  # the FCE LSTMs are as wide as the embedding: one dummy image gives its width
+        size = 84 if args.dataset == "miniimagenet" else 28
+        was_training = backbone.training
+        with torch.no_grad():
+            dim = backbone.eval()(torch.zeros(1, in_channels, size, size)).flatten(1).shape[1]
+        backbone.train(was_training)
+    return MatchingNet(backbone, fce=fce, embed_dim=dim)
+
+
 # name -> spec; every learner the CLI and the demo know
 LEARNERS: dict[str, LearnerSpec] = {
     "protonet": LearnerSpec(_protonet, help="Prototypical Networks (Snell et al. 2017)",
                             demo_args=("--train-ways", "20")),
+    "matching": LearnerSpec(_matching, help="Matching Networks (Vinyals et al. 2016); --fce for full context embeddings"),
 }
 
 
@@ -58,6 +74,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-halve-every", type=int, default=2000, help="halve the learning rate every N steps (0: never)")
     p.add_argument("--backbone", default="conv4", choices=["conv4", "resnet12"])
     p.add_argument("--metric", default="sqeuclidean", choices=["sqeuclidean", "cosine"])
+    p.add_argument("--fce", action="store_true", help="matching: full context embeddings (bidirectional LSTM g, attention LSTM f)")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-episodes", type=int, default=200)
     p.add_argument("--test-episodes", type=int, default=600)

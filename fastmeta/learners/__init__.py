@@ -2,6 +2,7 @@
 
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, confidence_interval
 from fastmeta.learners.baselines import PixelNN
+from fastmeta.learners.matching import MatchingNet
 from fastmeta.learners.protonet import ProtoNet
 
-__all__ = ["EvalResult", "FewShotLearner", "PixelNN", "ProtoNet", "confidence_interval"]
+__all__ = ["EvalResult", "FewShotLearner", "MatchingNet", "PixelNN", "ProtoNet", "confidence_interval"]
