@@ -19,20 +19,21 @@ is plain torch.
 Forward (``_matching_fwd_kernel``): one program per (episode, block of queries, block of
 classes) walks the support set in ``BLOCK_S`` blocks with an online, *per-class* log-sum-exp:
 running max ``cm[q, n]`` and sum ``cs[q, n]`` of ``exp(l - cm)`` over the support examples of
-class n (a ``[BLOCK_Q, BLOCK_S, BLOCK_N]`` masked tile per step). It writes
-``lse_class[B,Q,N] = cm + log(cs)``, finite for any class with an example however small its
-attention; ``lse = logsumexp_n(lse_class)`` and ``logp = lse_class - lse`` are [B,Q,N] torch
-ops. Nothing ``[B,Q,S]`` exists in the forward. With more than ``BLOCK_N`` classes the
-similarity tiles are recomputed once per class block (fine for few-shot N; the large-N case
-would want a two-pass scheme).
+class n (a ``[BLOCK_Q, BLOCK_S, BLOCK_N]`` masked tile per step), and writes ``cm`` and ``cs``
+``[B,Q,N]``. ``[B,Q,N]`` torch ops finish: ``m = max_n cm``, ``tot = sum_n cs exp(cm - m)``,
+``logp = (cm - m) + (log cs - log tot)`` (finite for any class with an example however small
+its attention, and free of the rounding of ``|lse|``), ``lse = m + log tot``. Nothing
+``[B,Q,S]`` exists in the forward. With more than ``BLOCK_N`` classes the similarity tiles are
+recomputed once per class block (fine for few-shot N; the large-N case would want a different
+scheme).
 
-Backward (``_matching_bwd_kernel``): one program per (episode, Q block, S block) recomputes
-its similarity tile and writes the coefficient tile
-``G = scale * (dY[q, c_s] exp(l - lse_class[q, c_s]) - (sum_n dY[q, n]) exp(l - lse[q]))`` (the
-class values gathered by label) into a ``[B,Q,S]`` buffer that lives only during the backward,
-as proto_loss's ``[B,Q,N]`` one; then two batched GEMMs (cuBLAS on the GPU) give
-``G @ Sn`` and ``G^T @ Qn``. The loss backward is the same with ``dY = -grad_loss onehot(y)``
-and ``lse_class[y] = lse - loss``.
+Backward: the forward kernel runs again for ``cm``, ``cs`` (the saved lse/logp are not read),
+``k[q, n] = scale * (dY_n / cs_n - (sum dY) exp(cm_n - m) / tot)`` is a [B,Q,N] torch op, and
+``_matching_bwd_kernel`` (one program per (episode, Q block, S block)) recomputes its similarity
+tile and writes ``G = exp(l - cm[q, c_s]) * k[q, c_s]`` (class values gathered by label) into a
+``[B,Q,S]`` buffer that lives only during the backward, as proto_loss's ``[B,Q,N]`` one; then
+two batched GEMMs (cuBLAS on the GPU) give ``G @ Sn`` and ``G^T @ Qn``. The loss backward is
+the same with ``dY = -grad_loss onehot(y)``.
 
 Precision: acc is fp32 for fp16/bf16/fp32 and fp64 for fp64. The normalised copies are in acc,
 so fp16/bf16 dots run in fp32 (the interpreter cannot do bf16 arithmetic anyway). fp32 dots use
@@ -111,7 +112,7 @@ def _sim_tile(q_base, s_base, offs_q, offs_s, Q, S, D,
 
 @triton.jit
 def _matching_fwd_kernel(
-    q_ptr, s_ptr, lab_ptr, lsec_ptr,
+    q_ptr, s_ptr, lab_ptr, cm_ptr, cs_ptr,
     Q, S, N, D,
     scale_hi, scale_lo,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISE: tl.constexpr,
@@ -140,23 +141,26 @@ def _matching_fwd_kernel(
         m_new = tl.maximum(cm, tl.max(l3, axis=1))
         # a class not seen yet has max -inf: shift by 0 there (its terms are all masked)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.where(onehot[None, :, :], _exp(l[:, :, None] - shift[:, None, :], PRECISE), 0.0)
+        # masked before exp(): another class's entries may lie far above this class's max
+        p = _exp(tl.where(onehot[None, :, :], l[:, :, None] - shift[:, None, :], float("-inf")),
+                 PRECISE)
         cs = cs * _exp(cm - shift, PRECISE) + tl.sum(p, axis=1)
         cm = m_new
-    # -inf only for a class without support examples (cm = -inf, cs = 0: log(1) keeps it -inf)
-    lsec = cm + _log(tl.where(cs > 0, cs, 1.0), PRECISE)
     out = (b * Q + offs_q.to(tl.int64))[:, None] * N + offs_n[None, :]
-    tl.store(lsec_ptr + out, lsec, mask=(offs_q < Q)[:, None] & (offs_n < N)[None, :])
+    mask = (offs_q < Q)[:, None] & (offs_n < N)[None, :]
+    tl.store(cm_ptr + out, cm, mask=mask)  # -inf (and cs 0) for a class without examples
+    tl.store(cs_ptr + out, cs, mask=mask)
 
 
 @triton.jit
 def _matching_bwd_kernel(
-    q_ptr, s_ptr, lab_ptr, dy_ptr, lsec_ptr, lse_ptr, sdy_ptr, g_ptr,
+    q_ptr, s_ptr, lab_ptr, cm_ptr, k_ptr, g_ptr,
     Q, S, N, D,
     scale_hi, scale_lo,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """G[q, s] = exp(l - cm[q, c_s]) * k[q, c_s] (class values gathered by label)."""
     pid = tl.program_id(0)
     sb = tl.program_id(1)
     num_qb = tl.cdiv(Q, BLOCK_Q)
@@ -172,14 +176,11 @@ def _matching_bwd_kernel(
     rows = b * Q + offs_q.to(tl.int64)
     lab = tl.load(lab_ptr + b * S + offs_s, mask=ms, other=0)
     m2 = mq[:, None] & ms[None, :]
-    cls = rows[:, None] * N + lab[None, :]  # gather [q, label_s]
-    dyc = tl.load(dy_ptr + cls, mask=m2, other=0.0)
-    # padded entries: +inf makes their exp() 0 instead of overflowing
-    lsc = tl.load(lsec_ptr + cls, mask=m2, other=float("inf"))
-    lse = tl.load(lse_ptr + rows, mask=mq, other=float("inf"))
-    sdy = tl.load(sdy_ptr + rows, mask=mq, other=0.0)
-    g = dyc * _exp(l - lsc, PRECISE) - sdy[:, None] * _exp(l - lse[:, None], PRECISE)
-    g = tl.where(m2, scale * g, 0.0)
+    cls = rows[:, None] * N + lab[None, :]
+    # padded entries: cm = +inf makes their exp() 0 instead of overflowing
+    cmc = tl.load(cm_ptr + cls, mask=m2, other=float("inf"))
+    kc = tl.load(k_ptr + cls, mask=m2, other=0.0)
+    g = tl.where(m2, _exp(l - cmc, PRECISE) * kc, 0.0)
     tl.store(g_ptr + rows[:, None] * S + offs_s[None, :], g, mask=m2)
 
 
@@ -197,51 +198,60 @@ def _meta(query):
     }
 
 
-def _class_lse(query, support, labels, n_way, scale, eps):
-    """lse_class [B,Q,N] (acc), the normalised inputs and their norms."""
+def _class_stats(query, support, labels, n_way, scale, eps):
+    """Per-class max cm and sum cs of exp(l - cm) [B,Q,N] (acc), m = max_n cm and
+    tot = sum_n cs exp(cm - m) [B,Q], plus the normalised inputs and their norms."""
     B, Q, D = query.shape
     S = support.shape[1]
     qn, qnrm = _normalized(query, eps)
     sn, snrm = _normalized(support, eps)
     lab = labels.contiguous()
-    lsec = torch.empty((B, Q, n_way), dtype=qn.dtype, device=query.device)
+    cm = torch.empty((B, Q, n_way), dtype=qn.dtype, device=query.device)
+    cs = torch.empty_like(cm)
     blk = _blocks(n_way, D)
     grid = (B * triton.cdiv(Q, blk["BLOCK_Q"]), triton.cdiv(n_way, blk["BLOCK_N"]))
-    _matching_fwd_kernel[grid](qn, sn, lab, lsec, Q, S, n_way, D, *_split_f32(scale),
+    _matching_fwd_kernel[grid](qn, sn, lab, cm, cs, Q, S, n_way, D, *_split_f32(scale),
                                **_meta(query), **blk)
-    return lsec, (qn, qnrm, sn, snrm, lab)
+    m = cm.amax(-1)
+    tot = (cs * torch.exp(cm - m.unsqueeze(-1))).sum(-1)  # cs = 0 where cm = -inf
+    return cm, cs, m, tot, (qn, qnrm, sn, snrm, lab)
+
+
+def _logp(cm, cs, m, tot):
+    # (cm - m) + (log cs - log tot): no rounding of |lse| (up to |scale| + log S) in the result
+    return (cm - m.unsqueeze(-1)) + (torch.log(cs) - torch.log(tot).unsqueeze(-1))
 
 
 def matching_fwd(query, support, labels, n_way, scale, eps):
     """Returns ``(logp[B,Q,N], lse[B,Q])`` in acc dtype."""
-    lsec, _ = _class_lse(query, support, labels, n_way, scale, eps)
-    lse = torch.logsumexp(lsec, dim=-1)
-    return lsec - lse.unsqueeze(-1), lse
+    cm, cs, m, tot, _ = _class_stats(query, support, labels, n_way, scale, eps)
+    return _logp(cm, cs, m, tot), m + torch.log(tot)
 
 
 def matching_loss_fwd(query, support, labels, query_labels, n_way, scale, eps):
     """Returns ``(loss[B,Q], lse[B,Q], pred[B,Q] int64)``; loss, lse in acc dtype."""
-    lsec, _ = _class_lse(query, support, labels, n_way, scale, eps)
-    lse = torch.logsumexp(lsec, dim=-1)
-    loss = lse - lsec.gather(-1, query_labels.unsqueeze(-1)).squeeze(-1)
-    return loss, lse, lsec.argmax(-1)
+    cm, cs, m, tot, _ = _class_stats(query, support, labels, n_way, scale, eps)
+    logp = _logp(cm, cs, m, tot)
+    loss = -logp.gather(-1, query_labels.unsqueeze(-1)).squeeze(-1)
+    return loss, m + torch.log(tot), logp.argmax(-1)
 
 
-def _grads(query, support, labels, n_way, scale, eps, dy, lsec, lse):
-    """Gradients (input dtype) from dY = d/d logp, lse_class and lse, all [B,Q,*] acc."""
+def _grads(query, support, labels, n_way, scale, eps, dy):
+    """Gradients (input dtype) from dY = d/d logp [B,Q,N] (acc). The class statistics are
+    recomputed (the forward kernel again) rather than taken from the saved lse/logp, whose
+    differences would carry the rounding of |lse|:
+    dl_s = exp(l_s - cm[c_s]) k[c_s] with k[n] = dY_n / cs_n - (sum dY) exp(cm_n - m) / tot."""
     B, Q, D = query.shape
     S = support.shape[1]
-    qn, qnrm = _normalized(query, eps)
-    sn, snrm = _normalized(support, eps)
-    dy = dy.contiguous()
-    lsec = lsec.contiguous()
-    lse = lse.contiguous()
-    sdy = dy.sum(-1).contiguous()
+    cm, cs, m, tot, (qn, qnrm, sn, snrm, lab) = _class_stats(query, support, labels, n_way, scale, eps)
+    sdy = dy.sum(-1, keepdim=True)
+    k = dy / cs - (sdy / tot.unsqueeze(-1)) * torch.exp(cm - m.unsqueeze(-1))
+    k = scale * torch.where(cs > 0, k, torch.zeros_like(k))
     G = torch.empty((B, Q, S), dtype=qn.dtype, device=query.device)
     blk = _blocks(n_way, D)
     blk.pop("BLOCK_N")
     grid = (B * triton.cdiv(Q, blk["BLOCK_Q"]), triton.cdiv(S, blk["BLOCK_S"]))
-    _matching_bwd_kernel[grid](qn, sn, labels.contiguous(), dy, lsec, lse, sdy, G,
+    _matching_bwd_kernel[grid](qn, sn, lab, cm, k.contiguous(), G,
                                Q, S, n_way, D, *_split_f32(scale), **_meta(query), **blk)
     gq = _normalize_bwd(torch.bmm(G, sn), qn, qnrm, eps)
     gs = _normalize_bwd(torch.bmm(G.transpose(1, 2), qn), sn, snrm, eps)
@@ -249,19 +259,18 @@ def _grads(query, support, labels, n_way, scale, eps, dy, lsec, lse):
 
 
 def matching_bwd(grad_logp, query, support, labels, logp, lse, n_way, scale, eps):
-    """Gradients of ``sum(grad_logp * logp)`` w.r.t. query and support (input dtype)."""
-    lsec = logp + lse.unsqueeze(-1)
-    return _grads(query, support, labels, n_way, scale, eps, grad_logp.to(logp.dtype), lsec, lse)
+    """Gradients of ``sum(grad_logp * logp)`` w.r.t. query and support (input dtype).
+    ``logp`` and ``lse`` are part of the contract but not read (see ``_grads``)."""
+    acc = _acc_dtype(query.dtype)
+    return _grads(query, support, labels, n_way, scale, eps, grad_logp.to(acc))
 
 
 def matching_loss_bwd(grad_loss, query, support, labels, query_labels, loss, lse, n_way, scale,
                       eps):
-    """Gradients of ``sum(grad_loss * loss)`` w.r.t. query and support (input dtype)."""
+    """Gradients of ``sum(grad_loss * loss)`` w.r.t. query and support (input dtype).
+    ``loss`` and ``lse`` are part of the contract but not read (see ``_grads``)."""
     B, Q = query_labels.shape
-    y = query_labels.unsqueeze(-1)
-    dy = torch.zeros((B, Q, n_way), dtype=lse.dtype, device=lse.device)
-    dy.scatter_(-1, y, -grad_loss.to(lse.dtype).unsqueeze(-1))
-    # only lse_class[y] is read with a non-zero dY; lse elsewhere keeps exp() in range
-    lsec = lse.unsqueeze(-1).expand(B, Q, n_way).clone()
-    lsec.scatter_(-1, y, (lse - loss).unsqueeze(-1))
-    return _grads(query, support, labels, n_way, scale, eps, dy, lsec, lse)
+    acc = _acc_dtype(query.dtype)
+    dy = torch.zeros((B, Q, n_way), dtype=acc, device=query.device)
+    dy.scatter_(-1, query_labels.unsqueeze(-1), -grad_loss.to(acc).unsqueeze(-1))
+    return _grads(query, support, labels, n_way, scale, eps, dy)

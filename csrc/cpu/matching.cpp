@@ -11,11 +11,12 @@
 // its attention (a log of the summed probabilities would underflow to -inf).
 // log P[n] = lse_n - lse with lse = logsumexp_n(lse_n).
 //
-// Backward recomputes the logits tile by tile. With dY = grad of log P:
-//   dl[s] = dY[c_s] * exp(l_s - lse_{c_s}) - (sum_n dY_n) * exp(l_s - lse),  c_s = label of s,
+// Backward recomputes the logits and the per-class statistics tile by tile. With dY = grad of
+// log P:  dl[s] = dY[c_s] * exp(l_s - lse_{c_s}) - (sum_n dY_n) * exp(l_s - lse),  c_s = label
+// of s (evaluated as exp(l_s - max_c) times a per-class factor, never through |lse|),
 // and G = scale * dl gives grad_qn = G @ Sn and grad_sn = G^T @ Qn (per tile, accumulated per
 // work item), then the normalisation backward  g_x = (g - [|x| > eps] xn (xn . g)) / max(|x|, eps).
-// The fused loss uses dY = -grad_loss * onehot(y) and lse_y = lse - loss.
+// The fused loss uses dY = -grad_loss * onehot(y).
 #include <limits>
 #include <vector>
 
@@ -73,11 +74,15 @@ void normalize_bwd_rows(T* g, const T* xn, const T* nrm, int64_t R, int64_t D, T
   });
 }
 
-// Per-class log-sum-exp of one row of logits l[S] (labels lab[S] in [0, N)); writes
-// logp[n] = lse_n - lse and returns lse. cm, cs: [N] scratch.
+// Per-class statistics of one row of logits l[S] (labels lab[S] in [0, N)): cm[n] the class
+// maximum, cs[n] = sum_{s in n} exp(l_s - cm[n]) (ev[s] = that exp when ev is non-null), and
+// returns m = max_n cm[n] with *tot = sum_n cs[n] exp(cm[n] - m). Then
+//   lse_n = cm[n] + log cs[n],  lse = m + log tot,
+// and differences of the two are formed as (cm[n] - m) + (log cs[n] - log tot), which carry no
+// rounding of |lse| (up to |scale| + log S).
 template <typename T>
-inline T row_class_lse(const T* __restrict l, const int64_t* __restrict lab, int64_t S, int64_t N,
-                       T* __restrict cm, T* __restrict cs, T* __restrict logp) {
+inline T row_class_stats(const T* __restrict l, const int64_t* __restrict lab, int64_t S,
+                         int64_t N, T* __restrict cm, T* __restrict cs, T* __restrict ev, T* tot) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   std::fill(cm, cm + N, kNegInf);
   std::fill(cs, cs + N, T(0));
@@ -87,19 +92,30 @@ inline T row_class_lse(const T* __restrict l, const int64_t* __restrict lab, int
   }
   for (int64_t s = 0; s < S; ++s) {
     const int64_t c = lab[s];
-    cs[c] += std::exp(l[s] - cm[c]);
+    const T e = std::exp(l[s] - cm[c]);
+    if (ev != nullptr) ev[s] = e;
+    cs[c] += e;
   }
-  T M = kNegInf;
-  for (int64_t n = 0; n < N; ++n) {
-    logp[n] = cm[n] + std::log(cs[n]);  // -inf for a class without support examples
-    if (logp[n] > M || std::isnan(logp[n])) M = logp[n];
-  }
-  T tot = 0;
-  for (int64_t n = 0; n < N; ++n) tot += std::exp(logp[n] - M);
-  const T lse = M + std::log(tot);
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) logp[n] -= lse;
-  return lse;
+  T m = kNegInf;
+  for (int64_t n = 0; n < N; ++n)
+    if (cm[n] > m || std::isnan(cm[n])) m = cm[n];
+  T t = 0;
+  for (int64_t n = 0; n < N; ++n) t += cs[n] == T(0) ? T(0) : cs[n] * std::exp(cm[n] - m);
+  *tot = t;
+  return m;
+}
+
+// log P[n] for every class (-inf for a class without support examples); returns lse.
+template <typename T>
+inline T row_class_lse(const T* __restrict l, const int64_t* __restrict lab, int64_t S, int64_t N,
+                       T* __restrict cm, T* __restrict cs, T* __restrict logp) {
+  T tot;
+  const T m = row_class_stats<T>(l, lab, S, N, cm, cs, nullptr, &tot);
+  const T lt = std::log(tot);
+  for (int64_t n = 0; n < N; ++n)
+    logp[n] = cs[n] == T(0) ? -std::numeric_limits<T>::infinity()
+                            : (cm[n] - m) + (std::log(cs[n]) - lt);
+  return m + lt;
 }
 
 template <typename T>
@@ -152,8 +168,10 @@ void fwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, T* lo
 }
 
 // --------------------------------------------------------------------------------------------
-// backward. kLoss: gsrc = grad_loss [B,Q], aux = loss [B,Q], y = query labels.
-//           else:  gsrc = grad_logp [B,Q,N], aux = logp [B,Q,N].
+// backward. kLoss: gsrc = grad_loss [B,Q], y = query labels (dY = -grad_loss onehot(y)).
+//           else:  gsrc = grad_logp [B,Q,N].
+// The saved forward results (aux = loss or logp, lse) are part of the op contract and
+// validated by the callers, but not read: each row's statistics are recomputed (see below).
 // gq/gs receive the gradients w.r.t. the *normalised* inputs; the caller maps them back.
 // --------------------------------------------------------------------------------------------
 template <typename T, bool kLoss>
@@ -168,6 +186,7 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
     at::Tensor ws = at::empty({pl.tile, S}, qn.options());
     T* w = ws.mutable_data_ptr<T>();
+    std::vector<T> cm(N), cs(N), k(N), ev(S);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / pl.chunks;
       const int64_t q0 = (it % pl.chunks) * pl.rows;
@@ -184,29 +203,30 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = b * Q + t0 + i;
           T* l = w + i * S;
-          const T L = lse[r];
+          // Recomputed per-class statistics (the saved lse/logp/loss are not read: differences
+          // of log-sum-exps would carry the rounding of |lse|). With dY the gradient of log P:
+          //   dl_s = ev_s k[c_s],  k[n] = dY_n / cs_n - (sum dY) exp(cm_n - m) / tot,
+          // ev_s = exp(l_s - cm[c_s]) (exp(l_s - lse_n) = ev_s / cs_n, softmax_s = ev_s e^{cm-m}/tot).
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) l[s] *= c.scale;
+          T tot;
+          const T m = row_class_stats<T>(l, lab, S, N, cm.data(), cs.data(), ev.data(), &tot);
+          T sdy = 0;
           if constexpr (kLoss) {
-            const T g = gsrc[r];
-            const int64_t yr = y[r];
-            const T lse_y = L - aux[r];
-            for (int64_t s = 0; s < S; ++s) {
-              const T ls = c.scale * l[s];
-              T d = g * std::exp(ls - L);
-              if (lab[s] == yr) d -= g * std::exp(ls - lse_y);
-              l[s] = c.scale * d;
-            }
+            sdy = -gsrc[r];
+            std::fill(k.begin(), k.end(), T(0));
+            k[y[r]] = sdy;
           } else {
             const T* dy = gsrc + r * N;
-            const T* lp = aux + r * N;
-            T sdy = 0;
-            for (int64_t n = 0; n < N; ++n) sdy += dy[n];
-            for (int64_t s = 0; s < S; ++s) {
-              const T ls = c.scale * l[s];
-              const int64_t cl = lab[s];
-              const T d = dy[cl] * std::exp(ls - L - lp[cl]) - sdy * std::exp(ls - L);
-              l[s] = c.scale * d;
+            for (int64_t n = 0; n < N; ++n) {
+              k[n] = dy[n];
+              sdy += dy[n];
             }
           }
+          const T st = sdy / tot;
+          for (int64_t n = 0; n < N; ++n)
+            k[n] = cs[n] == T(0) ? T(0) : c.scale * (k[n] / cs[n] - st * std::exp(cm[n] - m));
+          for (int64_t s = 0; s < S; ++s) l[s] = ev[s] * k[lab[s]];
         }
         at::Tensor gqt = gq_t.select(0, b).narrow(0, t0, rows);
         at::mm_out(gqt, wt, snb);

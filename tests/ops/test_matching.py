@@ -329,3 +329,25 @@ def test_forced_backend_that_cannot_run_lists_reasons():
     q, s, sy, y = make(1, 2, 2, 2, 2, torch.float16, device="cpu")
     with pytest.raises(BackendError, match="backend 'cpp' cannot run this call: dtype float16 not supported"):
         matching_loss(q, s, sy, 2, y, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_float32_error_at_episode_size_is_pytorchs(backend):
+    # A realistic episode (5-way 5-shot, D=512, scale 10; smaller for the Triton interpreter)
+    # with a tiny atol: the fused op's float32 error must stay within 2x that of the plain
+    # PyTorch pattern (no rounding of |lse| in the results or the gradients).
+    b, q, s, n, d = (2, 16, 17, 5, 48) if (backend == "triton" and ON_CPU) else (4, 30, 25, 5, 512)
+    query, support, slabels, qlabels = make(b, q, s, n, d, torch.float32)
+    weights = torch.rand(b, q, device=DEVICE, dtype=torch.float64)
+    kw = dict(scale=10.0)
+    fast = loss_and_grads(matching_loss, query, support, slabels, n, qlabels, weights, backend=backend, **kw)
+    oracle = loss_and_grads(matching_loss_ref, query.double(), support.double(), slabels, n, qlabels, weights, **kw)
+    same = loss_and_grads(matching_loss_ref, query, support, slabels, n, qlabels, weights, **kw)
+    for i, what in [(0, "loss"), (2, "grad query"), (3, "grad support")]:
+        assert_close_measured(fast[i], same[i], oracle[i], atol=1e-8, name=what)
+    wa = torch.randn(b, q, n, device=DEVICE, dtype=torch.float64)
+    fast = attn_and_grads(matching_attention, query, support, slabels, n, wa, backend=backend, **kw)
+    oracle = attn_and_grads(matching_attention_ref, query.double(), support.double(), slabels, n, wa, **kw)
+    same = attn_and_grads(matching_attention_ref, query, support, slabels, n, wa, **kw)
+    for i, what in [(0, "log-probs"), (1, "grad query"), (2, "grad support")]:
+        assert_close_measured(fast[i], same[i], oracle[i], atol=1e-8, name=what)
