@@ -35,6 +35,44 @@ def _protonet(args, in_channels):
     return ProtoNet(build_backbone(args.backbone, in_channels), metric=args.metric)
 
 
+def _max_way(args) -> int:
+    return max(args.ways, args.train_ways or args.ways)
+
+
+def _sequence_embedding(args, in_channels):
+    """The image embedding of the sequence learners and its width: Conv4 (64 channels) with a
+    global average pool (on 28x28 inputs the pool sees 1x1, i.e. plain Conv4), or ResNet-12."""
+    from torch import nn
+
+    from fastmeta.nn import Conv4, ResNet12
+
+    if args.backbone == "resnet12":
+        return ResNet12(in_channels), 640
+    conv = Conv4(in_channels)
+    return nn.Sequential(*list(conv)[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten()), conv.hidden
+
+
+def _mann(args, in_channels):
+    from fastmeta.learners import MANN
+
+    emb, dim = _sequence_embedding(args, in_channels)
+    return MANN(emb, dim, n_way=_max_way(args))
+
+
+def _snail(args, in_channels):
+    from fastmeta.learners import SNAIL
+
+    emb, dim = _sequence_embedding(args, in_channels)
+    n = _max_way(args)
+    return SNAIL(emb, dim, n_way=n, seq_len=n * args.shots + 1)
+
+
+def _metalstm(args, in_channels):
+    from fastmeta.learners import MetaLSTM
+
+    return MetaLSTM(in_channels, n_way=_max_way(args))
+
+
 def _matching(args, in_channels):
     from fastmeta.learners import MatchingNet
 
@@ -55,6 +93,9 @@ LEARNERS: dict[str, LearnerSpec] = {
     "protonet": LearnerSpec(_protonet, help="Prototypical Networks (Snell et al. 2017)",
                             demo_args=("--train-ways", "20")),
     "matching": LearnerSpec(_matching, help="Matching Networks (Vinyals et al. 2016); --fce for full context embeddings"),
+    "mann": LearnerSpec(_mann, shuffle=True, help="Memory-Augmented Neural Network (Santoro et al. 2016)"),
+    "snail": LearnerSpec(_snail, shuffle=True, help="Simple Neural Attentive Meta-Learner (Mishra et al. 2018)"),
+    "metalstm": LearnerSpec(_metalstm, help="Meta-learner LSTM (Ravi & Larochelle 2017)"),
 }
 
 

@@ -2,7 +2,11 @@
 
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, confidence_interval
 from fastmeta.learners.baselines import PixelNN
+from fastmeta.learners.mann import MANN
 from fastmeta.learners.matching import MatchingNet
+from fastmeta.learners.metalstm import MetaLSTM
 from fastmeta.learners.protonet import ProtoNet
+from fastmeta.learners.snail import SNAIL
 
-__all__ = ["EvalResult", "FewShotLearner", "MatchingNet", "PixelNN", "ProtoNet", "confidence_interval"]
+__all__ = ["EvalResult", "FewShotLearner", "MANN", "MatchingNet", "MetaLSTM", "PixelNN", "ProtoNet", "SNAIL",
+           "confidence_interval"]
