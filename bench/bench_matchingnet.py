@@ -9,7 +9,9 @@ without and with full context embeddings (FCE):
   code: normalise, bmm, softmax over the support, bmm with the one-hot labels, log, NLL.
 
 The backbone (and with FCE the LSTMs) dominates a step at these shapes, so the head's share
-bounds the speedup; ``bench/bench_matching.py`` times the op alone.
+bounds the speedup; ``bench/bench_matching.py`` times the op alone. The implementations are
+timed in interleaved rounds (a few steps of each, round after round) so that on a shared
+machine they see the same load; a row's median/p20/p80 are over its per-round medians.
 
 Accuracy (glyphs 5-way 1/5-shot, +- 95% CI) comes from the CLI, e.g.
 ``python -m fastmeta train matching --shots 1 [--fce] --minutes 1.5``.
@@ -58,10 +60,15 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timing per row")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: from --budget)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for CPU runs (1: steadier on a busy machine)")
     p.add_argument("--no-fce", action="store_true", help="skip the FCE rows")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     warning = _common.busy_warning()
     if warning:
         print(warning)
@@ -70,29 +77,39 @@ def main(argv=None) -> int:
                                                 batch_size=a.batch, device=device)))
     dim = Conv4(1).eval()(sx[0, :1]).shape[1]
 
+    def make_step(cls, fce):
+        torch.manual_seed(0)
+        learner = cls(Conv4(1), fce=fce, embed_dim=dim).to(device)
+        opt = torch.optim.Adam(learner.parameters(), 1e-3)
+
+        def step():
+            loss, _ = learner(sx, sy, qx, qy, n_way=a.ways)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    impls = [(fce, name, make_step(cls, fce)) for fce in ((False,) if a.no_fce else (False, True))
+             for name, cls in (("fused", MatchingNet), ("eager head", EagerHeadMatchingNet))]
+    est = [_common.time_fn(step, device=device, warmup=2, reps=3)["median_ms"] for _, _, step in impls]
+    rounds = a.rounds or max(5, int(a.budget * 1000 / (5 * max(est))))
+    per_round = [[] for _ in impls]
+    for _ in range(rounds):
+        for i, (_, _, step) in enumerate(impls):
+            per_round[i].append(_common.time_fn(step, device=device, warmup=1, reps=5)["median_ms"])
     rows = []
-    for fce in (False,) if a.no_fce else (False, True):
-        for name, cls in (("fused", MatchingNet), ("eager head", EagerHeadMatchingNet)):
-            torch.manual_seed(0)
-            learner = cls(Conv4(1), fce=fce, embed_dim=dim).to(device)
-            opt = torch.optim.Adam(learner.parameters(), 1e-3)
-
-            def step():
-                loss, _ = learner(sx, sy, qx, qy, n_way=a.ways)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            t = _common.time_fn(step, device=device, budget_s=a.budget, min_reps=5)
-            rows.append((fce, name, t, 1000.0 * a.batch / t["median_ms"]))
+    for (fce, name, _), ms in zip(impls, per_round):
+        t = _common.summarize_ms(ms)
+        rows.append((fce, name, t, 1000.0 * a.batch / t["median_ms"]))
 
     title = (f"MatchingNet training step, Conv4, {a.ways}-way {a.shots}-shot {a.queries}-query 28x28 glyphs, "
              f"B={a.batch}, {_common.device_name(device)}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads")
+             f"{torch.get_num_threads()} threads, {rounds} interleaved rounds of 5 steps")
     print(title)
-    print(f"  {'fce':<5}{'head':<12}{'median ms':>11}{'p20':>9}{'p80':>9}{'episodes/s':>12}")
+    print(f"  {'fce':<6}{'head':<12}{'median ms':>11}{'p20':>9}{'p80':>9}{'episodes/s':>12}")
     for fce, name, t, eps in rows:
-        print(f"  {str(fce):<5}{name:<12}{t['median_ms']:>11.2f}{t['p20_ms']:>9.2f}{t['p80_ms']:>9.2f}{eps:>12.2f}")
+        print(f"  {str(fce):<6}{name:<12}{t['median_ms']:>11.2f}{t['p20_ms']:>9.2f}{t['p80_ms']:>9.2f}{eps:>12.2f}")
     for i in range(0, len(rows), 2):
         print(f"  fce={rows[i][0]}: fused head speedup over eager head: {rows[i][3] / rows[i + 1][3]:.2f}x")
     if not a.no_save:
@@ -103,7 +120,7 @@ def main(argv=None) -> int:
             for fce, name, t, eps in rows:
                 f.write(json.dumps(dict(bench="matchingnet_train_step", impl=name, fce=fce, episodes_per_s=eps,
                                         median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
-                                        ways=a.ways, shots=a.shots, queries=a.queries, batch=a.batch,
+                                        ways=a.ways, shots=a.shots, queries=a.queries, batch=a.batch, rounds=rounds,
                                         **info)) + "\n")
         print(f"rows appended to {out}")
     return 0
