@@ -74,55 +74,74 @@ void normalize_bwd_rows(T* g, const T* xn, const T* nrm, int64_t R, int64_t D, T
   });
 }
 
-// Per-class statistics of one row of logits l[S] (labels lab[S] in [0, N)): cm[n] the class
-// maximum, cs[n] = sum_{s in n} exp(l_s - cm[n]) (ev[s] = that exp when ev is non-null), and
-// returns m = max_n cm[n] with *tot = sum_n cs[n] exp(cm[n] - m). Then
-//   lse_n = cm[n] + log cs[n],  lse = m + log tot,
-// and differences of the two are formed as (cm[n] - m) + (log cs[n] - log tot), which carry no
-// rounding of |lse| (up to |scale| + log S).
+// Per-class statistics of a tile of logits wt [rows, S] whose columns are grouped by class
+// (the support rows are sorted by label once per episode: class n is the column segment
+// [off[n], off[n+1]), so every loop below is a contiguous, vectorisable sweep):
+//   cm[i, n]  the class maximum,
+//   wt[i, s] <- ev = exp(l - cm[i, c_s])   (in place),
+//   cs[i, n]  = sum_{s in n} ev,
+//   m[i]      = max_n cm[i, n],  E[i, n] = exp(cm[i, n] - m[i]),  tot[i] = sum_n cs E.
+// Then lse_n = cm + log cs and lse = m + log tot; differences of the two are formed as
+// (cm - m) + (log cs - log tot), which carry no rounding of |lse| (up to |scale| + log S).
+// The exponentials run as ATen's vectorised exp_ over the whole tile (a scalar expf per
+// element costs more than the similarity GEMM at small D). cm/cs/E: [tile, N] workspaces.
 template <typename T>
-inline T row_class_stats(const T* __restrict l, const int64_t* __restrict lab, int64_t S,
-                         int64_t N, T* __restrict cm, T* __restrict cs, T* __restrict ev, T* tot) {
+void tile_stats(at::Tensor& wt, const int64_t* __restrict off, int64_t S, int64_t N,
+                at::Tensor& cm_t, at::Tensor& cs_t, at::Tensor& e_t, T* __restrict m,
+                T* __restrict tot) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  std::fill(cm, cm + N, kNegInf);
-  std::fill(cs, cs + N, T(0));
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t c = lab[s];
-    if (l[s] > cm[c] || std::isnan(l[s])) cm[c] = l[s];
+  const int64_t rows = wt.size(0);
+  T* __restrict w = wt.mutable_data_ptr<T>();
+  T* __restrict cm = cm_t.mutable_data_ptr<T>();
+  T* __restrict cs = cs_t.mutable_data_ptr<T>();
+  T* __restrict E = e_t.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict l = w + i * S;
+    T* __restrict cmi = cm + i * N;
+    for (int64_t n = 0; n < N; ++n) {
+      T mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t s = off[n]; s < off[n + 1]; ++s) mx = l[s] > mx ? l[s] : mx;
+      cmi[n] = mx;
+#pragma omp simd
+      for (int64_t s = off[n]; s < off[n + 1]; ++s) l[s] -= mx;
+    }
   }
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t c = lab[s];
-    const T e = std::exp(l[s] - cm[c]);
-    if (ev != nullptr) ev[s] = e;
-    cs[c] += e;
+  wt.exp_();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict l = w + i * S;
+    const T* __restrict cmi = cm + i * N;
+    T* __restrict csi = cs + i * N;
+    T mi = kNegInf;
+    for (int64_t n = 0; n < N; ++n) {
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t s = off[n]; s < off[n + 1]; ++s) sum += l[s];
+      csi[n] = sum;
+      mi = cmi[n] > mi ? cmi[n] : mi;
+    }
+    m[i] = mi;
+    T* __restrict Ei = E + i * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) Ei[n] = cmi[n] - mi;  // -inf for a class without examples
   }
-  T m = kNegInf;
-  for (int64_t n = 0; n < N; ++n)
-    if (cm[n] > m || std::isnan(cm[n])) m = cm[n];
-  T t = 0;
-  for (int64_t n = 0; n < N; ++n) t += cs[n] == T(0) ? T(0) : cs[n] * std::exp(cm[n] - m);
-  *tot = t;
-  return m;
-}
-
-// log P[n] for every class (-inf for a class without support examples); returns lse.
-template <typename T>
-inline T row_class_lse(const T* __restrict l, const int64_t* __restrict lab, int64_t S, int64_t N,
-                       T* __restrict cm, T* __restrict cs, T* __restrict logp) {
-  T tot;
-  const T m = row_class_stats<T>(l, lab, S, N, cm, cs, nullptr, &tot);
-  const T lt = std::log(tot);
-  for (int64_t n = 0; n < N; ++n)
-    logp[n] = cs[n] == T(0) ? -std::numeric_limits<T>::infinity()
-                            : (cm[n] - m) + (std::log(cs[n]) - lt);
-  return m + lt;
+  at::Tensor et = e_t.narrow(0, 0, rows);
+  et.exp_();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict csi = cs + i * N;
+    const T* __restrict Ei = E + i * N;
+    T t = 0;
+#pragma omp simd reduction(+ : t)
+    for (int64_t n = 0; n < N; ++n) t += csi[n] * Ei[n];
+    tot[i] = t;
+  }
 }
 
 template <typename T>
 struct Ctx {
   int64_t B, Q, S, N, D;
   T scale, eps;
-  const int64_t* lab;  // [B, S]
+  const int64_t* off;  // [B, N + 1] class segment offsets of the label-sorted support
 };
 
 // --------------------------------------------------------------------------------------------
@@ -136,30 +155,49 @@ void fwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, T* lo
   at::parallel_for(0, B * pl.chunks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
     at::Tensor ws = at::empty({pl.tile, S}, qn.options());
-    T* w = ws.mutable_data_ptr<T>();
-    std::vector<T> cm(N), cs(N), lp(kLoss ? N : 0);
+    at::Tensor cm_t = at::empty({pl.tile, N}, qn.options());
+    at::Tensor cs_t = at::empty({pl.tile, N}, qn.options());
+    at::Tensor e_t = at::empty({pl.tile, N}, qn.options());
+    std::vector<T> m(pl.tile), tot(pl.tile);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / pl.chunks;
       const int64_t q0 = (it % pl.chunks) * pl.rows;
       const int64_t q1 = std::min(Q, q0 + pl.rows);
-      const int64_t* lab = c.lab + b * S;
+      const int64_t* off = c.off + b * (N + 1);
       for (int64_t t0 = q0; t0 < q1; t0 += pl.tile) {
         const int64_t rows = std::min(pl.tile, q1 - t0);
         at::Tensor wt = ws.narrow(0, 0, rows);
         at::mm_out(wt, qn.select(0, b).narrow(0, t0, rows), sn.select(0, b).t());
+        wt.mul_(c.scale);
+        tile_stats<T>(wt, off, S, N, cm_t, cs_t, e_t, m.data(), tot.data());
+        const T* cm = cm_t.const_data_ptr<T>();
+        const T* cs = cs_t.const_data_ptr<T>();
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = b * Q + t0 + i;
-          T* l = w + i * S;
-#pragma omp simd
-          for (int64_t s = 0; s < S; ++s) l[s] *= c.scale;
-          T* dst = kLoss ? lp.data() : logp_out + r * N;
-          lse_out[r] = row_class_lse<T>(l, lab, S, N, cm.data(), cs.data(), dst);
+          const T lt = std::log(tot[i]);
+          lse_out[r] = m[i] + lt;
+          const T* cmi = cm + i * N;
+          const T* csi = cs + i * N;
           if constexpr (kLoss) {
-            loss[r] = -dst[y[r]];
+            const int64_t yr = y[r];
+            loss[r] = -((cmi[yr] - m[i]) + (std::log(csi[yr]) - lt));
+            // most probable class: largest cs * exp(cm - m), i.e. the largest E * cs
+            const T* Ei = e_t.const_data_ptr<T>() + i * N;
             int64_t am = 0;
-            for (int64_t n = 1; n < N; ++n)
-              if (dst[n] > dst[am] || (std::isnan(dst[n]) && !std::isnan(dst[am]))) am = n;
+            T best = csi[0] * Ei[0];
+            for (int64_t n = 1; n < N; ++n) {
+              const T v = csi[n] * Ei[n];
+              if (v > best || (std::isnan(v) && !std::isnan(best))) {
+                best = v;
+                am = n;
+              }
+            }
             pred[r] = am;
+          } else {
+            T* dst = logp_out + r * N;
+            for (int64_t n = 0; n < N; ++n)
+              dst[n] = csi[n] == T(0) ? -std::numeric_limits<T>::infinity()
+                                      : (cmi[n] - m[i]) + (std::log(csi[n]) - lt);
           }
         }
       }
@@ -186,12 +224,15 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
     at::Tensor ws = at::empty({pl.tile, S}, qn.options());
     T* w = ws.mutable_data_ptr<T>();
-    std::vector<T> cm(N), cs(N), k(N), ev(S);
+    at::Tensor cm_t = at::empty({pl.tile, N}, qn.options());
+    at::Tensor cs_t = at::empty({pl.tile, N}, qn.options());
+    at::Tensor e_t = at::empty({pl.tile, N}, qn.options());
+    std::vector<T> m(pl.tile), tot(pl.tile), k(N);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / pl.chunks;
       const int64_t q0 = (it % pl.chunks) * pl.rows;
       const int64_t q1 = std::min(Q, q0 + pl.rows);
-      const int64_t* lab = c.lab + b * S;
+      const int64_t* off = c.off + b * (N + 1);
       at::Tensor acc = part.select(0, direct ? b : it);
       acc.zero_();
       const at::Tensor snb = sn.select(0, b);
@@ -200,17 +241,18 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
         at::Tensor wt = ws.narrow(0, 0, rows);
         const at::Tensor qt = qn.select(0, b).narrow(0, t0, rows);
         at::mm_out(wt, qt, snb.t());
+        wt.mul_(c.scale);
+        // Recomputed per-class statistics (the saved lse/logp/loss are not read: differences
+        // of log-sum-exps would carry the rounding of |lse|). With dY the gradient of log P:
+        //   dl_s = ev_s k[c_s],  k[n] = dY_n / cs_n - (sum dY) exp(cm_n - m) / tot,
+        // ev_s = exp(l_s - cm[c_s]) (exp(l_s - lse_n) = ev_s / cs_n, softmax_s = ev_s E_n / tot).
+        tile_stats<T>(wt, off, S, N, cm_t, cs_t, e_t, m.data(), tot.data());
+        const T* cs = cs_t.const_data_ptr<T>();
+        const T* E = e_t.const_data_ptr<T>();
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = b * Q + t0 + i;
-          T* l = w + i * S;
-          // Recomputed per-class statistics (the saved lse/logp/loss are not read: differences
-          // of log-sum-exps would carry the rounding of |lse|). With dY the gradient of log P:
-          //   dl_s = ev_s k[c_s],  k[n] = dY_n / cs_n - (sum dY) exp(cm_n - m) / tot,
-          // ev_s = exp(l_s - cm[c_s]) (exp(l_s - lse_n) = ev_s / cs_n, softmax_s = ev_s e^{cm-m}/tot).
-#pragma omp simd
-          for (int64_t s = 0; s < S; ++s) l[s] *= c.scale;
-          T tot;
-          const T m = row_class_stats<T>(l, lab, S, N, cm.data(), cs.data(), ev.data(), &tot);
+          const T* csi = cs + i * N;
+          const T* Ei = E + i * N;
           T sdy = 0;
           if constexpr (kLoss) {
             sdy = -gsrc[r];
@@ -223,10 +265,15 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
               sdy += dy[n];
             }
           }
-          const T st = sdy / tot;
+          const T st = sdy / tot[i];
           for (int64_t n = 0; n < N; ++n)
-            k[n] = cs[n] == T(0) ? T(0) : c.scale * (k[n] / cs[n] - st * std::exp(cm[n] - m));
-          for (int64_t s = 0; s < S; ++s) l[s] = ev[s] * k[lab[s]];
+            k[n] = csi[n] == T(0) ? T(0) : c.scale * (k[n] / csi[n] - st * Ei[n]);
+          T* l = w + i * S;
+          for (int64_t n = 0; n < N; ++n) {
+            const T kn = k[n];
+#pragma omp simd
+            for (int64_t s = off[n]; s < off[n + 1]; ++s) l[s] *= kn;
+          }
         }
         at::Tensor gqt = gq_t.select(0, b).narrow(0, t0, rows);
         at::mm_out(gqt, wt, snb);
@@ -275,29 +322,55 @@ Inputs prep(const at::Tensor& query, const at::Tensor& support, const at::Tensor
   return in;
 }
 
-// Normalised copies and norms of query and support rows.
+// Normalised copies and norms of query and support rows; the support rows of each episode in
+// label order (stable counting sort): sorted row j of episode b is support row perm[b, j], and
+// class n occupies rows [off[b, n], off[b, n + 1]).
 struct Normed {
-  at::Tensor qn, sn, qnrm, snrm;
+  at::Tensor qn, sn, qnrm, snrm, perm, off;
 };
 
 template <typename T>
 Normed normalize(const Inputs& in, T eps) {
+  const int64_t B = in.B, S = in.S, N = in.N, D = in.D;
   Normed r;
-  r.qn = at::empty({in.B, in.Q, in.D}, in.q.options());
-  r.sn = at::empty({in.B, in.S, in.D}, in.q.options());
-  r.qnrm = at::empty({in.B * in.Q}, in.q.options());
-  r.snrm = at::empty({in.B * in.S}, in.q.options());
-  normalize_rows<T>(in.q.const_data_ptr<T>(), in.B * in.Q, in.D, eps, r.qn.mutable_data_ptr<T>(),
+  r.qn = at::empty({B, in.Q, D}, in.q.options());
+  r.sn = at::empty({B, S, D}, in.q.options());
+  r.qnrm = at::empty({B * in.Q}, in.q.options());
+  r.snrm = at::empty({B * S}, in.q.options());
+  r.perm = at::empty({B, S}, in.lab.options());
+  r.off = at::empty({B, N + 1}, in.lab.options());
+  const int64_t* lab = in.lab.const_data_ptr<int64_t>();
+  int64_t* perm = r.perm.mutable_data_ptr<int64_t>();
+  int64_t* off = r.off.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t* o = off + b * (N + 1);
+    std::fill(o, o + N + 1, int64_t(0));
+    for (int64_t s = 0; s < S; ++s) ++o[lab[b * S + s] + 1];
+    for (int64_t n = 0; n < N; ++n) o[n + 1] += o[n];
+    std::vector<int64_t> pos(o, o + N);
+    for (int64_t s = 0; s < S; ++s) perm[b * S + pos[lab[b * S + s]]++] = s;
+  }
+  normalize_rows<T>(in.q.const_data_ptr<T>(), B * in.Q, D, eps, r.qn.mutable_data_ptr<T>(),
                     r.qnrm.mutable_data_ptr<T>());
-  normalize_rows<T>(in.s.const_data_ptr<T>(), in.B * in.S, in.D, eps, r.sn.mutable_data_ptr<T>(),
-                    r.snrm.mutable_data_ptr<T>());
+  const T* x = in.s.const_data_ptr<T>();
+  T* xn = r.sn.mutable_data_ptr<T>();
+  T* nrm = r.snrm.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+  at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T* row = x + ((j / S) * S + perm[j]) * D;
+      const T n = std::sqrt(dot(row, row, D));
+      nrm[j] = n;
+      scale_to<T>(T(1) / std::max(n, eps), row, xn + j * D, D);
+    }
+  });
   return r;
 }
 
 template <typename T>
-Ctx<T> make_ctx(const Inputs& in, double scale, double eps) {
+Ctx<T> make_ctx(const Inputs& in, const Normed& nm, double scale, double eps) {
   return Ctx<T>{in.B, in.Q, in.S, in.N, in.D, static_cast<T>(scale), static_cast<T>(eps),
-                in.lab.const_data_ptr<int64_t>()};
+                nm.off.const_data_ptr<int64_t>()};
 }
 
 // Shared backward driver: gradients w.r.t. the normalised inputs, then through the norms.
@@ -306,18 +379,22 @@ std::tuple<at::Tensor, at::Tensor> run_bwd(const Inputs& in, double scale, doubl
                                            const at::Tensor& g, const at::Tensor& aux,
                                            const at::Tensor& lse, const at::Tensor& y) {
   at::Tensor gq = at::empty({in.B, in.Q, in.D}, in.q.options());
-  at::Tensor gs = at::empty({in.B, in.S, in.D}, in.q.options());
+  at::Tensor gs_sorted = at::empty({in.B, in.S, in.D}, in.q.options());
+  at::Tensor gs;
   AT_DISPATCH_FLOATING_TYPES(in.ct, "matching_bwd", [&] {
     using T = scalar_t;
-    const Ctx<T> c = make_ctx<T>(in, scale, eps);
-    Normed nm = normalize<T>(in, c.eps);
+    Normed nm = normalize<T>(in, static_cast<T>(eps));
+    const Ctx<T> c = make_ctx<T>(in, nm, scale, eps);
     bwd_impl<T, kLoss>(c, nm.qn, nm.sn, g.const_data_ptr<T>(), aux.const_data_ptr<T>(),
                        lse.const_data_ptr<T>(), kLoss ? y.const_data_ptr<int64_t>() : nullptr,
-                       gq, gs);
+                       gq, gs_sorted);
     normalize_bwd_rows<T>(gq.mutable_data_ptr<T>(), nm.qn.const_data_ptr<T>(),
                           nm.qnrm.const_data_ptr<T>(), in.B * in.Q, in.D, c.eps);
-    normalize_bwd_rows<T>(gs.mutable_data_ptr<T>(), nm.sn.const_data_ptr<T>(),
+    normalize_bwd_rows<T>(gs_sorted.mutable_data_ptr<T>(), nm.sn.const_data_ptr<T>(),
                           nm.snrm.const_data_ptr<T>(), in.B * in.S, in.D, c.eps);
+    // back to the caller's support order: sorted row j of episode b is row perm[b, j]
+    gs = at::empty_like(gs_sorted);
+    gs.scatter_(1, nm.perm.unsqueeze(-1).expand({in.B, in.S, in.D}), gs_sorted);
   });
   return {to_dtype(gq, in.in_dtype), to_dtype(gs, in.in_dtype)};
 }
@@ -344,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor> matching_fwd(const at::Tensor& query, const a
   if (in.B * in.Q > 0) {
     AT_DISPATCH_FLOATING_TYPES(in.ct, op, [&] {
       using T = scalar_t;
-      const Ctx<T> c = make_ctx<T>(in, scale, eps);
-      Normed nm = normalize<T>(in, c.eps);
+      Normed nm = normalize<T>(in, static_cast<T>(eps));
+      const Ctx<T> c = make_ctx<T>(in, nm, scale, eps);
       fwd_impl<T, false>(c, nm.qn, nm.sn, logp.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
                          nullptr, nullptr, nullptr);
     });
@@ -383,8 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matching_loss_fwd(
   if (in.B * in.Q > 0) {
     AT_DISPATCH_FLOATING_TYPES(in.ct, op, [&] {
       using T = scalar_t;
-      const Ctx<T> c = make_ctx<T>(in, scale, eps);
-      Normed nm = normalize<T>(in, c.eps);
+      Normed nm = normalize<T>(in, static_cast<T>(eps));
+      const Ctx<T> c = make_ctx<T>(in, nm, scale, eps);
       fwd_impl<T, true>(c, nm.qn, nm.sn, nullptr, lse.mutable_data_ptr<T>(),
                         y.const_data_ptr<int64_t>(), loss.mutable_data_ptr<T>(),
                         pred.mutable_data_ptr<int64_t>());

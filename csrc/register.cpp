@@ -1,0 +1,118 @@
+// Operator registration (torch.ops.fastmeta_cpp.*) and the `fastmeta._C` Python module.
+//
+// Importing fastmeta._C runs the static TORCH_LIBRARY initialisers below, which registers the
+// schemas and their CPU kernels with the dispatcher. No Meta/fake kernels are registered here:
+// fake (shape) implementations belong to the Python side (torch.library.register_fake).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/ops.h"
+
+#ifndef FASTMETA_TORCH_VERSION
+#define FASTMETA_TORCH_VERSION "unknown"
+#endif
+#ifndef FASTMETA_VERSION
+#define FASTMETA_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(fastmeta_cpp, m) {
+  m.def("prototypes_fwd(Tensor support, Tensor labels, int n_way) -> (Tensor, Tensor)");
+  m.def("prototypes_bwd(Tensor grad_protos, Tensor labels, Tensor counts) -> Tensor");
+  m.def(
+      "proto_logits_fwd(Tensor query, Tensor protos, int metric, float scale, float eps)"
+      " -> Tensor");
+  m.def(
+      "proto_logits_bwd(Tensor grad_logits, Tensor query, Tensor protos, int metric, "
+      "float scale, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "proto_loss_fwd(Tensor query, Tensor protos, Tensor labels, int metric, float scale, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "proto_loss_bwd(Tensor grad_loss, Tensor query, Tensor protos, Tensor labels, Tensor lse, "
+      "int metric, float scale, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "matching_fwd(Tensor query, Tensor support, Tensor support_labels, int n_way, "
+      "float scale, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "matching_bwd(Tensor grad_logp, Tensor query, Tensor support, Tensor support_labels, "
+      "Tensor logp, Tensor lse, int n_way, float scale, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "matching_loss_fwd(Tensor query, Tensor support, Tensor support_labels, "
+      "Tensor query_labels, int n_way, float scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "matching_loss_bwd(Tensor grad_loss, Tensor query, Tensor support, Tensor support_labels, "
+      "Tensor query_labels, Tensor loss, Tensor lse, int n_way, float scale, float eps)"
+      " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
+  m.impl("prototypes_fwd", &fastmeta::cpu::prototypes_fwd);
+  m.impl("prototypes_bwd", &fastmeta::cpu::prototypes_bwd);
+  m.impl("proto_logits_fwd", &fastmeta::cpu::proto_logits_fwd);
+  m.impl("proto_logits_bwd", &fastmeta::cpu::proto_logits_bwd);
+  m.impl("proto_loss_fwd", &fastmeta::cpu::proto_loss_fwd);
+  m.impl("proto_loss_bwd", &fastmeta::cpu::proto_loss_bwd);
+  m.impl("matching_fwd", &fastmeta::cpu::matching_fwd);
+  m.impl("matching_bwd", &fastmeta::cpu::matching_bwd);
+  m.impl("matching_loss_fwd", &fastmeta::cpu::matching_loss_fwd);
+  m.impl("matching_loss_bwd", &fastmeta::cpu::matching_loss_bwd);
+}
+
+namespace {
+
+std::string compiler_string() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  return "msvc " + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["version"] = FASTMETA_VERSION;
+  d["compiler"] = compiler_string();
+  d["cxx_standard"] = static_cast<long>(__cplusplus);
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_version"] = static_cast<long>(_OPENMP);
+#else
+  d["openmp"] = false;
+  d["openmp_version"] = 0L;
+#endif
+#ifdef FASTMETA_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["torch_version"] = FASTMETA_TORCH_VERSION;
+#ifdef NDEBUG
+  d["debug"] = false;
+#else
+  d["debug"] = true;
+#endif
+  pybind11::list ops;
+  for (const char* name : {"prototypes_fwd", "prototypes_bwd", "proto_logits_fwd",
+                           "proto_logits_bwd", "proto_loss_fwd", "proto_loss_bwd",
+                           "matching_fwd", "matching_bwd", "matching_loss_fwd",
+                           "matching_loss_bwd"})
+    ops.append(name);
+  d["ops"] = ops;
+  d["namespace"] = "fastmeta_cpp";
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() =
+      "fastmeta C++ extension. Importing it registers torch.ops.fastmeta_cpp.* (CPU kernels).";
+  mod.def("build_info", &build_info,
+          "Dict describing how the extension was built (compiler, OpenMP, CUDA, torch version).");
+}
