@@ -36,6 +36,9 @@ need pytest_benchmark "pytest-benchmark"
 need expecttest "expecttest"
 need pybind11 "pybind11"
 need ninja "ninja"
+need matplotlib "matplotlib"
+need tqdm "tqdm"
+need PIL "pillow"
 if [ "$(uname -s)" = Linux ]; then
   need triton "triton==3.6.0"
   # Triton 3.6's interpreter breaks on numpy 2.4
