@@ -85,10 +85,13 @@ void normalize_bwd_rows(T* g, const T* xn, const T* nrm, int64_t R, int64_t D, T
 // (cm - m) + (log cs - log tot), which carry no rounding of |lse| (up to |scale| + log S).
 // The exponentials run as ATen's vectorised exp_ over the whole tile (a scalar expf per
 // element costs more than the similarity GEMM at small D). cm/cs/E: [tile, N] workspaces.
+// row_shift (see row_shift_is_exact): every class is shifted by the row maximum instead of its
+// own maximum, which saves N short segment sweeps per row and changes nothing when no
+// exp(l - max) can leave the normal range.
 template <typename T>
 void tile_stats(at::Tensor& wt, const int64_t* __restrict off, int64_t S, int64_t N,
-                at::Tensor& cm_t, at::Tensor& cs_t, at::Tensor& e_t, T* __restrict m,
-                T* __restrict tot) {
+                bool row_shift, at::Tensor& cm_t, at::Tensor& cs_t, at::Tensor& e_t,
+                T* __restrict m, T* __restrict tot) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t rows = wt.size(0);
   T* __restrict w = wt.mutable_data_ptr<T>();
@@ -98,6 +101,15 @@ void tile_stats(at::Tensor& wt, const int64_t* __restrict off, int64_t S, int64_
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict l = w + i * S;
     T* __restrict cmi = cm + i * N;
+    if (row_shift) {
+      T mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t s = 0; s < S; ++s) mx = l[s] > mx ? l[s] : mx;
+      for (int64_t n = 0; n < N; ++n) cmi[n] = off[n] == off[n + 1] ? kNegInf : mx;
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) l[s] -= mx;
+      continue;
+    }
     for (int64_t n = 0; n < N; ++n) {
       T mx = kNegInf;
 #pragma omp simd reduction(max : mx)
@@ -137,6 +149,15 @@ void tile_stats(at::Tensor& wt, const int64_t* __restrict off, int64_t S, int64_
   }
 }
 
+// Logits are scale * cos, so l - max(l) >= -2|scale| (1 + rounding): when exp of that stays a
+// normal number (float: e^-80 = 1.8e-35 > 1.2e-38; double: e^-700 > 2.2e-308), shifting every
+// class by the row maximum loses nothing against per-class maxima (every exponential keeps full
+// relative precision); beyond it a far class needs its own maximum to stay finite.
+template <typename T>
+inline bool row_shift_is_exact(T scale) {
+  return std::abs(scale) <= (sizeof(T) >= 8 ? T(350) : T(40));
+}
+
 template <typename T>
 struct Ctx {
   int64_t B, Q, S, N, D;
@@ -169,7 +190,7 @@ void fwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, T* lo
         at::Tensor wt = ws.narrow(0, 0, rows);
         at::mm_out(wt, qn.select(0, b).narrow(0, t0, rows), sn.select(0, b).t());
         wt.mul_(c.scale);
-        tile_stats<T>(wt, off, S, N, cm_t, cs_t, e_t, m.data(), tot.data());
+        tile_stats<T>(wt, off, S, N, row_shift_is_exact(c.scale), cm_t, cs_t, e_t, m.data(), tot.data());
         const T* cm = cm_t.const_data_ptr<T>();
         const T* cs = cs_t.const_data_ptr<T>();
         for (int64_t i = 0; i < rows; ++i) {
@@ -246,7 +267,7 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
         // of log-sum-exps would carry the rounding of |lse|). With dY the gradient of log P:
         //   dl_s = ev_s k[c_s],  k[n] = dY_n / cs_n - (sum dY) exp(cm_n - m) / tot,
         // ev_s = exp(l_s - cm[c_s]) (exp(l_s - lse_n) = ev_s / cs_n, softmax_s = ev_s E_n / tot).
-        tile_stats<T>(wt, off, S, N, cm_t, cs_t, e_t, m.data(), tot.data());
+        tile_stats<T>(wt, off, S, N, row_shift_is_exact(c.scale), cm_t, cs_t, e_t, m.data(), tot.data());
         const T* cs = cs_t.const_data_ptr<T>();
         const T* E = e_t.const_data_ptr<T>();
         for (int64_t i = 0; i < rows; ++i) {
