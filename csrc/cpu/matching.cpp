@@ -5,17 +5,23 @@
 // tiles whose [rows, S] logits workspace stays around kTileBytes per thread (one single-threaded
 // GEMM per tile). The [B, Q, S] attention matrix never exists: only a tile of it, per thread.
 //
-// Per query row the per-class log-sum-exp is exact and stable: a first sweep over the row
-// takes the per-class maximum, a second sums exp(l - max_class) per class, so
-// lse_n = max_n + log(sum_n) is finite for every class with a support example, however small
-// its attention (a log of the summed probabilities would underflow to -inf).
-// log P[n] = lse_n - lse with lse = logsumexp_n(lse_n).
+// Cosine: the support rows are normalised into a copy sorted by label (class n = the column
+// segment [off[n], off[n+1]) of every logits tile, so per-class loops are contiguous); the
+// queries are not copied: a tile of q . sn is scaled row-wise by scale / max(|q|, eps).
+// Zero-norm vectors get similarity 0 (eps = 1e-8, as F.normalize).
+//
+// Per query row the per-class log-sum-exp is exact and stable: per-class maxima cm (or the row
+// maximum where that cannot underflow, see row_shift_is_exact), sums cs of exp(l - cm), so
+// lse_n = cm + log cs is finite for every class with a support example, however small its
+// attention (a log of the summed probabilities would underflow to -inf), and
+// log P[n] = (cm - m) + (log cs - log tot) with m = max cm, tot = sum cs exp(cm - m).
 //
 // Backward recomputes the logits and the per-class statistics tile by tile. With dY = grad of
 // log P:  dl[s] = dY[c_s] * exp(l_s - lse_{c_s}) - (sum_n dY_n) * exp(l_s - lse),  c_s = label
-// of s (evaluated as exp(l_s - max_c) times a per-class factor, never through |lse|),
-// and G = scale * dl gives grad_qn = G @ Sn and grad_sn = G^T @ Qn (per tile, accumulated per
-// work item), then the normalisation backward  g_x = (g - [|x| > eps] xn (xn . g)) / max(|x|, eps).
+// of s (evaluated as exp(l_s - cm) times a per-class factor, never through |lse|), and
+// G = scale * dl gives grad_qn = G @ Sn and grad_sn = G^T @ Qn (per tile, accumulated per work
+// item), then the normalisation backward  g_x = (g - [|x| > eps] xn (xn . g)) / max(|x|, eps)
+// and the support gradient is scattered back to the caller's order.
 // The fused loss uses dY = -grad_loss * onehot(y).
 #include <limits>
 #include <vector>
@@ -46,19 +52,6 @@ inline Plan plan(int64_t B, int64_t Q, int64_t S, int64_t elt) {
   return {chunks, rows, tile};
 }
 
-// xn = x / max(|x|, eps) row by row; nrm = |x|.
-template <typename T>
-void normalize_rows(const T* x, int64_t R, int64_t D, T eps, T* xn, T* nrm) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T n = std::sqrt(dot(x + r * D, x + r * D, D));
-      nrm[r] = n;
-      scale_to<T>(T(1) / std::max(n, eps), x + r * D, xn + r * D, D);
-    }
-  });
-}
-
 // In place: g = (g - [n > eps] xn (xn . g)) / max(n, eps), row by row.
 template <typename T>
 void normalize_bwd_rows(T* g, const T* xn, const T* nrm, int64_t R, int64_t D, T eps) {
@@ -69,6 +62,21 @@ void normalize_bwd_rows(T* g, const T* xn, const T* nrm, int64_t R, int64_t D, T
       const T* xr = xn + r * D;
       const T n = nrm[r];
       if (n > eps) axpy<T>(-dot(xr, gr, D), xr, gr, D);
+      div_inplace<T>(gr, std::max(n, eps), D);
+    }
+  });
+}
+
+// Same from the raw rows x (xn = x / |x|): g = (g - [n > eps] x (x . g) / n^2) / max(n, eps).
+template <typename T>
+void normalize_bwd_rows_raw(T* g, const T* x, const T* nrm, int64_t R, int64_t D, T eps) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* gr = g + r * D;
+      const T* xr = x + r * D;
+      const T n = nrm[r];
+      if (n > eps) axpy<T>(-dot(xr, gr, D) / (n * n), xr, gr, D);
       div_inplace<T>(gr, std::max(n, eps), D);
     }
   });
@@ -163,7 +171,20 @@ struct Ctx {
   int64_t B, Q, S, N, D;
   T scale, eps;
   const int64_t* off;  // [B, N + 1] class segment offsets of the label-sorted support
+  const T* qnrm;       // [B * Q] query norms |q| (queries are never normalised in memory)
 };
+
+// Raw products q . sn -> logits scale * cos = q . sn * scale / max(|q|, eps), rows r0.. of B*Q.
+template <typename T>
+void scale_rows(at::Tensor& wt, const Ctx<T>& c, int64_t r0) {
+  const int64_t rows = wt.size(0), S = wt.size(1);
+  T* w = wt.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T f = c.scale / std::max(c.qnrm[r0 + i], c.eps);
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) w[i * S + s] *= f;
+  }
+}
 
 // --------------------------------------------------------------------------------------------
 // forward (kLoss: writes loss/pred from query labels y; else writes logp [B,Q,N])
@@ -189,7 +210,7 @@ void fwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, T* lo
         const int64_t rows = std::min(pl.tile, q1 - t0);
         at::Tensor wt = ws.narrow(0, 0, rows);
         at::mm_out(wt, qn.select(0, b).narrow(0, t0, rows), sn.select(0, b).t());
-        wt.mul_(c.scale);
+        scale_rows<T>(wt, c, b * Q + t0);
         tile_stats<T>(wt, off, S, N, row_shift_is_exact(c.scale), cm_t, cs_t, e_t, m.data(), tot.data());
         const T* cm = cm_t.const_data_ptr<T>();
         const T* cs = cs_t.const_data_ptr<T>();
@@ -262,7 +283,7 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
         at::Tensor wt = ws.narrow(0, 0, rows);
         const at::Tensor qt = qn.select(0, b).narrow(0, t0, rows);
         at::mm_out(wt, qt, snb.t());
-        wt.mul_(c.scale);
+        scale_rows<T>(wt, c, b * Q + t0);
         // Recomputed per-class statistics (the saved lse/logp/loss are not read: differences
         // of log-sum-exps would carry the rounding of |lse|). With dY the gradient of log P:
         //   dl_s = ev_s k[c_s],  k[n] = dY_n / cs_n - (sum dY) exp(cm_n - m) / tot,
@@ -297,7 +318,14 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
           }
         }
         at::Tensor gqt = gq_t.select(0, b).narrow(0, t0, rows);
-        at::mm_out(gqt, wt, snb);
+        at::mm_out(gqt, wt, snb);  // grad w.r.t. the normalised query rows
+        // grad w.r.t. the normalised support: G^T @ (q / max(|q|, eps))
+        T* w2 = wt.mutable_data_ptr<T>();
+        for (int64_t i = 0; i < rows; ++i) {
+          const T inv = T(1) / std::max(c.qnrm[b * Q + t0 + i], c.eps);
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) w2[i * S + s] *= inv;
+        }
         acc.addmm_(wt.t(), qt);
       }
     }
@@ -347,14 +375,13 @@ Inputs prep(const at::Tensor& query, const at::Tensor& support, const at::Tensor
 // label order (stable counting sort): sorted row j of episode b is support row perm[b, j], and
 // class n occupies rows [off[b, n], off[b, n + 1]).
 struct Normed {
-  at::Tensor qn, sn, qnrm, snrm, perm, off;
+  at::Tensor sn, qnrm, snrm, perm, off;
 };
 
 template <typename T>
 Normed normalize(const Inputs& in, T eps) {
   const int64_t B = in.B, S = in.S, N = in.N, D = in.D;
   Normed r;
-  r.qn = at::empty({B, in.Q, D}, in.q.options());
   r.sn = at::empty({B, S, D}, in.q.options());
   r.qnrm = at::empty({B * in.Q}, in.q.options());
   r.snrm = at::empty({B * S}, in.q.options());
@@ -371,8 +398,16 @@ Normed normalize(const Inputs& in, T eps) {
     std::vector<int64_t> pos(o, o + N);
     for (int64_t s = 0; s < S; ++s) perm[b * S + pos[lab[b * S + s]]++] = s;
   }
-  normalize_rows<T>(in.q.const_data_ptr<T>(), B * in.Q, D, eps, r.qn.mutable_data_ptr<T>(),
-                    r.qnrm.mutable_data_ptr<T>());
+  {
+    // query norms only: the kernels scale rows of q . sn by 1 / max(|q|, eps) instead of
+    // writing a normalised copy of the (larger) query set
+    const T* q = in.q.const_data_ptr<T>();
+    T* qnrm = r.qnrm.mutable_data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+    at::parallel_for(0, B * in.Q, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) qnrm[i] = std::sqrt(dot(q + i * D, q + i * D, D));
+    });
+  }
   const T* x = in.s.const_data_ptr<T>();
   T* xn = r.sn.mutable_data_ptr<T>();
   T* nrm = r.snrm.mutable_data_ptr<T>();
@@ -391,7 +426,7 @@ Normed normalize(const Inputs& in, T eps) {
 template <typename T>
 Ctx<T> make_ctx(const Inputs& in, const Normed& nm, double scale, double eps) {
   return Ctx<T>{in.B, in.Q, in.S, in.N, in.D, static_cast<T>(scale), static_cast<T>(eps),
-                nm.off.const_data_ptr<int64_t>()};
+                nm.off.const_data_ptr<int64_t>(), nm.qnrm.const_data_ptr<T>()};
 }
 
 // Shared backward driver: gradients w.r.t. the normalised inputs, then through the norms.
@@ -406,11 +441,11 @@ std::tuple<at::Tensor, at::Tensor> run_bwd(const Inputs& in, double scale, doubl
     using T = scalar_t;
     Normed nm = normalize<T>(in, static_cast<T>(eps));
     const Ctx<T> c = make_ctx<T>(in, nm, scale, eps);
-    bwd_impl<T, kLoss>(c, nm.qn, nm.sn, g.const_data_ptr<T>(), aux.const_data_ptr<T>(),
+    bwd_impl<T, kLoss>(c, in.q, nm.sn, g.const_data_ptr<T>(), aux.const_data_ptr<T>(),
                        lse.const_data_ptr<T>(), kLoss ? y.const_data_ptr<int64_t>() : nullptr,
                        gq, gs_sorted);
-    normalize_bwd_rows<T>(gq.mutable_data_ptr<T>(), nm.qn.const_data_ptr<T>(),
-                          nm.qnrm.const_data_ptr<T>(), in.B * in.Q, in.D, c.eps);
+    normalize_bwd_rows_raw<T>(gq.mutable_data_ptr<T>(), in.q.const_data_ptr<T>(),
+                              nm.qnrm.const_data_ptr<T>(), in.B * in.Q, in.D, c.eps);
     normalize_bwd_rows<T>(gs_sorted.mutable_data_ptr<T>(), nm.sn.const_data_ptr<T>(),
                           nm.snrm.const_data_ptr<T>(), in.B * in.S, in.D, c.eps);
     // back to the caller's support order: sorted row j of episode b is row perm[b, j]
@@ -444,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor> matching_fwd(const at::Tensor& query, const a
       using T = scalar_t;
       Normed nm = normalize<T>(in, static_cast<T>(eps));
       const Ctx<T> c = make_ctx<T>(in, nm, scale, eps);
-      fwd_impl<T, false>(c, nm.qn, nm.sn, logp.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
+      fwd_impl<T, false>(c, in.q, nm.sn, logp.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
                          nullptr, nullptr, nullptr);
     });
   }
@@ -483,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matching_loss_fwd(
       using T = scalar_t;
       Normed nm = normalize<T>(in, static_cast<T>(eps));
       const Ctx<T> c = make_ctx<T>(in, nm, scale, eps);
-      fwd_impl<T, true>(c, nm.qn, nm.sn, nullptr, lse.mutable_data_ptr<T>(),
+      fwd_impl<T, true>(c, in.q, nm.sn, nullptr, lse.mutable_data_ptr<T>(),
                         y.const_data_ptr<int64_t>(), loss.mutable_data_ptr<T>(),
                         pred.mutable_data_ptr<int64_t>());
     });
