@@ -54,4 +54,4 @@ fi
 echo "bootstrap: building and installing fastmeta (editable)"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
   > "$VENV/fastmeta-build.log" 2>&1 || { cat "$VENV/fastmeta-build.log"; exit 1; }
-grep -i "fastmeta:" "$VENV/fastmeta-build.log" || true
+"$PY" -c "from fastmeta import _ext; print('bootstrap: C++ extension', 'built' if _ext.available() else 'unavailable: ' + _ext.reason(), _ext.build_info() if _ext.available() else '')"
