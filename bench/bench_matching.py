@@ -123,7 +123,7 @@ def make_case(shape: str, device: torch.device, dtype: torch.dtype) -> C.Case:
         return (query.to(device, dtype), support.to(device, dtype), sl.to(device), ql.to(device))
 
     def reference(q, s, sl, ql):
-        return fm.matching_loss_ref(q, s, sl, ql, N, SCALE)
+        return fm.matching_loss_ref(q, s, sl, N, ql, SCALE)
 
     in_bytes = (B * Q * D + B * S * D) * elt + (B * S + B * Q) * 8
     return C.Case(

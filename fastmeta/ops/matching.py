@@ -55,8 +55,8 @@ def matching_attention_ref(
 
 
 def matching_loss_ref(
-    query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor,
-    query_labels: torch.Tensor, n_way: int, scale: float | torch.Tensor = 1.0,
+    query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+    query_labels: torch.Tensor, scale: float | torch.Tensor = 1.0,
     reduction: str = "mean", eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch ``(loss, acc)`` with the same contract as :func:`matching_loss`."""
@@ -307,11 +307,11 @@ def matching_loss(
     _checks.same_device(query=query, query_labels=query_labels)
     _checks.labels_in_range("query_labels", qlabels, n_way, "n_way")
     if _learnable(scale):
-        return matching_loss_ref(query, support, labels, qlabels, n_way, scale, reduction)
+        return matching_loss_ref(query, support, labels, n_way, qlabels, scale, reduction)
     scale = _checks.scalar("scale", scale)
     name = _registry.select("matching_loss", [query, support], backend)
     if name == "reference":
-        return matching_loss_ref(query, support, labels, qlabels, n_way, scale, reduction)
+        return matching_loss_ref(query, support, labels, n_way, qlabels, scale, reduction)
     rows, _lse, pred = _loss_fwd(query, support, labels, qlabels.contiguous(), n_way, scale, EPS, name)
     correct = (pred == qlabels).to(query.dtype)
     if reduction == "none":

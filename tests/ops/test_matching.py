@@ -44,10 +44,7 @@ def attn_and_grads(fn, query, support, slabels, n, weights, **kw):
 def loss_and_grads(fn, query, support, slabels, n, qlabels, weights, **kw):
     q = query.detach().clone().requires_grad_()
     s = support.detach().clone().requires_grad_()
-    if fn is matching_loss_ref:
-        loss, acc = fn(q, s, slabels, qlabels, n, reduction="none", **kw)
-    else:
-        loss, acc = fn(q, s, slabels, n, qlabels, reduction="none", **kw)
+    loss, acc = fn(q, s, slabels, n, qlabels, reduction="none", **kw)
     gq, gs = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), (q, s))
     return loss.detach(), acc, gq, gs
 
@@ -252,7 +249,7 @@ def test_torch_compile_fullgraph(backend):
     loss, acc = step(q, support, slabels, qlabels)
     loss.backward()
     ref_q = query.detach().clone().requires_grad_()
-    ref, ref_acc = matching_loss_ref(ref_q * 2.0, support, slabels, qlabels, 3, 5.0)
+    ref, ref_acc = matching_loss_ref(ref_q * 2.0, support, slabels, 3, qlabels, 5.0)
     ref = ref + matching_attention_ref(ref_q, support, slabels, 3, 5.0).mean()
     ref.backward()
     torch.testing.assert_close(loss, ref)
