@@ -1,8 +1,9 @@
 """Black-box learners: training throughput, and how SNAIL scales with the sequence length.
 
 1. **Throughput**: a full training step (forward, backward, Adam) of each learner as the CLI
-   builds it (``python -m fastmeta train <name> --ways 5 --shots 1``: Conv4-64 embeddings,
-   15 queries per class, ``--batch`` episodes a step) on glyphs 5-way 1-shot, in episodes/s,
+   builds it (``python -m fastmeta train <name> --ways 5 --shots 1``: ProtoNet Conv4-64;
+   MANN and SNAIL Conv4-32 and quarter-width sequence nets; MetaLSTM the paper's 32-channel
+   learner, 5 inner steps; 15 queries per class, ``--batch`` episodes a step) on glyphs 5-way 1-shot, in episodes/s,
    with ProtoNet for reference. The episode batch is drawn once (the sampler is timed in
    ``bench_protonet.py``; it is not the bottleneck).
 2. **SNAIL sequence-length scaling**: forward+backward of SNAIL's sequence model (the paper's

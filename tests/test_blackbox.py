@@ -165,6 +165,11 @@ def test_prefix_sharing_equals_one_sequence_per_query(name, offset):
     learner = SEQUENCE[name](label_offset=offset).eval()
     fast = learner.logits(sx, sy, qx)
     torch.testing.assert_close(fast, learner.reference_logits(sx, sy, qx), rtol=1e-4, atol=1e-5)
+    if name == "snail":  # dilations (up to 16) longer than the support (5): causal zero padding
+        learner = tiny_snail(seq_len=26, label_offset=offset).eval()
+        sx, sy, qx, _ = episode(shots=1, queries=2)
+        torch.testing.assert_close(learner.logits(sx, sy, qx), learner.reference_logits(sx, sy, qx),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_snail_uses_sdpa_with_is_causal(monkeypatch):
