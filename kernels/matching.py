@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmeta.kernels.proto_loss import _exp, _input_precision, _log, _split_f32
+from fastmeta.kernels.proto_loss import _exp, _input_precision, _split_f32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

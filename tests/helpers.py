@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
 import torch
 
 from fastmeta import _ext

@@ -36,6 +36,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from fastmeta.learners._evaluate import FewShotLearner
 import torch.nn.functional as F
 
 
@@ -164,3 +166,34 @@ def query_loss(logits: torch.Tensor, query_y: torch.Tensor, reduction: str = "me
     if reduction == "none":
         return loss.view(query_y.shape), correct
     return loss, correct.float().mean()
+
+
+class SequenceLearner(FewShotLearner):
+    """Base of the learners that read an episode as a sequence (MANN, SNAIL).
+
+    Subclasses set ``embedding``, ``embed_dim``, ``n_way`` and ``label_offset`` and define
+    ``forward_sequence(seq [B, T, F]) -> [B, T, n_way]`` (the model on explicit sequences)
+    and ``logits(support_x, support_y, query_x, n_way) -> [B, Q, n_way]`` (the fast path
+    that shares the support prefix between the queries of an episode).
+    """
+
+    def embed(self, support_x, query_x):
+        b, s = support_x.shape[:2]
+        z = self.embedding(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
+        if z.shape[1] != self.embed_dim:
+            raise ValueError(f"the embedding returned {z.shape[1]} features, expected embed_dim={self.embed_dim}")
+        return z[: b * s].view(b, s, -1), z[b * s :].view(b, query_x.shape[1], -1)
+
+    def reference_logits(self, support_x, support_y, query_x, n_way: int | None = None) -> torch.Tensor:
+        """:meth:`logits` computed on the explicit ``B * Q`` sequences (slow; for tests)."""
+        n_way = self.n_way if n_way is None else n_way
+        zs, zq = self.embed(support_x, query_x)
+        seq = episode_sequence(zs, support_y, zq, self.n_way, self.label_offset)
+        b, q = seq.query.shape[:2]
+        return self.forward_sequence(full_sequences(seq))[:, -1].view(b, q, -1)[..., :n_way]
+
+    def forward(self, support_x, support_y, query_x, query_y, n_way: int | None = None,
+                reduction: str = "mean"):
+        """``(loss, acc)`` over the episode batch; ``n_way`` defaults to ``support_y.max()+1``."""
+        n_way = check_episode(support_x, support_y, query_x, query_y, n_way, self.n_way)
+        return query_loss(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)

@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmeta.learners._evaluate import FewShotLearner
-from fastmeta.learners._sequence import check_episode, episode_sequence, full_sequences, query_loss
+from fastmeta.learners._sequence import SequenceLearner, episode_sequence
 
 
 class MANNCell(nn.Module):
@@ -104,7 +103,7 @@ def _repeat_state(state, q: int):
     return tuple(t.repeat_interleave(q, 0) for t in state)
 
 
-class MANN(FewShotLearner):
+class MANN(SequenceLearner):
     """MANN learner over batches of episodes (Santoro et al. 2016).
 
     Args:
@@ -143,13 +142,6 @@ class MANN(FewShotLearner):
         self.cell = MANNCell(embed_dim + n_way, hidden, slots, width, heads, gamma)
         self.head = nn.Linear(self.cell.out_features, n_way)
 
-    def embed(self, support_x, query_x):
-        b, s = support_x.shape[:2]
-        z = self.embedding(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
-        if z.shape[1] != self.embed_dim:
-            raise ValueError(f"the embedding returned {z.shape[1]} features, expected embed_dim={self.embed_dim}")
-        return z[: b * s].view(b, s, -1), z[b * s :].view(b, query_x.shape[1], -1)
-
     def forward_sequence(self, seq: torch.Tensor) -> torch.Tensor:
         """Run the model over explicit sequences ``[N, T, D + n_way]``; logits ``[N, T, n_way]``
         (step ``t`` depends on steps ``<= t`` only)."""
@@ -173,17 +165,3 @@ class MANN(FewShotLearner):
             _, state = self.cell(seq.support[:, t], state)
         out, _ = self.cell(seq.query.flatten(0, 1), _repeat_state(state, q))
         return self.head(out).view(b, q, -1)[..., :n_way]
-
-    def reference_logits(self, support_x, support_y, query_x, n_way: int | None = None) -> torch.Tensor:
-        """:meth:`logits` computed on the explicit ``B * Q`` sequences (slow; for tests)."""
-        n_way = self.n_way if n_way is None else n_way
-        zs, zq = self.embed(support_x, query_x)
-        seq = episode_sequence(zs, support_y, zq, self.n_way, self.label_offset)
-        b, q = seq.query.shape[:2]
-        return self.forward_sequence(full_sequences(seq))[:, -1].view(b, q, -1)[..., :n_way]
-
-    def forward(self, support_x, support_y, query_x, query_y, n_way: int | None = None,
-                reduction: str = "mean"):
-        """``(loss, acc)`` over the episode batch; ``n_way`` defaults to ``support_y.max()+1``."""
-        n_way = check_episode(support_x, support_y, query_x, query_y, n_way, self.n_way)
-        return query_loss(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)

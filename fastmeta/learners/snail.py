@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmeta.learners._evaluate import FewShotLearner
-from fastmeta.learners._sequence import check_episode, episode_sequence, full_sequences, query_loss
+from fastmeta.learners._sequence import SequenceLearner, episode_sequence
 
 
 def _shift(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -131,7 +130,7 @@ class AttentionBlock(nn.Module):
         return torch.cat([xs, out_s.squeeze(1)], -1), torch.cat([xq, out_q.squeeze(1)], -1)
 
 
-class SNAIL(FewShotLearner):
+class SNAIL(SequenceLearner):
     """SNAIL learner over batches of episodes (Mishra et al. 2018).
 
     Args:
@@ -184,13 +183,6 @@ class SNAIL(FewShotLearner):
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(c, n_way)
 
-    def embed(self, support_x, query_x):
-        b, s = support_x.shape[:2]
-        z = self.embedding(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
-        if z.shape[1] != self.embed_dim:
-            raise ValueError(f"the embedding returned {z.shape[1]} features, expected embed_dim={self.embed_dim}")
-        return z[: b * s].view(b, s, -1), z[b * s :].view(b, query_x.shape[1], -1)
-
     def forward_sequence(self, seq: torch.Tensor) -> torch.Tensor:
         """Run the model over explicit sequences ``[N, T, D + n_way]``; logits ``[N, T, n_way]``
         (step ``t`` depends on steps ``<= t`` only)."""
@@ -208,17 +200,3 @@ class SNAIL(FewShotLearner):
         for layer in self.layers:
             xs, xq = layer.forward_branch(xs, xq)
         return self.head(xq)[..., :n_way]
-
-    def reference_logits(self, support_x, support_y, query_x, n_way: int | None = None) -> torch.Tensor:
-        """:meth:`logits` computed on the explicit ``B * Q`` sequences (slow; for tests)."""
-        n_way = self.n_way if n_way is None else n_way
-        zs, zq = self.embed(support_x, query_x)
-        seq = episode_sequence(zs, support_y, zq, self.n_way, self.label_offset)
-        b, q = seq.query.shape[:2]
-        return self.forward_sequence(full_sequences(seq))[:, -1].view(b, q, -1)[..., :n_way]
-
-    def forward(self, support_x, support_y, query_x, query_y, n_way: int | None = None,
-                reduction: str = "mean"):
-        """``(loss, acc)`` over the episode batch; ``n_way`` defaults to ``support_y.max()+1``."""
-        n_way = check_episode(support_x, support_y, query_x, query_y, n_way, self.n_way)
-        return query_loss(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)

@@ -5,7 +5,6 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
 
 from fastmeta.ops import BackendError, proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
