@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 test: install
 	FASTMETA_REQUIRE_EXT=$(REQUIRE_EXT) $(PY) -m pytest tests -q
 
-# Every learner on glyphs (by default 5 minutes of training shared by all; train longer:
+# Every learner on glyphs (by default 4 minutes of training shared by all; train longer:
 # make demo DEMO_MINUTES=30, minutes per learner), test accuracy next to a pixel
 # nearest-neighbour baseline, then the op benchmark table.
 DEMO_MINUTES ?=

@@ -207,7 +207,7 @@ def demo(argv: list[str]) -> int:
     accuracy +- 95% CI next to a pixel nearest-neighbour baseline, on the same episodes."""
     p = argparse.ArgumentParser(prog="python -m fastmeta demo")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training minutes per learner (default: 5 minutes shared by all learners, "
+                   help="training minutes per learner (default: 4 minutes shared by all learners, "
                         "at most 3 each; train longer: --minutes 30)")
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--episodes", type=int, default=600, help="test episodes")
@@ -221,7 +221,7 @@ def demo(argv: list[str]) -> int:
     unknown = set(names) - set(LEARNERS)
     if unknown:
         raise SystemExit(f"unknown learners {sorted(unknown)}; choose from {sorted(LEARNERS)}")
-    minutes = a.minutes if a.minutes is not None else min(3.0, 5.0 / len(names))
+    minutes = a.minutes if a.minutes is not None else min(3.0, 4.0 / len(names))
     print(f"fastmeta demo: {', '.join(names)} train {minutes:g} min each on glyphs, 5-way {a.shots}-shot "
           f"(train longer: `make demo DEMO_MINUTES=30` or `python -m fastmeta demo --minutes 30`)")
     ds = data.load_dataset("glyphs")
