@@ -203,7 +203,8 @@ def test_shapes_and_fewer_ways_than_built(name):
     loss.backward()
     assert all(p.grad is not None for p in learner.parameters() if p.requires_grad)
     rows, correct = learner(sx, sy, qx, qy, reduction="none")
-    assert rows.shape == (2, 6) and correct.shape == (2, 6) and correct.dtype == torch.bool
+    assert rows.shape == (2, 6) and correct.shape == (2, 6) and correct.dtype == rows.dtype
+    assert set(correct.unique().tolist()) <= {0.0, 1.0}  # 0/1 correctness, as every learner returns
     assert learner.logits(sx, sy, qx, n_way=3).shape == (2, 6, 3)
     assert learner.episode_accuracy(sx, sy, qx, qy).shape == (2,)
 

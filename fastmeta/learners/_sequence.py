@@ -36,9 +36,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
-from fastmeta.learners._evaluate import FewShotLearner
 import torch.nn.functional as F
+
+from fastmeta import ops
+from fastmeta.learners._evaluate import FewShotLearner
 
 
 class EpisodeSequence(NamedTuple):
@@ -155,19 +156,6 @@ def check_episode(support_x, support_y, query_x, query_y, n_way, max_way: int) -
     return n_way
 
 
-def query_loss(logits: torch.Tensor, query_y: torch.Tensor, reduction: str = "mean"):
-    """Cross-entropy and 0/1 correctness of query logits ``[B, Q, N]``: ``(loss, acc)``
-    scalars, or per-query ``[B, Q]`` losses and correctness for ``reduction="none"``."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    query_y = query_y.long()
-    loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction=reduction)
-    correct = logits.argmax(-1) == query_y
-    if reduction == "none":
-        return loss.view(query_y.shape), correct
-    return loss, correct.float().mean()
-
-
 class SequenceLearner(FewShotLearner):
     """Base of the learners that read an episode as a sequence (MANN, SNAIL).
 
@@ -196,4 +184,4 @@ class SequenceLearner(FewShotLearner):
                 reduction: str = "mean"):
         """``(loss, acc)`` over the episode batch; ``n_way`` defaults to ``support_y.max()+1``."""
         n_way = check_episode(support_x, support_y, query_x, query_y, n_way, self.n_way)
-        return query_loss(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)
+        return ops.nll_accuracy(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)

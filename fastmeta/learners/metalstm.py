@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmeta import ops
 from fastmeta.learners._evaluate import FewShotLearner
-from fastmeta.learners._sequence import check_episode, query_loss
+from fastmeta.learners._sequence import check_episode
 
 
 def preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
@@ -180,4 +181,4 @@ class MetaLSTM(FewShotLearner):
         if support_x.shape[2] != self.in_channels:
             raise ValueError(f"support_x has {support_x.shape[2]} channels, this learner was built for "
                              f"in_channels={self.in_channels}")
-        return query_loss(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)
+        return ops.nll_accuracy(self.logits(support_x, support_y, query_x, n_way), query_y, reduction)

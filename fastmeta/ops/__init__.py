@@ -4,6 +4,7 @@ Each op lives in one contract file (reference, checks, registered custom ops, au
 public function); ``_registry`` decides which backend runs a call.
 """
 
+from fastmeta.ops._loss import nll_accuracy
 from fastmeta.ops._registry import BackendError, backends_for
 from fastmeta.ops.matching import (
     matching_attention,
@@ -16,6 +17,7 @@ from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, 
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
 
 __all__ = [
+    "nll_accuracy",
     "PROTO_METRICS",
     "BackendError",
     "backends_for",

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import _checks, _registry
+from fastmeta.ops._loss import nll_accuracy
 
 _STEM = "matching"
 EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
@@ -61,15 +62,7 @@ def matching_loss_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch ``(loss, acc)`` with the same contract as :func:`matching_loss`."""
     logp = matching_attention_ref(query, support, support_labels, n_way, scale, eps)
-    return _loss_from_logp(logp, query_labels.long(), reduction)
-
-
-def _loss_from_logp(logp, labels, reduction):
-    loss = F.nll_loss(logp.flatten(0, 1), labels.flatten(), reduction=reduction)
-    correct = (logp.detach().argmax(-1) == labels).to(logp.dtype)
-    if reduction == "none":
-        return loss.view(labels.shape), correct
-    return loss, correct.mean()
+    return nll_accuracy(logp, query_labels, reduction, log_probs=True)
 
 
 # ---- registered ops ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import _checks, _registry
+from fastmeta.ops._loss import nll_accuracy
 
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
@@ -50,15 +51,7 @@ def proto_loss_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch ``(loss, acc)`` with the same contract as :func:`proto_loss`."""
     logits = proto_logits_ref(query, protos, metric, scale, eps)
-    return _loss_from_logits(logits, query_labels.long(), reduction)
-
-
-def _loss_from_logits(logits, labels, reduction):
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
-    correct = (logits.detach().argmax(-1) == labels).to(logits.dtype)
-    if reduction == "none":
-        return loss.view(labels.shape), correct
-    return loss, correct.mean()
+    return nll_accuracy(logits, query_labels, reduction)
 
 
 # ---- registered ops ------------------------------------------------------------------------
@@ -265,7 +258,7 @@ def proto_loss(
     _checks.labels_in_range("query_labels", labels, protos.shape[1], "N, the number of prototypes")
     if _learnable(scale):
         logits = proto_logits(query, protos, metric, scale, backend=backend)
-        return _loss_from_logits(logits, labels, reduction)
+        return nll_accuracy(logits, labels, reduction)
     scale = _checks.scalar("scale", scale)
     name = _registry.select("proto_loss", [query, protos], backend)
     if name == "reference":
