@@ -532,6 +532,29 @@ at::Tensor proto_logits_fwd(const at::Tensor& query, const at::Tensor& protos, i
   return to_dtype(out, in.in_dtype);
 }
 
+// Shared tail of both backward entry points: allocate the gradients, run bwd_impl (LOSS: g is
+// the per-row loss gradient and y the labels; else g is the [B,Q,N] logits gradient), cast back.
+template <bool LOSS>
+std::tuple<at::Tensor, at::Tensor> run_backward(const Inputs& in, const at::Tensor& g,
+                                                const at::Tensor& y, int64_t metric, double scale,
+                                                double eps) {
+  // Every element is written when there is work; otherwise the gradients are zero.
+  const bool work = in.B * in.Q * in.N * in.D > 0;
+  at::Tensor gq = work ? at::empty({in.B, in.Q, in.D}, in.q.options())
+                       : at::zeros({in.B, in.Q, in.D}, in.q.options());
+  at::Tensor gp = work ? at::empty({in.B, in.N, in.D}, in.q.options())
+                       : at::zeros({in.B, in.N, in.D}, in.q.options());
+  if (work) {
+    AT_DISPATCH_FLOATING_TYPES(in.ct, "proto_backward", [&] {
+      at::Tensor norms;
+      const Ctx<scalar_t> c = make_ctx<scalar_t>(in, metric, scale, eps, norms);
+      bwd_impl<scalar_t, LOSS>(c, in.q, in.p, g.const_data_ptr<scalar_t>(),
+                               LOSS ? y.const_data_ptr<int64_t>() : nullptr, gq, gp);
+    });
+  }
+  return {to_dtype(gq, in.in_dtype), to_dtype(gp, in.in_dtype)};
+}
+
 std::tuple<at::Tensor, at::Tensor> proto_logits_bwd(const at::Tensor& grad_logits,
                                                     const at::Tensor& query,
                                                     const at::Tensor& protos, int64_t metric,
@@ -545,21 +568,8 @@ std::tuple<at::Tensor, at::Tensor> proto_logits_bwd(const at::Tensor& grad_logit
                   grad_logits.size(2) == in.N,
               "fastmeta_cpp::", op, ": grad_logits must have shape [", in.B, ", ", in.Q, ", ",
               in.N, "], got ", grad_logits.sizes());
-  const at::Tensor gl = as_compute(grad_logits, in.ct);
-  // Every element is written when there is work; otherwise the gradients are zero.
-  const bool work = in.B * in.Q * in.N * in.D > 0;
-  at::Tensor gq = work ? at::empty({in.B, in.Q, in.D}, in.q.options())
-                       : at::zeros({in.B, in.Q, in.D}, in.q.options());
-  at::Tensor gp = work ? at::empty({in.B, in.N, in.D}, in.q.options())
-                       : at::zeros({in.B, in.N, in.D}, in.q.options());
-  if (work) {
-    AT_DISPATCH_FLOATING_TYPES(in.ct, op, [&] {
-      at::Tensor norms;
-      const Ctx<scalar_t> c = make_ctx<scalar_t>(in, metric, scale, eps, norms);
-      bwd_impl<scalar_t, false>(c, in.q, in.p, gl.const_data_ptr<scalar_t>(), nullptr, gq, gp);
-    });
-  }
-  return {to_dtype(gq, in.in_dtype), to_dtype(gp, in.in_dtype)};
+  return run_backward</*LOSS=*/false>(in, as_compute(grad_logits, in.ct), at::Tensor(), metric,
+                                      scale, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_loss_fwd(const at::Tensor& query,
@@ -607,24 +617,9 @@ std::tuple<at::Tensor, at::Tensor> proto_loss_bwd(const at::Tensor& grad_loss,
   check_index_tensor(labels, op, "labels", in.B, in.Q);
   const at::Tensor y = labels.contiguous();
   check_label_range(y, in.N, op, "labels");
-  const at::Tensor g = as_compute(grad_loss, in.ct);
   // lse is validated (it is part of the contract) but the backward recomputes the row
   // log-sum-exp from the recomputed logits, which is more accurate in float32.
-  // Every element is written when there is work; otherwise the gradients are zero.
-  const bool work = in.B * in.Q * in.N * in.D > 0;
-  at::Tensor gq = work ? at::empty({in.B, in.Q, in.D}, in.q.options())
-                       : at::zeros({in.B, in.Q, in.D}, in.q.options());
-  at::Tensor gp = work ? at::empty({in.B, in.N, in.D}, in.q.options())
-                       : at::zeros({in.B, in.N, in.D}, in.q.options());
-  if (work) {
-    AT_DISPATCH_FLOATING_TYPES(in.ct, op, [&] {
-      at::Tensor norms;
-      const Ctx<scalar_t> c = make_ctx<scalar_t>(in, metric, scale, eps, norms);
-      bwd_impl<scalar_t, true>(c, in.q, in.p, g.const_data_ptr<scalar_t>(),
-                               y.const_data_ptr<int64_t>(), gq, gp);
-    });
-  }
-  return {to_dtype(gq, in.in_dtype), to_dtype(gp, in.in_dtype)};
+  return run_backward</*LOSS=*/true>(in, as_compute(grad_loss, in.ct), y, metric, scale, eps);
 }
 
 }  // namespace cpu
