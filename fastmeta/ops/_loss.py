@@ -1,5 +1,6 @@
-"""Negative log-likelihood + accuracy from class scores: the tail every classification head
-shares (the op references, and learners whose logits come from ordinary layers)."""
+"""What the classification-head ops share: the cosine eps, the accumulation dtype of their
+per-row statistics, and negative log-likelihood + accuracy from class scores (used by the op
+references and by learners whose logits come from ordinary layers)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import _checks
+
+EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-row loss / log-sum-exp outputs: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def nll_accuracy(scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",

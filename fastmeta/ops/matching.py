@@ -16,18 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import _checks, _registry
-from fastmeta.ops._loss import nll_accuracy
+from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
 
 _STEM = "matching"
-EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
 
 _BACKENDS = [_registry.triton_backend(), _registry.cpp_backend(), _registry.reference_backend()]
 _registry.register("matching_attention", _BACKENDS)
 _registry.register("matching_loss", _BACKENDS)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- reference (oracle; always-available backend; twice differentiable) ------------------
@@ -79,7 +74,7 @@ def _attn_fwd(
 
 @_attn_fwd.register_fake
 def _(query, support, support_labels, n_way, scale, eps, backend):
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     b, q = query.shape[0], query.shape[1]
     return query.new_empty(b, q, n_way, dtype=acc), query.new_empty(b, q, dtype=acc)
 
@@ -128,7 +123,7 @@ def _loss_fwd(
 
 @_loss_fwd.register_fake
 def _(query, support, support_labels, query_labels, n_way, scale, eps, backend):
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     b, q = query_labels.shape
     return (query.new_empty(b, q, dtype=acc), query.new_empty(b, q, dtype=acc),
             query_labels.new_empty(b, q))

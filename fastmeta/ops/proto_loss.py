@@ -12,19 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import _checks, _registry
-from fastmeta.ops._loss import nll_accuracy
+from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
 
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
-EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
 
 _BACKENDS = [_registry.triton_backend(), _registry.cpp_backend(), _registry.reference_backend()]
 _registry.register("proto_logits", _BACKENDS)
 _registry.register("proto_loss", _BACKENDS)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- reference (oracle; always-available backend; twice differentiable) ------------------
@@ -109,7 +104,7 @@ def _loss_fwd(
 
 @_loss_fwd.register_fake
 def _(query, protos, labels, metric, scale, eps, backend):
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     b, q = labels.shape
     return query.new_empty(b, q, dtype=acc), query.new_empty(b, q, dtype=acc), labels.new_empty(b, q)
 
