@@ -1,5 +1,38 @@
-"""Models: the standard few-shot backbones (task-batched layers arrive with the MAML issue)."""
+"""Models: the standard few-shot backbones and the task-batched layers (params ``[T, *shape]``)."""
 
 from fastmeta.nn.backbones import Conv4, ResNet12
+from fastmeta.nn.task import (
+    TaskActivation,
+    TaskAvgPool2d,
+    TaskBatchNorm1d,
+    TaskBatchNorm2d,
+    TaskConv2d,
+    TaskConv4,
+    TaskDropout,
+    TaskFlatten,
+    TaskLinear,
+    TaskMaxPool2d,
+    TaskMLP,
+    TaskModule,
+    TaskSequential,
+    to_task_batched,
+)
 
-__all__ = ["Conv4", "ResNet12"]
+__all__ = [
+    "Conv4",
+    "ResNet12",
+    "TaskActivation",
+    "TaskAvgPool2d",
+    "TaskBatchNorm1d",
+    "TaskBatchNorm2d",
+    "TaskConv2d",
+    "TaskConv4",
+    "TaskDropout",
+    "TaskFlatten",
+    "TaskLinear",
+    "TaskMaxPool2d",
+    "TaskMLP",
+    "TaskModule",
+    "TaskSequential",
+    "to_task_batched",
+]
