@@ -6,6 +6,7 @@ public function); ``_registry`` decides which backend runs a call.
 
 from fastmeta.ops._loss import nll_accuracy
 from fastmeta.ops._registry import BackendError, backends_for
+from fastmeta.ops.inner_update import inner_update, inner_update_ref
 from fastmeta.ops.matching import (
     matching_attention,
     matching_attention_ref,
@@ -21,6 +22,8 @@ __all__ = [
     "PROTO_METRICS",
     "BackendError",
     "backends_for",
+    "inner_update",
+    "inner_update_ref",
     "matching_attention",
     "matching_attention_ref",
     "matching_loss",
