@@ -69,20 +69,31 @@ def _mlp_spec(task: TaskModule) -> MLPSpec | None:
     return MLPSpec(tuple(weights), tuple(biases), acts.pop() if acts else "identity")
 
 
-def _fingerprint(module: nn.Module) -> tuple:
-    """Cheap identity of the module tree: submodules, their training flags, the identity and
-    requires_grad of every parameter and the identity of every buffer (``.to()`` replaces
-    buffers; ``requires_grad_`` changes the names)."""
-    fp = []
-    for m in module.modules():
-        fp.append(id(m))
-        fp.append(m.training)
-        for p in m._parameters.values():
-            fp.append(id(p))
-            fp.append(p is not None and p.requires_grad)
-        for b in m._buffers.values():
-            fp.append(id(b))
-    return tuple(fp)
+class _Fingerprint:
+    """Cheap identity of a module tree, checked on every call: the training flag of every
+    submodule, the identity of every child module / parameter / buffer (``.to()`` replaces
+    buffers, ``net[0] = ...`` replaces children) and every parameter's requires_grad (it
+    changes ``names``). A few microseconds for small models."""
+
+    __slots__ = ("states", "dicts", "params", "flags", "ids", "grads")
+
+    def __init__(self, module: nn.Module):
+        mods = list(module.modules())
+        # Hold the modules' __dict__s and parameter dicts, never the modules themselves: the
+        # per-module cache is weak, and a strong reference to the root would keep it alive.
+        self.states = [m.__dict__ for m in mods]
+        self.dicts = [d for m in mods for d in (m._modules, m._parameters, m._buffers)]
+        self.params = [p for m in mods for p in m._parameters.values() if p is not None]
+        self.flags = [st["training"] for st in self.states]
+        self.ids = [id(v) for d in self.dicts for v in d.values()]
+        self.grads = [p.requires_grad for p in self.params]
+
+    def unchanged(self) -> bool:
+        return (
+            [st["training"] for st in self.states] == self.flags
+            and [id(v) for d in self.dicts for v in d.values()] == self.ids
+            and [p.requires_grad for p in self.params] == self.grads
+        )
 
 
 class TaskFunction:
@@ -131,7 +142,7 @@ class TaskFunction:
         return m
 
     def _plan(self, module: nn.Module) -> None:
-        self._fp = _fingerprint(module)
+        self._fp = _Fingerprint(module)
         self.names = tuple(n for n, p in module.named_parameters() if p.requires_grad)
         self._task = None
         self.mlp = None
@@ -186,7 +197,7 @@ class TaskFunction:
 
     def __call__(self, params: Mapping[str, torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:
         module = self.module
-        if _fingerprint(module) != self._fp:
+        if not self._fp.unchanged():
             self._plan(module)
         T = _check_x(x, params)
         if self.path == "batched":

@@ -93,7 +93,7 @@ def _check_x(x, params) -> int:
         raise TypeError(f"x must be a torch.Tensor of shape [T, N, *in], got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must have shape [T, N, *in] (at least 2 dims), got {tuple(x.shape)}")
-    if params is not None and not isinstance(params, Mapping):
+    if params is not None and type(params) is not dict and not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict name -> [T, *shape] tensor or None, got {type(params).__name__}")
     return x.shape[0]
 
@@ -118,7 +118,8 @@ def _own_params(mod: nn.Module, params, T: int, prefix: str) -> dict:
             continue
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"params['{prefix}{n}'] must be a torch.Tensor, got {type(v).__name__}")
-        if v.dim() != p.dim() + 1 or v.shape[0] != T or v.shape[1:] != p.shape:
+        vs = v.shape
+        if len(vs) != p.dim() + 1 or vs[0] != T or vs[1:] != p.shape:
             raise ValueError(
                 f"params['{prefix}{n}'] has shape {tuple(v.shape)}, expected [T, *{tuple(p.shape)}] = "
                 f"{(T, *p.shape)} (T={T} from x.shape[0])"
@@ -188,24 +189,28 @@ class TaskLinear(TaskModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def _task_forward(self, h, params, T, layout, prefix):
-        h = _to_tn(h, layout, T)
-        if h.dim() < 3 or h.shape[-1] != self.in_features:
+        if layout != _TN:
+            h = _to_tn(h, layout, T)
+        shape = h.shape
+        if len(shape) < 3 or shape[-1] != self.in_features:
             raise ValueError(
-                f"x for {prefix or 'TaskLinear'} must have shape [T, N, *, {self.in_features}], got {tuple(h.shape)}"
+                f"x for {prefix or 'TaskLinear'} must have shape [T, N, *, {self.in_features}], got {tuple(shape)}"
             )
+        if params is None:  # shared parameters: one matmul over all T*N rows
+            return F.linear(h, self.weight, self.bias), _TN
         p = _own_params(self, params, T, prefix)
         w, wb = p["weight"]
         b, bb = p.get("bias", (None, False))
-        if not wb and not bb:  # shared parameters: one matmul over all T*N rows
+        if not wb and not bb:
             return F.linear(h, w, b), _TN
-        w = _batched(w, wb, T)
-        x3 = h if h.dim() == 3 else h.reshape(T, -1, self.in_features)
+        w = _batched(w, wb, T).transpose(1, 2)
+        x3 = h if len(shape) == 3 else h.reshape(T, -1, self.in_features)
         if b is None:
-            out = torch.bmm(x3, w.transpose(1, 2))
+            out = torch.bmm(x3, w)
         else:
-            out = torch.baddbmm(_batched(b, bb, T).unsqueeze(1), x3, w.transpose(1, 2))
-        if h.dim() != 3:
-            out = out.reshape(*h.shape[:-1], self.out_features)
+            out = torch.baddbmm(_batched(b, bb, T).unsqueeze(1), x3, w)
+        if len(shape) != 3:
+            out = out.reshape(*shape[:-1], self.out_features)
         return out, _TN
 
 
@@ -359,7 +364,7 @@ class TaskBatchNorm2d(_TaskBatchNorm):
 
 
 _ACTIVATIONS = {
-    "relu": lambda h, kw: F.relu(h),
+    "relu": lambda h, kw: torch.relu(h),
     "tanh": lambda h, kw: torch.tanh(h),
     "sigmoid": lambda h, kw: torch.sigmoid(h),
     "identity": lambda h, kw: h,
