@@ -16,6 +16,8 @@ from fastmeta.ops.matching import (
 from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
 from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
+from fastmeta.ops.inner_loop import inner_loop
+from fastmeta.ops.task_hvp import task_hvp, task_hvp_ref
 
 __all__ = [
     "nll_accuracy",
@@ -34,4 +36,7 @@ __all__ = [
     "proto_loss_ref",
     "prototypes",
     "prototypes_ref",
+    "inner_loop",
+    "task_hvp",
+    "task_hvp_ref",
 ]

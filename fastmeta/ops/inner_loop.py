@@ -1,0 +1,311 @@
+"""``inner_loop``: k task-batched gradient steps as ONE autograd op with an exact,
+activation-free second-order backward.
+
+Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017
+(second- and first-order MAML); Li et al., "Meta-SGD", 2017 (learned per-element step sizes).
+The backward is reverse-mode through the k updates ``theta_{i+1} = theta_i - lr * g(theta_i)``
+(the "backprop through the optimizer" recursion of Maclaurin et al., ICML 2015), with each
+step's vector-Jacobian product ``v - H_i (lr * v)`` taken by one batched Hessian-vector
+product (:func:`fastmeta.ops.task_hvp`) that recomputes the step's activations.
+
+Memory: the forward keeps the parameter iterates ``theta_0 .. theta_{k-1}`` (``theta_0`` is
+usually a zero-copy ``expand`` view of the shared parameters) and nothing else -- each step's
+activations are freed as soon as its gradient is taken. An unrolled ``create_graph=True`` loop
+keeps every step's activations (and their double-backward graph) until the outer backward.
+
+This is a model-level op (it runs the module), so it is a ``torch.autograd.Function``, not a
+``torch.library`` custom op.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+# the submodule (``fastmeta.ops.task_hvp`` the attribute is the public function)
+_hvp = importlib.import_module("fastmeta.ops.task_hvp")
+
+
+def _update(theta: list, grads: list, lrs: list) -> list:
+    """One inner step for every tensor (the single place the update rule lives)."""
+    from fastmeta.ops.inner_update import inner_update
+
+    if all(isinstance(lr, float) for lr in lrs) and len(set(lrs)) == 1:
+        lrs = lrs[0]  # one python step size: inner_update's scalar fast path
+    return inner_update(list(theta), list(grads), lrs if isinstance(lrs, float) else list(lrs))
+
+
+def _module_state(fn):
+    """Snapshot of the module's buffers (BatchNorm running statistics) so that the backward's
+    recomputation does not update them a second time."""
+    return [(b, b.detach().clone()) for b in fn.module.buffers()]
+
+
+def _restore(state):
+    with torch.no_grad():
+        for b, saved in state:
+            b.copy_(saved)
+
+
+def _rng_devices(x):
+    return [x.device] if x.device.type == "cuda" else []
+
+
+class _InnerLoop(torch.autograd.Function):
+    """Inputs: (plan, *params in fn.names order, *lr tensors that are learnable).
+
+    ``plan`` carries the non-differentiable configuration and data; outputs are the adapted
+    parameters in fn.names order.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, *tensors):
+        n = len(plan.names)
+        params = tensors[:n]
+        lr_inputs = tensors[n:]
+        lrs = plan.lr_values(lr_inputs)
+        theta = [p.detach() for p in params]
+        iterates = []
+        rng = []
+        for _ in range(plan.steps):
+            iterates.append(theta)
+            rng.append(torch.random.get_rng_state())
+            if plan.cuda_rng:
+                rng[-1] = (rng[-1], torch.cuda.get_rng_state(plan.x.device))
+            _, grads = plan.grad(dict(zip(plan.names, theta)))
+            theta = _update(theta, [grads[k] for k in plan.names], lrs)
+        ctx.plan = plan
+        ctx.rng = rng
+        flat = [t for it in iterates for t in it]
+        ctx.save_for_backward(*flat, *lr_inputs)
+        return tuple(t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta, params))
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        plan = ctx.plan
+        names, n, k = plan.names, len(plan.names), plan.steps
+        saved = ctx.saved_tensors
+        iterates = [saved[i * n:(i + 1) * n] for i in range(k)]
+        lr_inputs = saved[k * n:]
+        lrs = plan.lr_values(lr_inputs)
+        v = [
+            torch.zeros_like(it0) if g is None else g.to(it0.dtype)
+            for g, it0 in zip(grad_out, iterates[0])
+        ]
+        want_lr = any(ctx.needs_input_grad[1 + n:])
+        if plan.first_order and not want_lr:
+            return (None, *v)
+        d_lr = [torch.zeros_like(t) for t in lr_inputs]
+        state = _module_state(plan.fn)
+        with torch.random.fork_rng(devices=_rng_devices(plan.x), enabled=True):
+            for i in reversed(range(k)):
+                cpu_state = ctx.rng[i]
+                if plan.cuda_rng:
+                    cpu_state, cuda_state = cpu_state
+                    torch.cuda.set_rng_state(cuda_state, plan.x.device)
+                torch.random.set_rng_state(cpu_state)
+                theta = dict(zip(names, iterates[i]))
+                if plan.first_order:
+                    _, grads = plan.grad(theta)
+                    hv = None
+                else:
+                    u = {kk: vv * lr for kk, vv, lr in zip(names, v, lrs)}
+                    _, grads, hv = _hvp.run_backend(plan.backend, plan.fn, theta, plan.x, plan.y, u, plan.loss_fn)
+                if want_lr:
+                    for j, (kk, vv) in enumerate(zip(names, v)):
+                        slot = plan.lr_slot[j]
+                        if slot is not None:
+                            d = -(grads[kk] * vv)
+                            d_lr[slot] = d_lr[slot] + _reduce_to(d, lr_inputs[slot].shape)
+                if hv is not None:
+                    v = [vv - hv[kk] for kk, vv in zip(names, v)]
+        _restore(state)
+        d_lr = [d.to(t.dtype) for d, t in zip(d_lr, lr_inputs)]
+        return (None, *v, *d_lr)
+
+
+def _reduce_to(d: torch.Tensor, shape) -> torch.Tensor:
+    return d.sum() if len(shape) == 0 else d.sum_to_size(shape)
+
+
+class _Plan:
+    """Configuration of one inner_loop call (not a tensor input of the autograd.Function)."""
+
+    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec):
+        self.fn, self.x, self.y = fn, x, y
+        self.names = tuple(fn.names)
+        self.steps, self.first_order, self.loss_fn, self.backend = steps, first_order, loss_fn, backend
+        # lr_spec: per name, either a python float or an index into the learnable-lr inputs
+        self.lr_spec = lr_spec
+        self.lr_slot = [s if isinstance(s, int) and not isinstance(s, bool) else None for s in lr_spec]
+        # the forward's gradients: closed form for an MLP (no autograd graph at all)
+        self.analytic_grad = (
+            fn.mlp is not None
+            and loss_fn in _hvp._LOSS_NAMES
+            and x.device.type in ("cpu", "cuda")
+            and _hvp._mlp_hvp_available() == ""
+        )
+        self.cuda_rng = x.device.type == "cuda"
+
+    def lr_values(self, lr_inputs):
+        return [float(s[1]) if isinstance(s, tuple) else lr_inputs[s].detach() for s in self.lr_spec]
+
+    def grad(self, theta: dict):
+        if self.analytic_grad:
+            return _hvp.grad_analytic(self.fn, theta, self.x, self.y, self.loss_fn)
+        return _hvp.grad_reference(self.fn, theta, self.x, self.y, self.loss_fn)
+
+
+def _check_lr(lr, names, params, T):
+    """-> (lr_spec per name, learnable lr tensors). A spec entry is ('const', float) or an
+    index into the tensor list."""
+    def tensor_lr(name, t, p):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+        try:
+            full = torch.broadcast_shapes(t.shape, p.shape)
+        except RuntimeError:
+            full = None
+        if full != tuple(p.shape):
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} does not broadcast to its parameter's [T, *shape] = "
+                f"{tuple(p.shape)}; use a 0-d tensor (per tensor), [*shape] (per element, shared by "
+                f"tasks) or [T, *shape] (per task)"
+            )
+        return t
+
+    if isinstance(lr, bool) or lr is None or isinstance(lr, str):
+        raise TypeError(f"lr must be a float, a tensor or a dict name -> tensor, got {type(lr).__name__}")
+    if isinstance(lr, (int, float)):
+        v = float(lr)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"lr must be finite, got {v}")
+        return [("const", v)] * len(names), []
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"lr given as one tensor must be a scalar (0-d), got shape {tuple(lr.shape)}; pass a dict "
+                f"name -> tensor for per-tensor or per-element learning rates"
+            )
+        if not lr.is_floating_point():
+            raise TypeError(f"lr must be a floating tensor, got dtype {lr.dtype}")
+        return [0] * len(names), [lr.reshape(())]
+    if isinstance(lr, dict):
+        unknown = [k for k in lr if k not in names]
+        missing = [k for k in names if k not in lr]
+        if unknown:
+            raise ValueError(f"lr has unknown keys {unknown}; the model's parameters are {list(names)}")
+        if missing:
+            raise ValueError(f"lr is missing keys {missing}; give a learning rate for each of {list(names)}")
+        spec, tensors = [], []
+        for k in names:
+            t = lr[k]
+            if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+                raise TypeError(f"lr[{k!r}] must be a float or a floating tensor, got {type(t).__name__}")
+            if isinstance(t, torch.Tensor):
+                spec.append(len(tensors))
+                tensors.append(tensor_lr(f"lr[{k!r}]", t, params[k]))
+            else:
+                spec.append(("const", float(t)))
+        return spec, tensors
+    raise TypeError(f"lr must be a float, a tensor or a dict name -> tensor, got {type(lr).__name__}")
+
+
+def inner_loop(
+    model,
+    params: dict[str, torch.Tensor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    steps: int,
+    lr,
+    first_order: bool = False,
+    loss_fn=F.cross_entropy,
+    hvp_backend: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """``steps`` gradient steps on every task's support set at once, as one autograd op.
+
+    For each task t (all T at once)::
+
+        theta_0 = params[t];  theta_{i+1} = theta_i - lr * grad L_t(theta_i; support_t)
+
+    Backward gives the EXACT meta-gradient w.r.t. ``params`` and (learnable) ``lr``: it walks
+    the steps in reverse, ``v <- v - H_t(theta_i) (lr * v)`` and ``d lr += -g_i * v``, with one
+    batched Hessian-vector product per step (:func:`fastmeta.ops.task_hvp`) that recomputes
+    the step's activations. The forward stores only ``theta_0 .. theta_{steps-1}``: memory
+    grows with ``steps`` by the parameters, not the activations. ``first_order=True`` (FOMAML)
+    treats each step's Jacobian as the identity (no HVPs; ``lr`` still gets ``-sum g_i * v``).
+
+    Args:
+        model: ``nn.Module`` (converted by :func:`fastmeta.func.task_function`) or a
+            :class:`fastmeta.func.TaskFunction`.
+        params: ``{name: [T, *shape]}`` for every requires-grad parameter, typically
+            ``fn.expand(T)`` (views of the shared parameters: their gradient is the sum over
+            tasks, which autograd does through the expand).
+        support_x: ``[T, N, *in]``; support_y: ``[T, N, ...]`` (what ``loss_fn`` expects).
+            They receive NO gradient (MAML's support sets are data). Under second order a
+            ``support_x`` that requires grad raises ``ValueError`` rather than silently
+            dropping that path; detach it (or adapt with first_order, where the update's
+            Jacobian w.r.t. the data is dropped by definition).
+        steps: number of inner steps k >= 0; 0 returns ``params`` unchanged.
+        lr: a float; a 0-d tensor (one learnable step size); or a dict name -> float or tensor
+            broadcastable to ``[T, *shape]``: 0-d (per tensor), ``[*shape]`` (per element,
+            shared by tasks, Meta-SGD) or ``[T, *shape]`` (per task). Tensors may require grad.
+        first_order: first-order MAML (no second-order terms).
+        loss_fn: per-example loss (``F.cross_entropy``, ``F.mse_loss`` or any callable
+            ``(out, y)``); each task's loss is its mean over N, the inner objective is their sum.
+        hvp_backend: force task_hvp's ``"analytic"``, ``"func"`` or ``"reference"``.
+
+    Returns:
+        ``{name: [T, *shape]}`` adapted parameters, differentiable w.r.t. ``params`` and ``lr``
+        (once: the backward itself is not differentiable).
+
+    Randomness (dropout): the forward saves the RNG state before each step and the backward
+    restores it, so each recomputation draws the same masks as the forward did (the global
+    RNG is left as the forward left it). Module buffers (BatchNorm running statistics) are
+    updated once per step by the forward, as in an unrolled loop, and not by the backward.
+
+    Example::
+
+        >>> fn = fastmeta.func.task_function(model)
+        >>> fast = fastmeta.ops.inner_loop(fn, fn.expand(T), sx, sy, steps=5, lr=0.4)
+        >>> F.cross_entropy(fn(fast, qx).flatten(0, 1), qy.flatten()).backward()
+
+    Equivalent PyTorch code (per task, keeping every step's graph)::
+
+        p = params
+        for _ in range(steps):
+            losses = task_losses(loss_fn, fn(p, support_x), support_y)
+            g = torch.autograd.grad(losses.sum(), list(p.values()), create_graph=not first_order)
+            p = {k: t - lr[k] * gk for (k, t), gk in zip(p.items(), g)}
+    """
+    fn = _hvp.task_fn(model)
+    T = _hvp.check_data(support_x, support_y, "support_x", "support_y")
+    _hvp.check_param_dict(fn, "params", params, T)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int >= 0, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    names = tuple(fn.names)
+    spec, lr_tensors = _check_lr(lr, names, params, T)
+    first_order = bool(first_order)
+    if steps == 0:
+        return {k: params[k] for k in names}
+    if (
+        not first_order
+        and torch.is_grad_enabled()
+        and support_x.requires_grad
+    ):
+        raise ValueError(
+            "support_x requires grad, but inner_loop gives no gradient to the support data "
+            "(second-order path through the inner updates); detach support_x, or use "
+            "first_order=True where that path is dropped by definition"
+        )
+    tensors = [params[names[0]], support_x] if names else [support_x]
+    backend = "none" if first_order and hvp_backend is None else _hvp.select_backend(fn, tensors, loss_fn, hvp_backend)
+    plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec)
+    out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors)
+    return dict(zip(names, out))

@@ -1,0 +1,330 @@
+"""``task_hvp``: Hessian-vector products of T tasks at once, ``H_t v_t`` for every task t.
+
+The inner objective of a meta-batch is the SUM over tasks of each task's mean loss
+(fastmeta.func.task_losses), so its Hessian w.r.t. the per-task parameters ``[T, *shape]``
+is block-diagonal: ONE Hessian-vector product of the summed loss gives all T per-task
+products. Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural Computation 1994
+(the R-operator); forward-over-reverse as in torch.func's ``hessian``/``jvp(grad)`` recipe.
+
+This is a *model-level* op: it takes a module (or a :class:`fastmeta.func.TaskFunction`) and
+runs its forward, so it is not a ``torch.library`` custom op (a schema cannot carry a module
+or a loss function; the tensor-level analytic kernels it calls, ``fastmeta.ops.mlp_grad_hvp``,
+are). Its results carry no autograd graph: it feeds the backward of
+:func:`fastmeta.ops.inner_loop` (and TRPO/iMAML-style solvers), which never differentiate it.
+
+Backends (``fastmeta.ops._registry`` table ``task_hvp``, first that fits wins):
+
+* ``analytic`` -- the model is a pure Linear/activation stack (``TaskFunction.mlp`` is set)
+  and ``loss_fn`` is ``F.cross_entropy`` or ``F.mse_loss``: closed-form gradient and R-op
+  through ``fastmeta.ops.mlp_grad_hvp`` (which has its own C++ CPU / Triton / reference
+  backends, chosen by its own registry entry).
+* ``func`` -- any module: ``torch.func.jvp`` of ``torch.func.grad`` of the summed per-task
+  loss (forward-over-reverse; one forward and one backward pass, each carrying a tangent).
+* ``reference`` -- any module: double backward (``autograd.grad(g, params, v)`` of the
+  gradient built with ``create_graph=True``); the oracle.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fastmeta.ops import _registry
+
+_OP = "task_hvp"
+_NAMES = ("analytic", "func", "reference")
+_LOSS_NAMES = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse"}
+
+
+# ---- backend table ---------------------------------------------------------------------------
+
+
+def _mlp_hvp_available() -> str:
+    try:
+        from fastmeta.ops import mlp_hvp  # noqa: F401
+    except ImportError as e:  # written by another module of the package; absent in old trees
+        return f"fastmeta.ops.mlp_hvp is not importable ({e})"
+    return ""
+
+
+def _analytic_limits(*tensors, fn, loss_fn) -> list[str]:
+    reasons = []
+    if fn.mlp is None:
+        why = f" ({fn.reason})" if getattr(fn, "reason", "") else ""
+        reasons.append(f"the model is not a pure Linear/activation stack (TaskFunction.mlp is None){why}")
+    if loss_fn not in _LOSS_NAMES:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        reasons.append(f"loss_fn {name} is not F.cross_entropy or F.mse_loss")
+    return reasons
+
+
+_ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
+_BACKENDS = (
+    _registry.Backend("analytic", frozenset({"cpu", "cuda"}), _registry.ALL_FLOATS, _mlp_hvp_available,
+                      _analytic_limits),
+    _registry.Backend("func", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
+    _registry.Backend("reference", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
+)
+# _registry.register() only admits the kernel backend names (triton/cuda/cpp/reference);
+# task_hvp's backends are model-level strategies, so its row is entered directly. select(),
+# table() and fastmeta.backends() treat it like every other op.
+_registry._TABLE[_OP] = _BACKENDS
+
+
+def select_backend(fn, tensors, loss_fn, backend: str | None = None) -> str:
+    """Name of the task_hvp backend for this call (``backend`` or FASTMETA_BACKEND forces one).
+
+    FASTMETA_BACKEND naming a kernel backend (``cpp``, ``triton``, ``cuda``) does not force a
+    task_hvp strategy: it is left to the analytic backend's tensor-level kernel choice.
+    """
+    env = os.environ.get(_registry._ENV_VAR) or None
+    if backend is not None or env in _NAMES:
+        return _registry.select(_OP, tensors, backend, fn=fn, loss_fn=loss_fn)
+    all_reasons = []
+    for b in _BACKENDS:
+        reasons = b.not_supported_reasons(tensors, fn=fn, loss_fn=loss_fn)
+        if not reasons:
+            return b.name
+        all_reasons.append(f"  {b.name}: " + "; ".join(reasons))
+    raise _registry.BackendError(f"{_OP}: no backend can run this call:\n" + "\n".join(all_reasons))
+
+
+# ---- validation shared with inner_loop ---------------------------------------------------------
+
+
+def task_fn(model):
+    """``model`` as a :class:`fastmeta.func.TaskFunction` (nn.Module -> cached task_function)."""
+    from fastmeta.func import TaskFunction, task_function
+
+    if isinstance(model, TaskFunction):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return task_function(model)
+    raise TypeError(f"model must be an nn.Module or a fastmeta.func.TaskFunction, got {type(model).__name__}")
+
+
+def check_param_dict(fn, name: str, params, T: int | None = None) -> int:
+    """Validate a per-task dict ``{param name: [T, *shape]}`` against ``fn``; returns T."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{name} must be a dict name -> Tensor [T, *shape], got {type(params).__name__}")
+    names = tuple(fn.names)
+    unknown = [k for k in params if k not in names]
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}; the model's parameters are {list(names)}")
+    missing = [k for k in names if k not in params]
+    if missing:
+        raise ValueError(f"{name} is missing keys {missing}; expected one [T, *shape] tensor for each of {list(names)}")
+    own = fn.params()
+    first = None
+    for k in names:
+        t = params[k]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{k!r}] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}[{k!r}] must be a floating tensor, got {t.dtype}")
+        shape = tuple(own[k].shape)
+        if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+            raise ValueError(f"{name}[{k!r}] must have shape [T, {', '.join(map(str, shape))}], got {tuple(t.shape)}")
+        if T is None:
+            T, first = t.shape[0], k
+        elif t.shape[0] != T:
+            where = f"{name}[{first!r}]" if first is not None else "the data"
+            raise ValueError(f"mismatched task count T: {name}[{k!r}] has T={t.shape[0]} but {where} has T={T}")
+    return T
+
+
+def check_data(x, y, xname: str, yname: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{xname} must be a torch.Tensor [T, N, *in], got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{yname} must be a torch.Tensor [T, N, ...], got {type(y).__name__}")
+    if x.dim() < 2 or y.dim() < 2:
+        bad, t = (xname, x) if x.dim() < 2 else (yname, y)
+        raise ValueError(f"{bad} must have shape [T, N, ...], got {tuple(t.shape)}")
+    if x.shape[0] != y.shape[0] or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"mismatched tasks/examples: {xname} has [T, N] = {list(x.shape[:2])} but {yname} has {list(y.shape[:2])}"
+        )
+    return x.shape[0]
+
+
+# ---- the three backends ------------------------------------------------------------------------
+
+
+def _leaves(params: dict, names) -> dict:
+    return {k: params[k].detach().requires_grad_() for k in names}
+
+
+def _summed_losses(fn, params, x, y, loss_fn):
+    from fastmeta.func import task_losses
+
+    return task_losses(loss_fn, fn(params, x), y)
+
+
+def _zeros_for_none(grads, tensors):
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+
+
+def grad_reference(fn, params, x, y, loss_fn):
+    """``(losses [T], grads dict)`` by one backward of the summed loss (no graph kept)."""
+    names = tuple(fn.names)
+    with torch.enable_grad():
+        p = _leaves(params, names)
+        losses = _summed_losses(fn, p, x, y, loss_fn)
+        g = torch.autograd.grad(losses.sum(), list(p.values()), allow_unused=True)
+    return losses.detach(), dict(zip(names, _zeros_for_none(g, p.values())))
+
+
+def _hvp_reference(fn, params, x, y, v, loss_fn):
+    names = tuple(fn.names)
+    with torch.enable_grad():
+        p = _leaves(params, names)
+        leaves = list(p.values())
+        losses = _summed_losses(fn, p, x, y, loss_fn)
+        g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        hv = [None] * len(names)
+        if live:
+            out = torch.autograd.grad(
+                [g[i] for i in live], leaves, grad_outputs=[v[names[i]] for i in live], allow_unused=True
+            )
+            hv = list(out)
+    g = [None if gi is None else gi.detach() for gi in g]
+    return (
+        losses.detach(),
+        dict(zip(names, _zeros_for_none(g, leaves))),
+        dict(zip(names, _zeros_for_none(hv, leaves))),
+    )
+
+
+def _hvp_func(fn, params, x, y, v, loss_fn):
+    names = tuple(fn.names)
+
+    def total(p):
+        losses = _summed_losses(fn, p, x, y, loss_fn)
+        return losses.sum(), losses.detach()
+
+    # make_dual refuses overlapping memory such as fn.expand(T)'s stride-0 views: contiguous()
+    primals = {k: params[k].detach().contiguous() for k in names}
+    tangents = {k: v[k].detach().to(primals[k].dtype).contiguous() for k in names}
+    with torch.enable_grad():
+        g, hv, losses = torch.func.jvp(torch.func.grad(total, has_aux=True), (primals,), (tangents,), has_aux=True)
+    return losses, {k: g[k] for k in names}, {k: hv[k] for k in names}
+
+
+def mlp_lists(fn, params):
+    spec = fn.mlp
+    weights = [params[w] for w in spec.weights]
+    if all(b is None for b in spec.biases):
+        return weights, None
+    # a Linear without bias: a zero bias whose gradient/HVP is dropped
+    biases = [
+        params[b] if b is not None else w.new_zeros(w.shape[0], w.shape[1])
+        for b, w in zip(spec.biases, weights)
+    ]
+    return weights, biases
+
+
+def _mlp_dict(fn, ws, bs):
+    spec = fn.mlp
+    out = dict(zip(spec.weights, ws))
+    if bs is not None:
+        out.update({b: t for b, t in zip(spec.biases, bs) if b is not None})
+    return {k: out[k] for k in fn.names}
+
+
+def grad_analytic(fn, params, x, y, loss_fn):
+    from fastmeta.ops.mlp_hvp import mlp_grad
+
+    weights, biases = mlp_lists(fn, {k: t.detach() for k, t in params.items()})
+    with torch.no_grad():
+        losses, gw, gb = mlp_grad(weights, biases, x, y, fn.mlp.activation, _LOSS_NAMES[loss_fn])
+    return losses, _mlp_dict(fn, gw, gb)
+
+
+def _hvp_analytic(fn, params, x, y, v, loss_fn):
+    from fastmeta.ops.mlp_hvp import mlp_grad_hvp
+
+    weights, biases = mlp_lists(fn, {k: t.detach() for k, t in params.items()})
+    vw, vb = mlp_lists(fn, {k: t.detach() for k, t in v.items()})
+    with torch.no_grad():
+        losses, gw, gb, hw, hb = mlp_grad_hvp(
+            weights, biases, x, y, vw, vb, fn.mlp.activation, _LOSS_NAMES[loss_fn]
+        )
+    return losses, _mlp_dict(fn, gw, gb), _mlp_dict(fn, hw, hb)
+
+
+_IMPLS = {"analytic": _hvp_analytic, "func": _hvp_func, "reference": _hvp_reference}
+
+
+def run_backend(name, fn, params, x, y, v, loss_fn):
+    """Unchecked entry for inner_loop's backward: ``(losses, grads, hvps)``."""
+    return _IMPLS[name](fn, params, x, y, v, loss_fn)
+
+
+# ---- reference and public function -------------------------------------------------------------
+
+
+def task_hvp_ref(model, params, x, y, v, loss_fn=F.cross_entropy):
+    """Plain double backward, ``dict`` of ``H_t v_t`` (the oracle; see :func:`task_hvp`)."""
+    fn = task_fn(model)
+    return _hvp_reference(fn, params, x, y, v, loss_fn)[2]
+
+
+def task_hvp(
+    model,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: dict[str, torch.Tensor],
+    loss_fn=F.cross_entropy,
+    backend: str | None = None,
+    return_grad: bool = False,
+):
+    """Hessian-vector products of T tasks at once: ``H_t v_t`` with ``H_t`` the Hessian of task
+    t's mean loss w.r.t. its own parameters.
+
+    Args:
+        model: an ``nn.Module`` (converted once by :func:`fastmeta.func.task_function`) or a
+            :class:`fastmeta.func.TaskFunction`.
+        params: ``{name: [T, *shape]}`` for every requires-grad parameter of ``model`` (e.g.
+            ``fn.expand(T)`` or adapted parameters).
+        x: ``[T, N, *in]`` inputs; y: ``[T, N, ...]`` targets (what ``loss_fn`` expects).
+        v: ``{name: [T, *shape]}`` the vectors, same keys and shapes as ``params``.
+        loss_fn: per-example loss accepting ``(out, y)`` (``reduction=`` when it has one);
+            each task's loss is its mean over N (:func:`fastmeta.func.task_losses`).
+        backend: force ``"analytic"``, ``"func"`` or ``"reference"`` (see the module doc);
+            a forced backend that cannot serve the call raises ``BackendError`` saying why.
+        return_grad: also return the losses and gradients computed on the way.
+
+    Returns:
+        ``{name: [T, *shape]}`` the products ``H_t v_t``; with ``return_grad``, the tuple
+        ``(losses [T], grads {name: [T, *shape]}, hvps)``. No autograd graph (detached).
+        Parameters the loss does not depend on get zeros.
+
+    Example::
+
+        >>> fn = fastmeta.func.task_function(fastmeta.nn.TaskMLP([1, 40, 40, 1], "relu"))
+        >>> p = fn.expand(25)
+        >>> hv = fastmeta.ops.task_hvp(fn, p, x, y, {k: torch.randn_like(t) for k, t in p.items()},
+        ...                            loss_fn=F.mse_loss)
+
+    Equivalent PyTorch code::
+
+        p = {k: t.detach().requires_grad_() for k, t in params.items()}
+        losses = task_losses(loss_fn, fn(p, x), y)              # [T]
+        g = torch.autograd.grad(losses.sum(), list(p.values()), create_graph=True)
+        hv = torch.autograd.grad(g, list(p.values()), grad_outputs=list(v.values()))
+    """
+    fn = task_fn(model)
+    T = check_data(x, y, "x", "y")
+    check_param_dict(fn, "params", params, T)
+    check_param_dict(fn, "v", v, T)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    tensors = [params[fn.names[0]], x] if fn.names else [x]
+    name = select_backend(fn, tensors, loss_fn, backend)
+    losses, grads, hv = run_backend(name, fn, params, x, y, v, loss_fn)
+    return (losses, grads, hv) if return_grad else hv
