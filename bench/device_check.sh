@@ -5,6 +5,8 @@
 # (also in OUTDIR/summary.txt). Worst case about 7.3 minutes: env 10 s, build 150 s (+30 s
 # pure-Python fallback if it fails), import 10 s, tests 90 s, bench 150 s (it starts no new
 # case after 5/8 of that, fp32 first, compile baseline at fp32 only).
+# Step 5, inner_update's CUDA tests (T_IU_TESTS, 60 s) and bench_inner_update (T_IU_BENCH,
+# 90 s), adds at most 2.5 minutes.
 #
 #   bash bench/device_check.sh [OUTDIR]        # default: $OUT, else bench/results/device
 #
@@ -134,6 +136,26 @@ if [ -f bench/bench_proto.py ]; then
     grep -v '^\.\.\. ' "$OUTDIR/bench_proto.txt" | tail -n 80   # tables, without progress lines
 else
     note "bench_proto: SKIPPED (bench/bench_proto.py missing)"
+fi
+
+# -- 5. inner_update (CUDA multi-tensor kernel): its own tests and benchmark --------------------
+# Separate from step 3 so a failure elsewhere in the suite (-x) does not hide it.
+if [ -f tests/ops/test_inner_update.py ]; then
+    run_step "inner_update tests (cuda)" "${T_IU_TESTS:-60}" "$OUTDIR/tests_inner_update.log" \
+        env FASTMETA_TEST_DEVICE=cuda "$PY" -m pytest tests/ops/test_inner_update.py -q -p no:cacheprovider
+    tail -n 5 "$OUTDIR/tests_inner_update.log"
+fi
+if [ -f bench/bench_inner_update.py ]; then
+    mkdir -p "$OUTDIR/rows_iu"
+    run_step "bench_inner_update (--device cuda)" "${T_IU_BENCH:-90}" "$OUTDIR/bench_inner_update.txt" \
+        "$PY" bench/bench_inner_update.py --device cuda --time-limit $(( ${T_IU_BENCH:-90} * 5 / 8 )) \
+        --results-dir "$OUTDIR/rows_iu"
+    for f in "$OUTDIR"/rows_iu/*.jsonl; do
+        [ -e "$f" ] || continue
+        cp "$f" "$OUTDIR/" && mkdir -p bench/results && cat "$f" >>"bench/results/$(basename "$f")"
+    done
+    rm -rf "$OUTDIR/rows_iu"
+    grep -v '^\.\.\. ' "$OUTDIR/bench_inner_update.txt" | tail -n 60
 fi
 
 # -- summary ----------------------------------------------------------------------------------

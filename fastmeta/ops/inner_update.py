@@ -16,6 +16,7 @@ index arithmetic: nothing is materialised at ``[T, *shape]`` except the outputs.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 import torch
@@ -204,8 +205,7 @@ def _(params, grads, lrs, alpha, backend):
     return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
 
 
-def _setup(ctx, inputs, output):
-    params, grads, lrs, alpha, backend = inputs
+def _save(ctx, params, grads, lrs, alpha, backend):
     ctx.alpha, ctx.backend = alpha, backend
     ctx.param_shapes = [p.shape for p in params]
     ctx.lr_shapes = [lr.shape for lr in lrs]
@@ -218,7 +218,10 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(*saved_g, *saved_lr)
 
 
-def _backward(ctx, grad_outs):
+def _grads(ctx, grad_outs, update):
+    """(d params, d grads, d lrs) as lists (None entries where not needed). ``update`` is the
+    differentiable fused update used for d grads (the op itself), so backward is
+    differentiable to any order."""
     gos = [
         go if go is not None else torch.zeros(s, dtype=d, device=dev)
         for go, (s, d, dev) in zip(grad_outs, ctx.out_meta)
@@ -226,19 +229,49 @@ def _backward(ctx, grad_outs):
     saved = ctx.saved_tensors
     grads, lrs = saved[: ctx.n_saved_g], saved[ctx.n_saved_g :]
     alpha = ctx.alpha
-    # (the gradient of a list input is a list of the same length, None entries allowed)
     d_params = [go.sum_to_size(s) for go, s in zip(gos, ctx.param_shapes)]
-    # d grads_i = -alpha * lr_i * go_i: the same fused update with no params; its own backward is
-    # this formula again, so the whole thing stays differentiable to any order.
-    d_grads = _fwd([], gos, list(lrs), alpha, ctx.backend) if ctx.g_grad else [None] * len(gos)
+    # d grads_i = -alpha * lr_i * go_i: the fused update with no params (they read as 0)
+    d_grads = update([], gos, list(lrs), alpha, ctx.backend) if ctx.g_grad else [None] * len(gos)
     if ctx.lr_grad:
         d_lrs = [(-alpha * (g * go)).sum_to_size(s) for g, go, s in zip(grads, gos, ctx.lr_shapes)]
     else:
         d_lrs = [None] * len(ctx.lr_shapes)
+    return d_params, d_grads, d_lrs
+
+
+def _setup(ctx, inputs, output):
+    _save(ctx, *inputs)
+
+
+def _backward(ctx, grad_outs):
+    d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _fwd)
     return d_params, d_grads, d_lrs, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerUpdate(torch.autograd.Function):
+    """The same op for eager mode: the kernel behind a plain autograd.Function. Measured on the
+    sinusoid MLP (6 tensors, T = 25): the custom op's Python autograd wrapper costs several
+    times the update itself; this one costs about what a per-tensor loop does. torch.compile
+    traces the registered op instead (it has the fake implementation)."""
+
+    @staticmethod
+    def forward(ctx, backend, alpha, n_params, n_lrs, *flat):
+        n = (len(flat) - n_params - n_lrs)
+        params, grads, lrs = flat[:n_params], flat[n_params : n_params + n], flat[n_params + n :]
+        _save(ctx, params, grads, lrs, alpha, backend)
+        return tuple(_registry.kernel(backend, _STEM, "inner_update")(list(params), list(grads), list(lrs), alpha))
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _eager)
+        return (None, None, None, None, *d_params, *d_grads, *d_lrs)
+
+
+def _eager(params, grads, lrs, alpha, backend):
+    return list(_EagerUpdate.apply(backend, alpha, len(params), len(lrs), *params, *grads, *lrs))
 
 
 # ---- public function -----------------------------------------------------------------------
@@ -294,15 +327,40 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
     lrs, alpha = _lrs(lr, keys, names, plist)
     if not plist:
         return _pack(kind, keys, [])
-    name = _registry.select("inner_update", [*glist, *plist, *lrs], backend)
-    if name == "reference":
+    tensors = [*glist, *plist, *lrs]
+    compiling = torch.compiler.is_compiling()
+    name = _registry.select("inner_update", tensors, backend) if compiling else _select(tensors, backend)
+    if name == "reference" or torch._C._are_functorch_transforms_active():
+        # (torch.func transforms run neither custom ops nor autograd.Functions without vmap
+        # rules: the reference's plain torch ops serve them)
         if lrs:
             outs = [p - lr_i * g for p, g, lr_i in zip(plist, glist, lrs)]
         else:
             outs = [p - alpha * g for p, g in zip(plist, glist)]
-    else:
+    elif not compiling and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        # nothing to differentiate (e.g. inside inner_loop's own autograd.Function): the kernel
+        # directly, without the custom op's Python autograd wrapper (~40 us per call)
+        outs = _registry.kernel(name, _STEM, "inner_update")(plist, glist, lrs, alpha)
+    elif compiling:  # the registered op: it has the fake implementation tracing needs
         outs = _fwd(plist, glist, lrs, alpha, name)
+    else:
+        outs = _eager(plist, glist, lrs, alpha, name)
     return _pack(kind, keys, outs)
+
+
+_SELECT_CACHE: dict = {}
+
+
+def _select(tensors, backend):
+    """``_registry.select`` memoised on what it depends on for this op (the walk over the
+    backend table costs ~20 us, as much as updating a small MLP)."""
+    t0 = tensors[0]
+    key = (backend, os.environ.get(_registry._ENV_VAR), t0.device, t0.dtype, not _uniform(*tensors))
+    name = _SELECT_CACHE.get(key)
+    if name is None:
+        name = _registry.select("inner_update", tensors, backend)
+        _SELECT_CACHE[key] = name
+    return name
 
 
 __all__ = ["inner_update", "inner_update_ref"]

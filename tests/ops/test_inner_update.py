@@ -273,6 +273,26 @@ def test_gradcheck_and_gradgradcheck_all_inputs(backend, lr_form):
 
 
 @pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("with_params", [True, False])
+def test_registered_op_gradcheck_and_gradgradcheck(backend, with_params):
+    # eager calls run the kernel behind an autograd.Function; torch.compile traces the registered
+    # op, whose register_autograd formula is checked here directly
+    shapes, T = [(2, 3), (3,), ()], 2
+    ps, gs, _ = make_inputs(shapes, T, F64, "list")
+    forms = [torch.rand((), dtype=F64, device=DEVICE), torch.rand(3, dtype=F64, device=DEVICE),
+             torch.rand(T, dtype=F64, device=DEVICE)]  # per tensor, per element, per task
+    n = len(shapes)
+    flat = [t.detach().clone().requires_grad_() for t in [*(ps if with_params else []), *gs, *forms]]
+    k = n if with_params else 0
+
+    def fn(*flat):
+        return tuple(iu_mod._fwd(list(flat[:k]), list(flat[k:k + n]), list(flat[k + n:]), 0.7, backend))
+
+    assert torch.autograd.gradcheck(fn, flat)
+    assert torch.autograd.gradgradcheck(fn, flat)
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_second_order_maml_matches_reference(backend):
     # two inner steps of linear regression, meta-gradient through both (create_graph=True)
     T, N = 4, 6

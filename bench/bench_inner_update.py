@@ -1,0 +1,329 @@
+"""Benchmark ``fastmeta.ops.inner_update`` (the MAML inner step ``p - lr * g`` for every tensor of
+every task) against what meta-learning code does today.
+
+Compared in one run, per shape and dtype, forward ("fwd": inputs requiring grad, graph recorded
+and dropped) and forward+backward ("fwd+bwd": gradients of all outputs w.r.t. params, grads
+and, for Meta-SGD, the learning rates, against fixed random cotangents; second-order MAML needs
+all of them):
+
+* ``fastmeta[auto]`` and ``fastmeta[<backend>]`` for every compiled backend that can run here;
+* ``loop``: ``[p - lr * g for p, g in zip(params, grads)]`` (learn2learn, higher, the naive
+  per-task code);
+* ``foreach``: ``torch._foreach_sub(params, torch._foreach_mul(grads, lr))`` (torch.optim's
+  multi-tensor path; broadcasts a per-element lr);
+* ``compile``: ``torch.compile`` of ``loop`` (compiled and warmed up before timing).
+
+Shapes: ``conv4`` (MAML's Conv4 for 28x28 Omniglot 5-way, hidden 64: 112,261 parameters,
+T = 32 tasks, scalar lr), ``mlp`` (sinusoid MLP 1-40-40-1, 1,761 parameters, T = 25, scalar
+lr), ``metasgd-conv4`` / ``metasgd-mlp`` (the same with a learned per-element lr ``[*shape]``
+shared by the tasks, Li et al. 2017). Parameters are contiguous ``[T, *shape]`` tensors.
+
+Every implementation is first checked against a float64 oracle (outputs and all gradients);
+a wrong one is reported, not timed. Timing, memory and GB/s rules: ``bench/_common.py``
+(GB/s: each input read once, each output written once).
+
+Script::
+
+    python bench/bench_inner_update.py [--shapes conv4,mlp,metasgd-conv4,metasgd-mlp]
+        [--quick] [--device cuda|cpu] [--dtypes float32] [--no-compile] [--backends cpp]
+        [--time-limit SECONDS] [--budget SECONDS] [--passes fwd,fwd+bwd] [--threads N]
+        [--results-dir DIR] [--no-save]
+
+prints one table per (shape, dtype, pass) and appends JSON rows to
+``bench/results/inner_update-<device>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+STEM = "inner_update"
+BASELINES = ["loop", "foreach", "compile"]
+
+
+def conv4_shapes(in_ch=1, hidden=64, n_way=5, image=28):
+    shapes, c = [], in_ch
+    for _ in range(4):
+        shapes += [(hidden, c, 3, 3), (hidden,), (hidden,), (hidden,)]  # conv w, b, bn w, b
+        c = hidden
+        image //= 2
+    shapes += [(n_way, hidden * image * image), (n_way,)]
+    return shapes
+
+
+def mlp_shapes(sizes=(1, 40, 40, 1)):
+    out = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        out += [(b, a), (b,)]
+    return out
+
+
+SHAPES = {
+    "conv4": dict(model="conv4", T=32, lr="scalar"),
+    "mlp": dict(model="mlp", T=25, lr="scalar"),
+    "metasgd-conv4": dict(model="conv4", T=32, lr="per-element"),
+    "metasgd-mlp": dict(model="mlp", T=25, lr="per-element"),
+}
+MODELS = {"conv4": conv4_shapes, "mlp": mlp_shapes}
+LR = 0.4
+
+try:
+    import fastmeta.ops as fm
+
+    FM_ERROR = ""
+except Exception as _exc:  # noqa: BLE001 - the baselines still run without fastmeta
+    fm = None
+    FM_ERROR = f"{type(_exc).__name__}: {_exc}".splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, oracle, implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def make_case(shape_name: str, device, dtype) -> C.Case:
+    spec = SHAPES[shape_name]
+    shapes = MODELS[spec["model"]]()
+    T, per_elem = spec["T"], spec["lr"] == "per-element"
+    n = len(shapes)
+    numel = sum(math.prod(s) for s in shapes)
+
+    def make_inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        ps = [torch.randn((T, *s), generator=g).to(device, dtype) for s in shapes]
+        gs = [torch.randn((T, *s), generator=g).to(device, dtype) for s in shapes]
+        ls = [(0.1 + 0.5 * torch.rand(s, generator=g)).to(device, dtype) for s in shapes] if per_elem else []
+        return (*ps, *gs, *ls)
+
+    def reference(*flat):
+        ps, gs, ls = flat[:n], flat[n:2 * n], flat[2 * n:]
+        lrs = ls if per_elem else [LR] * n
+        return [p - lr * g for p, g, lr in zip(ps, gs, lrs)]
+
+    es = torch.empty((), dtype=dtype).element_size()
+    big = T * numel
+    lr_n = numel if per_elem else 0
+    fwd = (3 * big + lr_n) * es                                   # read p, g, lr; write out
+    bwd = (2 * big + (big + lr_n if per_elem else 0)) * es        # read go, write dg (+ read g, write dlr)
+    return C.Case(
+        op=STEM, name=shape_name,
+        params=dict(T=T, tensors=n, params_per_task=numel, lr=spec["lr"]),
+        dtype=dtype, device=device, make_inputs=make_inputs, reference=reference,
+        grad_argnums=tuple(range(len(make_inputs(0)))),
+        min_bytes={"fwd": fwd, "fwd+bwd": fwd + bwd},
+    )
+
+
+def split(flat, n, per_elem):
+    ps, gs, ls = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
+    return ps, gs, (ls if per_elem else LR)
+
+
+def make_impls(case: C.Case, backends=None, compile_=True):
+    n = case.params["tensors"]
+    per_elem = case.params["lr"] == "per-element"
+    impls = []
+    if fm is not None:
+        names = [b for b in fm.backends_for("inner_update", case.device, case.dtype) if b != "reference"]
+        if backends is not None:
+            names = [b for b in names if b in backends]
+        keys = [f"t{i}" for i in range(n)]
+
+        def fastmeta_fn(backend):
+            def fn(*flat):
+                ps, gs, lr = split(flat, n, per_elem)
+                lr = dict(zip(keys, lr)) if per_elem else lr
+                return list(fm.inner_update(dict(zip(keys, ps)), dict(zip(keys, gs)), lr,
+                                            backend=backend).values())
+
+            return fn
+
+        impls.append(C.Impl("fastmeta[auto]", fastmeta_fn(None)))
+        impls += [C.Impl(f"fastmeta[{b}]", fastmeta_fn(b)) for b in names]
+
+    def loop(*flat):
+        ps, gs, lr = split(flat, n, per_elem)
+        lrs = lr if per_elem else [lr] * n
+        return [p - l * g for p, g, l in zip(ps, gs, lrs)]
+
+    def foreach(*flat):
+        ps, gs, lr = split(flat, n, per_elem)
+        return list(torch._foreach_sub(ps, torch._foreach_mul(gs, lr)))
+
+    impls.append(C.Impl("loop", loop, baseline=True))
+    impls.append(C.Impl("foreach", foreach, baseline=True))
+    if compile_:
+        impls.append(C.Impl("compile", torch.compile(loop), baseline=True))
+    else:
+        impls.append(C.Impl("compile", loop, baseline=True, skip="--no-compile"))
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------
+# running (multi-output: gradients of all outputs, so the generic single-output runner of
+# _common is replaced by this small one built from its pieces)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cotangents(case, outs_shapes, seed):
+    g = torch.Generator().manual_seed(seed + 7)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in outs_shapes]
+
+
+def _prepared(case, inputs):
+    return tuple(x.detach().requires_grad_(True) for x in inputs)
+
+
+def _run(fn, ins, cots):
+    outs = fn(*ins)
+    grads = torch.autograd.grad(outs, ins, [c.to(o.dtype) for o, c in zip(outs, cots)])
+    return outs, grads
+
+
+def check(case, impl, chk_inputs, ref_outs, ref_grads, cots64):
+    ins = _prepared(case, chk_inputs)
+    cots = [c.to(case.device) for c in cots64]
+    outs, grads = _run(impl.fn, ins, cots)
+    worst, where = 0.0, ""
+    pairs = [(f"out[{i}]", o, r) for i, (o, r) in enumerate(zip(outs, ref_outs))]
+    pairs += [(f"grad[{i}]", g, r) for i, (g, r) in enumerate(zip(grads, ref_grads))]
+    for name, o, r in pairs:
+        e = C._rel_err(o, r)
+        if math.isnan(e) or e > worst:
+            worst, where = e, name
+            if math.isnan(e):
+                break
+    return worst, where
+
+
+def run_case(case, impls, passes, budget_s, log, deadline=None):
+    results = []
+    chk_inputs = case.make_inputs(1000)
+    ref_in = tuple(x.detach().to(torch.float64).requires_grad_() for x in chk_inputs)
+    ref_outs = case.reference(*ref_in)
+    cots64 = _cotangents(case, [o.shape for o in ref_outs], 1000)
+    ref_grads = torch.autograd.grad(ref_outs, ref_in, [c.to(o.device) for o, c in zip(ref_outs, cots64)])
+    ref_outs = [o.detach() for o in ref_outs]
+    inputs = case.make_inputs(0)
+    cots = [c.to(case.device, case.dtype) for c in cots64]
+    if case.device.type == "cpu":
+        C.warm_profiler()
+    for impl in impls:
+        def add(status, msg="", **kw):
+            for p in passes:
+                results.append(C.Result(case, p, impl.name, impl.baseline, status, msg, **kw))
+
+        if impl.skip:
+            add("skipped", impl.skip)
+            continue
+        if deadline is not None and time.perf_counter() > deadline:
+            add("skipped", "time limit reached")
+            continue
+        log(f"... {case.name} {C.dtype_name(case.dtype)} {impl.name}: checking")
+        try:
+            err, where = check(case, impl, chk_inputs, ref_outs, ref_grads, cots64)
+        except Exception as exc:  # noqa: BLE001
+            add("failed", C._first_line(exc))
+            continue
+        if math.isnan(err) or err > case.tolerance():
+            add("WRONG", f"rel err {err:.3g} in {where} > tol {case.tolerance():.1g}; not timed", err=err)
+            continue
+        ins = _prepared(case, inputs)
+        for p in passes:
+            if p == "fwd":
+                step = lambda: impl.fn(*ins)  # noqa: E731
+            else:
+                step = lambda: _run(impl.fn, ins, cots)  # noqa: E731
+            try:
+                t = C.time_fn(step, device=case.device, budget_s=budget_s)
+                peak = C.peak_memory_bytes(step, device=case.device)
+                results.append(C.Result(case, p, impl.name, impl.baseline, "ok", "", t["median_ms"],
+                                        t["p20_ms"], t["p80_ms"], t["n"], peak, err))
+            except Exception as exc:  # noqa: BLE001
+                results.append(C.Result(case, p, impl.name, impl.baseline, "failed", C._first_line(exc), err=err))
+    C.fill_speedups(results)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--quick", action="store_true", help="shorter timing budget")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--backends", default=None, help="comma list of fastmeta backends to time")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="start no new implementation after this many seconds")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
+    ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = C.resolve_device(args.device)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            raise SystemExit(f"unknown shape {s!r}; choose from {list(SHAPES)}")
+    dtypes = [C.parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    budget = args.budget if args.budget is not None else (
+        (0.1 if args.quick else 0.3) if device.type == "cuda" else (0.2 if args.quick else 1.0))
+
+    info = C.env_info(device)
+    print(f"inner_update benchmark on {info['device']} | torch {info['torch']} | "
+          f"git {info['git_sha'][:12]}{'+dirty' if info['git_dirty'] else ''} | "
+          f"load {info['loadavg_1m']}", flush=True)
+    if C.busy_warning() and device.type == "cpu":
+        print(C.busy_warning(), flush=True)
+    if fm is None:
+        print(f"fastmeta.ops does not import ({FM_ERROR}); timing the baselines only", flush=True)
+    else:
+        probe = [torch.zeros(1, device=device, dtype=dtypes[0])]
+        try:
+            auto = fm._registry.select("inner_update", probe)
+        except Exception:  # noqa: BLE001
+            auto = "?"
+        print(f"fastmeta[auto] picks {auto}; backends here: "
+              f"{fm.backends_for('inner_update', device, dtypes[0])}", flush=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    deadline = t_start + args.time_limit if args.time_limit is not None else None
+    all_results, saved_to = [], None
+    for dtype in dtypes:
+        for shape in shapes:
+            case = make_case(shape, device, dtype)
+            impls = make_impls(case, backends, compile_=not args.no_compile)
+            t_case = time.perf_counter()
+            results = run_case(case, impls, passes, budget, log, deadline)
+            log(f"... {shape} {C.dtype_name(dtype)} done in {time.perf_counter() - t_case:.1f} s")
+            C.print_table(results, BASELINES)
+            all_results += results
+            if not args.no_save:
+                saved_to = C.save_rows(results, STEM, results_dir=args.results_dir,
+                                       extra=dict(quick=args.quick))
+    bad = [r for r in all_results if r.status in ("WRONG", "failed")]
+    print(f"\n{len(all_results)} rows, {sum(r.ok for r in all_results)} timed, {len(bad)} wrong/failed, "
+          f"{time.perf_counter() - t_start:.0f} s" + (f"; rows appended to {saved_to}" if saved_to else ""))
+    for r in bad:
+        print(f"  {r.status}: {r.case.name} {C.dtype_name(r.case.dtype)} {r.pass_name} {r.impl}: {r.message}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
