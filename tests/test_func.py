@@ -31,11 +31,11 @@ def test_batched_sequential_mlp():
 
 
 def test_batched_conv4_with_bn():
-    net = plain_conv4(1, 3, 4, 16).to(D)
+    net = plain_conv4(1, 3, 3, 16).to(D)
     fn = task_function(net)
     assert fn.path == "batched" and fn.mlp is None
     params = task_params(net)
-    x = torch.randn(T, 4, 1, 16, 16, dtype=D)
+    x = torch.randn(T, 3, 1, 16, 16, dtype=D)
     assert_same_derivatives(fn, lambda p, xx: loop_ref(net, p, xx), params, x)
 
 
@@ -258,3 +258,47 @@ def test_task_losses_bad_inputs():
         task_losses(F.cross_entropy, [1.0], torch.zeros(2))
     with pytest.raises(ValueError, match=r"\[T, N, \*out\]"):
         task_losses(F.mse_loss, torch.randn(3), torch.randn(3))
+
+
+# ------------------------------------------------------------------ torch.func transforms
+
+@pytest.mark.parametrize("which", ["conv4", "residual"])
+def test_forward_over_reverse_hvp(which):
+    """task_hvp's "func" backend runs jvp(grad(...)) through TaskFunction: both paths support it."""
+    from torch.func import grad, jvp
+
+    if which == "conv4":
+        net = plain_conv4(1, 3, 2, 16).to(D)
+        x, y = torch.randn(T, 3, 1, 16, 16, dtype=D), torch.randint(0, 3, (T, 3))
+    else:
+        net = Residual(3).to(D)
+        x, y = torch.randn(T, 4, 3, dtype=D), torch.randint(0, 2, (T, 4))
+    fn = task_function(net)
+    params = task_params(net)
+    v = {n: torch.randn_like(t) for n, t in params.items()}
+
+    def loss(p):
+        return task_losses(F.cross_entropy, fn(p, x), y).sum()
+
+    _, hvp = jvp(grad(loss), (params,), (v,))
+    ps = {n: t.clone().requires_grad_() for n, t in params.items()}
+    g = torch.autograd.grad(loss(ps), list(ps.values()), create_graph=True)
+    want = torch.autograd.grad(sum((a * v[n]).sum() for a, n in zip(g, ps)), list(ps.values()))
+    for n, w in zip(ps, want):
+        torch.testing.assert_close(hvp[n], w, rtol=1e-10, atol=1e-12)
+
+
+class NoisyResidual(Residual):
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.5, self.training)
+
+
+def test_vmap_path_dropout_differs_per_task():
+    net = NoisyResidual(3).to(D)
+    fn = task_function(net)
+    x = torch.randn(1, 200, 3, dtype=D).expand(2, 200, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fn(None, x)
+    assert fn.path == "vmap"
+    assert not torch.equal(out[0] == 0, out[1] == 0)  # independent masks per task

@@ -182,11 +182,11 @@ def plain_conv4(in_channels, n_way, hidden, image_size):
 
 
 def test_task_conv4_matches_plain():
-    tc = TaskConv4(in_channels=2, n_way=4, hidden=5, image_size=32).to(D)
-    plain = plain_conv4(2, 4, 5, 32).to(D)
+    tc = TaskConv4(in_channels=2, n_way=4, hidden=3, image_size=16).to(D)
+    plain = plain_conv4(2, 4, 3, 16).to(D)
     plain.load_state_dict(tc.state_dict())
     assert [n for n, _ in tc.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    x = torch.randn(T, 3, 2, 32, 32, dtype=D)
+    x = torch.randn(T, 3, 2, 16, 16, dtype=D)
     params = task_params(tc)
     assert_same_derivatives(lambda p, xx: tc(xx, p), lambda p, xx: loop_ref(plain, p, xx), params, x)
     assert tc(x).shape == (T, 3, 4)
@@ -299,3 +299,17 @@ def test_constructed_layers_match_plain():
     refc.load_state_dict(conv.state_dict())
     torch.testing.assert_close(conv(xc), loop_ref(refc, None, xc))
     assert set(dict(bn.named_buffers())) == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_task_modules_pickle_and_deepcopy():
+    import copy
+    import io
+
+    net = TaskConv4(1, 3, 2, 16).to(D)
+    x = torch.randn(2, 3, 1, 16, 16, dtype=D)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (loaded, copy.deepcopy(net)):
+        torch.testing.assert_close(other(x), net(x), rtol=0, atol=0)

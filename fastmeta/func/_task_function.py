@@ -143,7 +143,9 @@ class TaskFunction:
 
     def _plan(self, module: nn.Module) -> None:
         self._fp = _Fingerprint(module)
-        self.names = tuple(n for n, p in module.named_parameters() if p.requires_grad)
+        named = dict(module.named_parameters())
+        self.names = tuple(n for n, p in named.items() if p.requires_grad)
+        self._shapes = {n: tuple(p.shape) for n, p in named.items()}
         self._task = None
         self.mlp = None
         self._probed = False
@@ -178,20 +180,19 @@ class TaskFunction:
     def _check_params(self, params, T: int) -> None:
         if params is None:
             return
-        mod_params = dict(self.module.named_parameters())
+        shapes = self._shapes
         for n in self.names:
             if n not in params:
-                p = mod_params[n]
-                raise ValueError(f"params is missing '{n}': expected shape {(T, *p.shape)} (T={T} from x.shape[0])")
+                raise ValueError(f"params is missing '{n}': expected shape {(T, *shapes[n])} (T={T} from x.shape[0])")
         for n, v in params.items():
-            p = mod_params.get(n)
-            if p is None:
+            shape = shapes.get(n)
+            if shape is None:
                 raise ValueError(f"params has unexpected key '{n}'; the module's parameters are {list(self.names)}")
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"params['{n}'] must be a torch.Tensor, got {type(v).__name__}")
-            if tuple(v.shape) != (T, *p.shape):
+            if tuple(v.shape) != (T, *shape):
                 raise ValueError(
-                    f"params['{n}'] has shape {tuple(v.shape)}, expected [T, *{tuple(p.shape)}] = {(T, *p.shape)} "
+                    f"params['{n}'] has shape {tuple(v.shape)}, expected [T, *{shape}] = {(T, *shape)} "
                     f"(T={T} from x.shape[0])"
                 )
 
@@ -228,8 +229,10 @@ class TaskFunction:
         from torch.func import functional_call, vmap
 
         if params is None:
-            return vmap(lambda xt: module(xt))(x)
-        return vmap(lambda p, xt: functional_call(module, p, (xt,)), in_dims=(0, 0))(dict(params), x)
+            return vmap(lambda xt: module(xt), randomness="different")(x)
+        # randomness="different": dropout etc. draw independently per task, as in the loop
+        return vmap(lambda p, xt: functional_call(module, p, (xt,)), in_dims=(0, 0),
+                    randomness="different")(dict(params), x)
 
     @staticmethod
     def _loop(module, params, x):

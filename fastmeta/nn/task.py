@@ -363,14 +363,43 @@ class TaskBatchNorm2d(_TaskBatchNorm):
     _plain = nn.BatchNorm2d
 
 
+def _relu(h, kw):
+    return torch.relu(h)
+
+
+def _tanh(h, kw):
+    return torch.tanh(h)
+
+
+def _sigmoid(h, kw):
+    return torch.sigmoid(h)
+
+
+def _identity(h, kw):
+    return h
+
+
+def _leaky_relu(h, kw):
+    return F.leaky_relu(h, kw.get("negative_slope", 0.01))
+
+
+def _elu(h, kw):
+    return F.elu(h, kw.get("alpha", 1.0))
+
+
+def _gelu(h, kw):
+    return F.gelu(h, approximate=kw.get("approximate", "none"))
+
+
+# Module-level functions (not lambdas) so that task modules pickle (torch.save(model)).
 _ACTIVATIONS = {
-    "relu": lambda h, kw: torch.relu(h),
-    "tanh": lambda h, kw: torch.tanh(h),
-    "sigmoid": lambda h, kw: torch.sigmoid(h),
-    "identity": lambda h, kw: h,
-    "leaky_relu": lambda h, kw: F.leaky_relu(h, kw.get("negative_slope", 0.01)),
-    "elu": lambda h, kw: F.elu(h, kw.get("alpha", 1.0)),
-    "gelu": lambda h, kw: F.gelu(h, approximate=kw.get("approximate", "none")),
+    "relu": _relu,
+    "tanh": _tanh,
+    "sigmoid": _sigmoid,
+    "identity": _identity,
+    "leaky_relu": _leaky_relu,
+    "elu": _elu,
+    "gelu": _gelu,
 }
 
 
