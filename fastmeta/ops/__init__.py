@@ -16,6 +16,7 @@ from fastmeta.ops.matching import (
 from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
 from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
+from fastmeta.ops.mlp_hvp import mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
 from fastmeta.ops.inner_loop import inner_loop
 from fastmeta.ops.task_hvp import task_hvp, task_hvp_ref
 
@@ -36,6 +37,10 @@ __all__ = [
     "proto_loss_ref",
     "prototypes",
     "prototypes_ref",
+    "mlp_grad",
+    "mlp_grad_hvp",
+    "mlp_grad_hvp_ref",
+    "mlp_grad_ref",
     "inner_loop",
     "task_hvp",
     "task_hvp_ref",
