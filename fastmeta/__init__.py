@@ -6,6 +6,7 @@
 
 from fastmeta import compat, ops
 from fastmeta.ops import BackendError
+from fastmeta.learners.maml import ANIL, MAML, MetaSGD
 
 __version__ = "0.1.0"
 
@@ -20,3 +21,4 @@ def backends(print_table: bool = True) -> list[dict]:
 
 
 __all__ = ["BackendError", "backends", "compat", "ops", "__version__"]
+__all__ += ["ANIL", "MAML", "MetaSGD"]

@@ -25,9 +25,17 @@ from fastmeta.learners._evaluate import EvalResult
 CSV_FIELDS = ["step", "loss", "acc", "val_acc", "val_ci95", "episodes_per_s", "elapsed_s"]
 
 
+def csv_fields(metric: str = "acc") -> list[str]:
+    """The metrics CSV columns: ``CSV_FIELDS`` with ``acc`` renamed to ``metric`` (``"mse"``
+    for regression learners)."""
+    return [metric if f == "acc" else f"val_{metric}" if f == "val_acc" else f for f in CSV_FIELDS]
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """How long and how often. ``minutes`` (optional) stops early on wall-clock time."""
+    """How long and how often. ``minutes`` (optional) stops early on wall-clock time.
+    ``metric``: what the step function's second value and validation measure: ``"acc"``
+    (higher is better) or ``"mse"`` (regression; lower is better)."""
 
     steps: int = 1000
     minutes: float | None = None
@@ -38,6 +46,7 @@ class TrainConfig:
     run_dir: Path = Path("runs/default")
     resume: bool = False
     progress: bool = True
+    metric: str = "acc"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -85,7 +94,12 @@ class Trainer:
         self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.csv_path = self.run_dir / "metrics.csv"
         self.step = 0
-        self.best_val = -math.inf
+        self.metric = config.metric
+        if self.metric not in ("acc", "mse"):
+            raise ValueError(f"TrainConfig.metric must be 'acc' or 'mse', got {self.metric!r}")
+        self.lower_is_better = self.metric == "mse"
+        self.fields = csv_fields(self.metric)
+        self.best_val = math.inf if self.lower_is_better else -math.inf
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict:
@@ -129,7 +143,7 @@ class Trainer:
         new = mode == "w" or not self.csv_path.exists()
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.csv_path, mode, newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
+            w = csv.DictWriter(f, self.fields)
             if new:
                 w.writeheader()
             w.writerows(rows)
@@ -153,15 +167,19 @@ class Trainer:
             pts = [(int(r["step"]), float(r[name])) for r in rows if r[name] not in ("", None)]
             return zip(*pts) if pts else ((), ())
 
+        m = self.metric
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
         ax1.plot(*col("loss"), label="train loss")
         ax1.set_xlabel("step")
         ax1.set_yscale("log")
         ax1.legend()
-        ax2.plot(*col("acc"), label="train acc", alpha=0.7)
-        ax2.plot(*col("val_acc"), "o-", label="val acc")
+        ax2.plot(*col(m), label=f"train {m}", alpha=0.7)
+        ax2.plot(*col(f"val_{m}"), "o-", label=f"val {m}")
         ax2.set_xlabel("step")
-        ax2.set_ylim(0, 1)
+        if self.lower_is_better:
+            ax2.set_yscale("log")
+        else:
+            ax2.set_ylim(0, 1)
         ax2.legend()
         fig.tight_layout()
         out = self.run_dir / "learning_curve.png"
@@ -208,20 +226,22 @@ class Trainer:
                 row = None
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     now = time.perf_counter()
-                    row = dict(step=self.step, loss=window_loss / window_n, acc=window_acc / window_n,
-                               val_acc="", val_ci95="",
-                               episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
+                    m = self.metric
+                    row = {"step": self.step, "loss": window_loss / window_n, m: window_acc / window_n,
+                           f"val_{m}": "", "val_ci95": ""}
+                    row.update(episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
                                elapsed_s=now - start)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}")
+                    bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"})
                     window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
                 if self.validate is not None and self.step % cfg.val_every == 0:
                     res = self.validate()
                     self.model.train()
-                    row = row or dict(step=self.step, loss="", acc="", episodes_per_s="",
-                                      elapsed_s=time.perf_counter() - start)
-                    row.update(val_acc=res.accuracy, val_ci95=res.ci95)
-                    bar.write(f"step {self.step}: val acc {res}")
-                    self.best_val = max(self.best_val, res.accuracy)
+                    row = row or {"step": self.step, "loss": "", self.metric: "", "episodes_per_s": "",
+                                  "elapsed_s": time.perf_counter() - start}
+                    row.update({f"val_{self.metric}": res.accuracy, "val_ci95": res.ci95})
+                    bar.write(f"step {self.step}: val {'acc ' if self.metric == 'acc' else ''}{res}")
+                    better = min if self.lower_is_better else max
+                    self.best_val = better(self.best_val, res.accuracy)
                 if row is not None:
                     self._write_csv([row])
                 if self.step % cfg.ckpt_every == 0:

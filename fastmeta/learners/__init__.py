@@ -3,6 +3,7 @@
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, confidence_interval
 from fastmeta.learners.baselines import PixelNN
 from fastmeta.learners.mann import MANN
+from fastmeta.learners.maml import ANIL, MAML, EpisodicLearner, MetaLossResult, MetaSGD, clone_module
 from fastmeta.learners.matching import MatchingNet
 from fastmeta.learners.metalstm import MetaLSTM
 from fastmeta.learners.protonet import ProtoNet
@@ -10,3 +11,4 @@ from fastmeta.learners.snail import SNAIL
 
 __all__ = ["EvalResult", "FewShotLearner", "MANN", "MatchingNet", "MetaLSTM", "PixelNN", "ProtoNet", "SNAIL",
            "confidence_interval"]
+__all__ += ["ANIL", "EpisodicLearner", "MAML", "MetaLossResult", "MetaSGD", "clone_module"]

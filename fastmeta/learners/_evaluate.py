@@ -1,4 +1,5 @@
-"""The evaluator every few-shot learner shares: mean accuracy over episodes with a 95% CI."""
+"""The evaluator every few-shot learner shares: mean accuracy (or, for regression, mean
+squared error) over episodes with a 95% CI."""
 
 from __future__ import annotations
 
@@ -12,32 +13,44 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """Mean accuracy over ``episodes`` test episodes and the half-width of its 95% CI."""
+    """Mean accuracy over ``episodes`` test episodes and the half-width of its 95% CI.
+
+    For regression learners ``metric == "mse"`` and ``accuracy`` holds the mean squared
+    error (lower is better); ``mean`` names it neutrally."""
 
     accuracy: float
     ci95: float
     episodes: int
+    metric: str = "accuracy"
+
+    @property
+    def mean(self) -> float:
+        return self.accuracy
 
     def __str__(self) -> str:
+        if self.metric != "accuracy":
+            return f"{self.metric} {self.accuracy:.4g} +- {self.ci95:.2g} ({self.episodes} episodes)"
         return f"{100 * self.accuracy:.2f} +- {100 * self.ci95:.2f} % ({self.episodes} episodes)"
 
 
-def confidence_interval(per_episode: torch.Tensor) -> EvalResult:
+def confidence_interval(per_episode: torch.Tensor, metric: str = "accuracy") -> EvalResult:
     """Mean and 95% normal-approximation CI half-width (1.96 standard errors)."""
     acc = per_episode.double().flatten()
     n = acc.numel()
     if n == 0:
         raise ValueError("no episodes to evaluate")
     std = acc.std(unbiased=True).item() if n > 1 else 0.0
-    return EvalResult(acc.mean().item(), 1.96 * std / math.sqrt(n), n)
+    return EvalResult(acc.mean().item(), 1.96 * std / math.sqrt(n), n, metric)
 
 
 @torch.no_grad()
 def evaluate_episodes(
-    episode_accuracy: Callable[..., torch.Tensor], batches: Iterable, episodes: int = 600, device=None
+    episode_accuracy: Callable[..., torch.Tensor], batches: Iterable, episodes: int = 600, device=None,
+    metric: str = "accuracy",
 ) -> EvalResult:
     """Run ``episode_accuracy(support_x, support_y, query_x, query_y) -> [B]`` over
-    ``batches`` of episodes until ``episodes`` episodes are scored."""
+    ``batches`` of episodes until ``episodes`` episodes are scored (``metric`` names what
+    it returns: ``"accuracy"``, or ``"mse"`` for regression)."""
     accs = []
     seen = 0
     for batch in batches:
@@ -49,7 +62,7 @@ def evaluate_episodes(
             break
     if seen < episodes:
         raise ValueError(f"the episode source ran out after {seen} of {episodes} episodes")
-    return confidence_interval(torch.cat(accs))
+    return confidence_interval(torch.cat(accs), metric)
 
 
 class FewShotLearner(nn.Module):

@@ -1,0 +1,700 @@
+"""MAML, Meta-SGD and ANIL: gradient-based meta-learners on task-batched inner loops.
+
+* MAML -- Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+  Networks", ICML 2017 (``first_order=True``: first-order MAML, section 5.2 of the paper).
+* Meta-SGD -- Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot
+  Learning", arXiv:1707.09835, 2017: the inner learning rate is learned, one per element.
+* ANIL -- Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards
+  Understanding the Effectiveness of MAML", ICLR 2020: only the head adapts.
+
+Each learner has two APIs.
+
+**Batched** (the fast one): ``learner.meta_loss(support_x [T,S,...], support_y, query_x
+[T,Q,...], query_y, steps=k)`` adapts all ``T`` tasks of a meta-batch at once
+(``fastmeta.func.task_function`` + ``fastmeta.ops.inner_loop``, whose backward is the exact
+second-order meta-gradient from batched Hessian-vector products with recomputation) and
+returns a :class:`MetaLossResult`: the query loss averaged over tasks, ready for
+``backward()``, and the query accuracy (integer labels) or MSE (float targets).
+``task_chunk=c`` adapts ``c`` tasks at a time and keeps only one chunk's graph alive: same
+loss, same gradients, memory bounded by the chunk.
+
+**learn2learn-compatible** (drop-in for existing research code)::
+
+    maml = fastmeta.MAML(model, lr=0.4)                # learn2learn.algorithms.MAML(model, lr=0.4)
+    opt = torch.optim.Adam(maml.parameters(), 1e-3)
+    for task in tasks:
+        learner = maml.clone()                         # parameters = differentiable clones
+        learner.adapt(loss_fn(learner(xs), ys))        # theta' = theta - lr * grad (in place)
+        (loss_fn(learner(xq), yq) / len(tasks)).backward()
+    opt.step()
+
+``clone()`` returns a learner whose parameters are differentiable functions of the original's;
+``adapt(loss)`` takes ``autograd.grad`` of the loss (``create_graph=not first_order``,
+``allow_unused``/``allow_nograd`` as in learn2learn) and replaces the clone's parameters by
+``fastmeta.ops.inner_update(params, grads, lr)``. The gradients equal learn2learn's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmeta.learners._evaluate import EvalResult, FewShotLearner, evaluate_episodes
+
+Tensor = torch.Tensor
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+def _check_lr(lr, name: str = "lr"):
+    """A python float (ints are accepted) or a floating tensor (learnable when it requires grad)."""
+    if isinstance(lr, torch.Tensor):
+        if not lr.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating tensor, got a tensor of dtype {lr.dtype}")
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(lr).__name__} {lr!r}")
+    if not math.isfinite(lr):
+        raise ValueError(f"{name} must be finite, got {lr}")
+    return float(lr)
+
+
+def _check_steps(steps, name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{name} must be an int >= 0, got {type(steps).__name__} {steps!r}")
+    if steps < 0:
+        raise ValueError(f"{name} must be >= 0 inner steps, got {steps}")
+    return steps
+
+
+def _check_chunk(task_chunk) -> int | None:
+    if task_chunk is None:
+        return None
+    if isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1:
+        raise ValueError(f"task_chunk must be None or an int >= 1 (tasks per chunk), got {task_chunk!r}")
+    return task_chunk
+
+
+def _check_batch(support_x, support_y, query_x, query_y) -> int:
+    """Shapes of a meta-batch: ``x [T, N, ...]``, ``y [T, N, ...]``; returns ``T``."""
+    named = dict(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [T, N, ...], got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape [T, N, ...] (tasks first), got {tuple(t.shape)}")
+    for x, y in (("support_x", "support_y"), ("query_x", "query_y")):
+        if tuple(named[x].shape[:2]) != tuple(named[y].shape[:2]):
+            raise ValueError(f"{x} {tuple(named[x].shape)} and {y} {tuple(named[y].shape)} must agree on "
+                             f"[T, N] (tasks, examples per task)")
+    ts = {name: t.shape[0] for name, t in named.items()}
+    if len(set(ts.values())) != 1:
+        raise ValueError("mismatched number of tasks T: " + ", ".join(f"{k} has {v}" for k, v in ts.items()))
+    for name in ("support_x", "query_x"):
+        if not named[name].is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {named[name].dtype}")
+        if named[name].shape[0] == 0 or named[name].shape[1] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(named[name].shape)}; need T >= 1 and N >= 1")
+    return support_x.shape[0]
+
+
+# ---- learn2learn-style cloning --------------------------------------------------------------
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are differentiable functions (``clone()``) of the
+    original's: gradients of anything computed with the copy flow back to the original
+    parameters. Buffers that require grad are cloned too; the others (BatchNorm running
+    statistics) are shared, as in learn2learn. Parameters and submodules shared inside
+    ``module`` stay shared in the copy."""
+    return _clone(module, {}, {})
+
+
+def _clone(module: nn.Module, tensors: dict, modules: dict) -> nn.Module:
+    if id(module) in modules:
+        return modules[id(module)]
+    new = module.__new__(type(module))
+    new.__dict__ = module.__dict__.copy()
+    modules[id(module)] = new
+    new._parameters = module._parameters.copy()
+    new._buffers = module._buffers.copy()
+    new._modules = module._modules.copy()
+
+    def cloned(t):
+        if id(t) not in tensors:
+            tensors[id(t)] = (t.clone(), t)  # keep t alive: ids must not be reused meanwhile
+        return tensors[id(t)][0]
+
+    for k, p in new._parameters.items():
+        if p is not None:
+            new._parameters[k] = cloned(p)
+    for k, b in new._buffers.items():
+        if b is not None and b.requires_grad:
+            new._buffers[k] = cloned(b)
+    for k, m in new._modules.items():
+        if m is not None:
+            new._modules[k] = _clone(m, tensors, modules)
+    _refresh_rnn(new)
+    return new
+
+
+def _refresh_rnn(module: nn.Module) -> None:
+    # nn.RNNBase keeps a list of its weight tensors for cuDNN; point it at the new tensors
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
+def _replace_parameters(module: nn.Module, new: dict[int, Tensor]) -> None:
+    """Swap every parameter ``p`` of ``module`` (and its submodules) with ``id(p) in new``
+    for ``new[id(p)]``, in place (the module objects stay; only the tensors change)."""
+    for m in module.modules():
+        for k, p in m._parameters.items():
+            if p is not None and id(p) in new:
+                m._parameters[k] = new[id(p)]
+        _refresh_rnn(m)
+
+
+def _adapt_module(module: nn.Module, loss: Tensor, lr_of: Callable[[str, Tensor], object], first_order: bool,
+                  allow_unused: bool, allow_nograd: bool, who: str) -> None:
+    """One learn2learn-style adaptation step of ``module`` in place: ``p <- p - lr * dloss/dp``
+    for every parameter that gets a gradient, through ``fastmeta.ops.inner_update``."""
+    from fastmeta.ops.inner_update import inner_update
+
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{who}.adapt: loss must be a scalar tensor, got {type(loss).__name__}")
+    second_order = not first_order
+    named = list(module.named_parameters())
+    if allow_nograd:
+        named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        return
+    try:
+        grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=second_order,
+                                    create_graph=second_order, allow_unused=allow_unused)
+    except RuntimeError as e:
+        raise RuntimeError(f"{who}.adapt: {e}\n(learn2learn semantics: pass allow_nograd=True to skip parameters "
+                           f"that do not require grad and/or allow_unused=True for parameters the loss does not "
+                           f"use)") from e
+    keep = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None]
+    if not keep:
+        return
+    lrs = [lr_of(n, p) for n, p, _ in keep]
+    lr = lrs if any(isinstance(x, torch.Tensor) for x in lrs) else lrs[0]
+    if isinstance(lr, list):
+        lr = [x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=p.dtype, device=p.device)
+              for x, (_, p, _) in zip(lr, keep)]
+    updated = inner_update([p for _, p, _ in keep], [g for _, _, g in keep], lr)
+    _replace_parameters(module, {id(p): u for (_, p, _), u in zip(keep, updated)})
+
+
+# ---- results and the chunked meta-loss ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaLossResult:
+    """What ``meta_loss`` returns.
+
+    Attributes:
+        loss: scalar, the query loss averaged over the ``T`` tasks (call ``backward()`` on it).
+        metric: scalar (no grad), the query accuracy (integer labels) or the query MSE (float
+            targets), averaged over tasks.
+        task_loss: ``[T]`` per-task query losses (no grad).
+        task_metric: ``[T]`` per-task accuracy or MSE (no grad).
+        kind: ``"accuracy"`` or ``"mse"``.
+
+    ``loss, metric = result`` unpacks the first two (the shared trainer's ``(loss, acc)``).
+    """
+
+    loss: Tensor
+    metric: Tensor
+    task_loss: Tensor
+    task_metric: Tensor
+    kind: str
+
+    @property
+    def accuracy(self) -> Tensor | None:
+        return self.metric if self.kind == "accuracy" else None
+
+    @property
+    def mse(self) -> Tensor | None:
+        return self.metric if self.kind == "mse" else None
+
+    def __iter__(self):
+        return iter((self.loss, self.metric))
+
+
+def _metric_kind(y: Tensor) -> str:
+    return "mse" if y.is_floating_point() else "accuracy"
+
+
+@torch.no_grad()
+def task_metric(out: Tensor, y: Tensor) -> Tensor:
+    """Per-task query accuracy (``y`` integer ``[T, Q]``, ``out`` logits ``[T, Q, C]``) or mean
+    squared error (``y`` floating, same number of elements as ``out``): ``[T]``."""
+    if y.is_floating_point():
+        return (out.reshape(y.shape) - y).square().flatten(1).mean(1)
+    return (out.argmax(-1) == y).to(out.dtype).flatten(1).mean(1)
+
+
+class _ChunkedMetaLoss(torch.autograd.Function):
+    """The meta-loss of ``T`` tasks, computed ``task_chunk`` tasks at a time with each
+    chunk's graph freed before the next: forward computes every chunk's loss AND its gradients
+    w.r.t. the learner's parameters (and any data that requires grad), keeps only the summed
+    gradients, and backward scales them by the incoming gradient. Memory: one chunk's graph
+    plus one copy of the parameters. The loss is differentiable once (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, tasks_fn, spans, n_data, *tensors):
+        data, T = tensors[:n_data], tensors[0].shape[0]
+        need = ctx.needs_input_grad[3:]
+        grads: list[Tensor | None] = [None] * len(tensors)
+        losses, metrics = [], []
+        for a, b in spans:
+            with torch.enable_grad():
+                chunk = [d[a:b].detach().requires_grad_() if need[i] else d[a:b] for i, d in enumerate(data)]
+                loss_t, metric_t = tasks_fn(*chunk)
+                wrt = [i for i in range(len(tensors)) if need[i]]
+                inputs = [chunk[i] if i < n_data else tensors[i] for i in wrt]
+                gs = torch.autograd.grad(loss_t.sum(), inputs, allow_unused=True) if inputs else ()
+            for i, g in zip(wrt, gs):
+                if g is None:
+                    continue
+                if i < n_data:
+                    if grads[i] is None:
+                        grads[i] = torch.zeros_like(data[i])
+                    grads[i][a:b] = g
+                else:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+            losses.append(loss_t.detach())
+            metrics.append(metric_t)
+            del loss_t, chunk, gs
+        ctx.grads = [None if g is None else g / T for g in grads]
+        task_loss, task_metric_ = torch.cat(losses), torch.cat(metrics)
+        ctx.mark_non_differentiable(task_loss, task_metric_)
+        return task_loss.mean(), task_loss, task_metric_
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _g_task_loss, _g_task_metric):
+        return (None, None, None, *[None if g is None else grad_loss * g for g in ctx.grads])
+
+
+def _run_meta_loss(tasks_fn, data: Sequence[Tensor], params: Sequence[Tensor], task_chunk: int | None,
+                   kind: str) -> MetaLossResult:
+    """``tasks_fn(*data_slice) -> (task_loss [t] differentiable, task_metric [t])`` over all
+    tasks at once, or ``task_chunk`` tasks at a time (see :class:`_ChunkedMetaLoss`)."""
+    T = data[0].shape[0]
+    if task_chunk is None or task_chunk >= T:
+        loss_t, metric_t = tasks_fn(*data)
+        return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t.detach(), metric_t, kind)
+    spans = [(a, min(a + task_chunk, T)) for a in range(0, T, task_chunk)]
+    params = [p for p in params if p.requires_grad]
+    wants_grad = torch.is_grad_enabled() and (params or any(d.requires_grad for d in data))
+    if not wants_grad:
+        pieces = [tasks_fn(*(d[a:b] for d in data)) for a, b in spans]
+        loss_t = torch.cat([p[0].detach() for p in pieces])
+        metric_t = torch.cat([p[1] for p in pieces])
+        return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t, metric_t, kind)
+    loss, loss_t, metric_t = _ChunkedMetaLoss.apply(tasks_fn, spans, len(data), *data, *params)
+    return MetaLossResult(loss, metric_t.mean(), loss_t, metric_t, kind)
+
+
+def _detached(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in params.items()}
+
+
+# ---- the learners ---------------------------------------------------------------------------
+
+
+class _GradientLearner(nn.Module):
+    """What MAML, MetaSGD and ANIL share: the batched meta-loss driver and the per-task
+    metric; subclasses define ``adapt_tasks``/``predict`` (and the learn2learn API)."""
+
+    first_order: bool
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int = 1,
+                    loss_fn: Callable = F.cross_entropy, first_order: bool | None = None):
+        raise NotImplementedError
+
+    def predict(self, adapted, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _tasks(self, steps: int, loss_fn: Callable):
+        from fastmeta.func import task_losses
+
+        def tasks_fn(sx, sy, qx, qy):
+            adapted = self.adapt_tasks(sx, sy, steps, loss_fn)
+            out = self.predict(adapted, qx)
+            return task_losses(loss_fn, out, qy), task_metric(out.detach(), qy)
+
+        return tasks_fn
+
+    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                  steps: int = 1, loss_fn: Callable = F.cross_entropy,
+                  task_chunk: int | None = None) -> MetaLossResult:
+        """The meta-objective of a meta-batch of ``T`` tasks.
+
+        Args:
+            support_x: ``[T, S, *in]`` support inputs of each task.
+            support_y: ``[T, S]`` integer labels or ``[T, S, *out]`` float targets.
+            query_x: ``[T, Q, *in]``; query_y: ``[T, Q]`` or ``[T, Q, *out]``.
+            steps: inner gradient steps ``k >= 0`` on each task's support set.
+            loss_fn: per-example loss, e.g. ``F.cross_entropy`` or ``F.mse_loss`` (anything
+                ``fastmeta.func.task_losses`` accepts); each task's loss is its mean.
+            task_chunk: adapt this many tasks at a time, freeing each chunk's graph before
+                the next (bounded memory; same loss and gradients; no double backward).
+
+        Returns:
+            :class:`MetaLossResult` -- ``loss`` (mean over tasks of the post-adaptation query
+            loss, differentiable w.r.t. the learner's parameters), ``metric`` (accuracy for
+            integer labels, MSE for float targets), per-task values.
+
+        Under ``torch.no_grad()`` (evaluation) the inner loop still takes its gradients and
+        the result carries no graph. The support data gets no gradient from the inner loop.
+        """
+        T = _check_batch(support_x, support_y, query_x, query_y)
+        steps = _check_steps(steps)
+        task_chunk = _check_chunk(task_chunk)
+        del T
+        return _run_meta_loss(self._tasks(steps, loss_fn), (support_x, support_y, query_x, query_y),
+                              list(self.parameters()), task_chunk, _metric_kind(query_y))
+
+
+def _inner_loop(fn, params, sx, sy, steps, lr, first_order, loss_fn):
+    from fastmeta.ops.inner_loop import inner_loop
+
+    if not torch.is_grad_enabled():  # evaluation: nothing to differentiate afterwards
+        params = _detached(params)
+        if isinstance(lr, dict):
+            lr = _detached(lr)
+        elif isinstance(lr, torch.Tensor):
+            lr = lr.detach()
+    return inner_loop(fn, params, sx, sy, steps, lr, first_order=first_order, loss_fn=loss_fn)
+
+
+class MAML(_GradientLearner):
+    """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
+
+    Args:
+        model: any ``nn.Module``. Task-batched models (:class:`fastmeta.nn.TaskMLP`,
+            :class:`fastmeta.nn.TaskConv4`, ...) and models built from supported layers
+            (converted automatically, sharing the parameters) take the fast batched path;
+            other modules go through ``torch.func`` (see :func:`fastmeta.func.task_function`).
+        lr: the inner (adaptation) learning rate, a float (or a tensor; learnable if it is
+            an ``nn.Parameter``).
+        first_order: drop the second-order terms (FOMAML).
+        allow_unused: ``adapt``: parameters the loss does not use keep their value
+            (default: ``allow_nograd``).
+        allow_nograd: ``adapt``: skip parameters with ``requires_grad=False``.
+
+    Batched: ``meta_loss(support_x [T,S,...], support_y, query_x [T,Q,...], query_y, steps=1,
+    loss_fn=F.cross_entropy, task_chunk=None) -> MetaLossResult``.
+    learn2learn-style: ``clone()``, ``adapt(loss)``, ``learner(x)`` (calls the model).
+
+    Example::
+
+        >>> maml = fastmeta.MAML(TaskConv4(1, n_way=5), lr=0.4)
+        >>> opt = torch.optim.Adam(maml.parameters(), 1e-3)
+        >>> res = maml.meta_loss(sx, sy, qx, qy, steps=1)    # sx [32, 5, 1, 28, 28], sy [32, 5]
+        >>> opt.zero_grad(); res.loss.backward(); opt.step()
+        >>> res.accuracy                                       # post-adaptation query accuracy
+    """
+
+    def __init__(self, model: nn.Module, lr, first_order: bool = False, allow_unused: bool | None = None,
+                 allow_nograd: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.module = model
+        self.lr = _check_lr(lr)
+        self.first_order = bool(first_order)
+        self.allow_nograd = bool(allow_nograd)
+        self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
+
+    def forward(self, *args, **kwargs):
+        """Calls the wrapped model (the adapted one, on a clone)."""
+        return self.module(*args, **kwargs)
+
+    # -- learn2learn API ----------------------------------------------------------------------
+    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> MAML:
+        """A learner whose parameters are differentiable clones of this one's (adapt it with
+        :meth:`adapt`; the query loss's gradient reaches this learner's parameters)."""
+        return MAML(clone_module(self.module), self.lr,
+                    first_order=self.first_order if first_order is None else first_order,
+                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+
+    def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> None:
+        """One gradient step on ``loss``, in place: ``p <- p - lr * dloss/dp`` for every
+        parameter (``create_graph=not first_order``, so second-order MAML differentiates
+        through it)."""
+        _adapt_module(self.module, loss, lambda n, p: self.lr,
+                      self.first_order if first_order is None else first_order,
+                      self.allow_unused if allow_unused is None else allow_unused,
+                      self.allow_nograd if allow_nograd is None else allow_nograd, "MAML")
+
+    # -- batched API --------------------------------------------------------------------------
+    def task_function(self):
+        """The :class:`fastmeta.func.TaskFunction` of the model (cached)."""
+        from fastmeta.func import task_function
+
+        return task_function(self.module)
+
+    def _inner_lr(self, fn):
+        return self.lr
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int = 1,
+                    loss_fn: Callable = F.cross_entropy, first_order: bool | None = None) -> dict[str, Tensor]:
+        """Adapted parameters ``{name: [T, *shape]}`` after ``steps`` inner steps on each
+        task's support set (``fastmeta.ops.inner_loop``)."""
+        steps = _check_steps(steps)
+        fn = self.task_function()
+        params = fn.expand(support_x.shape[0])
+        fo = self.first_order if first_order is None else first_order
+        return _inner_loop(fn, params, support_x, support_y, steps, self._inner_lr(fn), fo, loss_fn)
+
+    def predict(self, adapted: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model with per-task parameters ``adapted`` on ``x [T, N, *in]``."""
+        return self.task_function()(adapted, x)
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al. 2017): MAML whose inner learning rate is learned, one per
+    parameter element: ``theta' = theta - alpha * grad`` with ``alpha`` (``self.lrs``, an
+    ``nn.ParameterDict`` keyed by parameter name with ``.`` written ``-``, initialised to
+    ``lr``) meta-learned with the initialisation.
+
+    Args:
+        model: as for :class:`MAML`.
+        lr: initial value of every learning rate.
+        first_order: drop second-order terms (the learning rates still get their gradient).
+
+    Same two APIs as :class:`MAML` (learn2learn's ``MetaSGD(model, lr=1.0,
+    first_order=False)``, ``clone()``, ``adapt(loss)``).
+
+    Example::
+
+        >>> msgd = fastmeta.MetaSGD(TaskMLP([1, 40, 40, 1]), lr=0.01)
+        >>> res = msgd.meta_loss(xs, ys, xq, yq, steps=1, loss_fn=F.mse_loss)
+        >>> res.loss.backward()                 # gradients for the weights and msgd.lrs
+    """
+
+    def __init__(self, model: nn.Module, lr=1.0, first_order: bool = False, allow_unused: bool | None = None,
+                 allow_nograd: bool = False):
+        lr = _check_lr(lr)
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("MetaSGD lr is the initial value of the learned rates: pass a float")
+        super().__init__(model, lr, first_order, allow_unused, allow_nograd)
+        self.lrs = nn.ParameterDict({self.lr_key(n): nn.Parameter(torch.full_like(p.detach(), lr))
+                                     for n, p in model.named_parameters()})
+
+    @staticmethod
+    def lr_key(name: str) -> str:
+        """Key of parameter ``name``'s learning rates in :attr:`lrs` (``.`` is not allowed)."""
+        return name.replace(".", "-")
+
+    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> MetaSGD:
+        """A learner with cloned parameters AND cloned learning rates (both differentiable)."""
+        new = MetaSGD.__new__(MetaSGD)
+        nn.Module.__init__(new)
+        new.module = clone_module(self.module)
+        new.lrs = clone_module(self.lrs)
+        new.lr = self.lr
+        new.first_order = self.first_order if first_order is None else bool(first_order)
+        new.allow_unused = self.allow_unused if allow_unused is None else bool(allow_unused)
+        new.allow_nograd = self.allow_nograd if allow_nograd is None else bool(allow_nograd)
+        return new
+
+    def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> None:
+        """One step ``p <- p - lrs[p] * dloss/dp`` (element-wise), in place."""
+        _adapt_module(self.module, loss, lambda n, p: self.lrs[self.lr_key(n)],
+                      self.first_order if first_order is None else first_order,
+                      self.allow_unused if allow_unused is None else allow_unused,
+                      self.allow_nograd if allow_nograd is None else allow_nograd, "MetaSGD")
+
+    def _inner_lr(self, fn):
+        return {n: self.lrs[self.lr_key(n)] for n in fn.names}
+
+
+class ANIL(_GradientLearner):
+    """Almost No Inner Loop (Raghu et al., ICLR 2020): the features are shared by all tasks
+    and not adapted; only ``head`` adapts, with MAML's inner loop.
+
+    Args:
+        features: ``[M, *in] -> [M, D]`` (any module; run once per meta-batch on the support
+            and query examples of all tasks together, so BatchNorm sees the whole batch).
+        head: ``[M, D] -> [M, *out]`` (e.g. ``nn.Linear(D, n_way)``), adapted per task.
+        lr: inner learning rate; first_order, allow_unused, allow_nograd: as for :class:`MAML`.
+
+    Batched: ``meta_loss(...)`` as :class:`MAML`. learn2learn-style: ``clone()`` (features
+    shared, head cloned), ``adapt(loss)`` (steps the head only), ``learner(x)`` =
+    ``head(features(x))``.
+
+    Example::
+
+        >>> anil = fastmeta.ANIL(Conv4(1, hidden=32), nn.Linear(32, 5), lr=0.4)
+        >>> anil.meta_loss(sx, sy, qx, qy, steps=5).loss.backward()
+    """
+
+    def __init__(self, features: nn.Module, head: nn.Module, lr, first_order: bool = False,
+                 allow_unused: bool | None = None, allow_nograd: bool = False):
+        super().__init__()
+        for name, m in (("features", features), ("head", head)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+        self.features, self.head = features, head
+        self.lr = _check_lr(lr)
+        self.first_order = bool(first_order)
+        self.allow_nograd = bool(allow_nograd)
+        self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> ANIL:
+        """Features shared (same module), head cloned (differentiable)."""
+        return ANIL(self.features, clone_module(self.head), self.lr,
+                    first_order=self.first_order if first_order is None else first_order,
+                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+
+    def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> None:
+        """One gradient step of the head on ``loss``, in place."""
+        _adapt_module(self.head, loss, lambda n, p: self.lr,
+                      self.first_order if first_order is None else first_order,
+                      self.allow_unused if allow_unused is None else allow_unused,
+                      self.allow_nograd if allow_nograd is None else allow_nograd, "ANIL")
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Features of ``x [T, N, *in]``: ``[T, N, D]``."""
+        t, n = x.shape[:2]
+        return self.features(x.flatten(0, 1)).reshape(t, n, -1)
+
+    def head_function(self):
+        from fastmeta.func import task_function
+
+        return task_function(self.head)
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int = 1,
+                    loss_fn: Callable = F.cross_entropy, first_order: bool | None = None,
+                    support_features: Tensor | None = None) -> dict[str, Tensor]:
+        """Adapted head parameters ``{name: [T, *shape]}``."""
+        steps = _check_steps(steps)
+        fn = self.head_function()
+        z = self.embed(support_x) if support_features is None else support_features
+        fo = self.first_order if first_order is None else first_order
+        return _head_inner_loop(fn, fn.expand(z.shape[0]), z, support_y, steps, self.lr, fo, loss_fn)
+
+    def predict(self, adapted: dict[str, Tensor], x: Tensor, features: Tensor | None = None) -> Tensor:
+        return self.head_function()(adapted, self.embed(x) if features is None else features)
+
+    def _tasks(self, steps: int, loss_fn: Callable):
+        from fastmeta.func import task_losses
+
+        def tasks_fn(sx, sy, qx, qy):
+            t, s = sx.shape[:2]
+            z = self.features(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))
+            z = z.reshape(z.shape[0], -1)
+            zs, zq = z[: t * s].reshape(t, s, -1), z[t * s:].reshape(t, qx.shape[1], -1)
+            adapted = self.adapt_tasks(sx, sy, steps, loss_fn, support_features=zs)
+            out = self.predict(adapted, qx, features=zq)
+            return task_losses(loss_fn, out, qy), task_metric(out.detach(), qy)
+
+        return tasks_fn
+
+
+def autograd_inner_loop(fn, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int,
+                        lr, first_order: bool = False, loss_fn: Callable = F.cross_entropy) -> dict[str, Tensor]:
+    """``steps`` task-batched gradient steps with plain autograd (``create_graph`` when second
+    order): the adapted parameters ``[T, *shape]``. Keeps every step's activations for
+    backward (``fastmeta.ops.inner_loop`` does not); gradients reach ``support_x`` too."""
+    from fastmeta.func import task_losses
+    from fastmeta.ops.inner_update import inner_update
+
+    names = list(params)
+    if isinstance(lr, dict):
+        lr = [lr[n] for n in names]
+    grad_mode = torch.is_grad_enabled()
+    ps = list(params.values())
+    for _ in range(steps):
+        with torch.enable_grad():
+            cur = ps if grad_mode else [p.detach().requires_grad_() for p in ps]
+            losses = task_losses(loss_fn, fn(dict(zip(names, cur)), support_x), support_y)
+            grads = torch.autograd.grad(losses.sum(), cur, create_graph=grad_mode and not first_order)
+        if not grad_mode:
+            cur = [p.detach() for p in cur]
+        ps = list(inner_update(cur, list(grads), lr))
+    return dict(zip(names, ps))
+
+
+def _head_inner_loop(fn, params, z, y, steps, lr, first_order, loss_fn):
+    # The head's support input (the features) needs its gradient in second-order ANIL; the
+    # fused inner_loop gives none to its data, so second order runs the (cheap: one small
+    # head) autograd loop; first order (and evaluation) use the fused op.
+    if first_order or not torch.is_grad_enabled() or not z.requires_grad:
+        return _inner_loop(fn, params, z, y, steps, lr, first_order, loss_fn)
+    return autograd_inner_loop(fn, params, z, y, steps, lr, first_order, loss_fn)
+
+
+# ---- the few-shot learner the trainer, evaluator and CLI use --------------------------------
+
+
+class EpisodicLearner(FewShotLearner):
+    """A MAML-family learner as a :class:`FewShotLearner` (what the shared trainer, evaluator
+    and CLI drive): ``forward(support_x, support_y, query_x, query_y) -> (loss, metric)`` runs
+    ``meta.meta_loss`` with ``steps`` inner steps in training and ``test_steps`` in eval mode.
+
+    Args:
+        meta: a :class:`MAML`, :class:`MetaSGD` or :class:`ANIL`.
+        steps: inner steps during meta-training; test_steps: at evaluation (default: steps).
+        loss_fn: ``F.cross_entropy`` (classification, metric: accuracy) or ``F.mse_loss``
+            (regression, metric: MSE).
+        task_chunk: passed to ``meta_loss``.
+    """
+
+    def __init__(self, meta: _GradientLearner, steps: int = 1, test_steps: int | None = None,
+                 loss_fn: Callable = F.cross_entropy, task_chunk: int | None = None):
+        super().__init__()
+        self.meta = meta
+        self.steps = _check_steps(steps)
+        self.test_steps = self.steps if test_steps is None else _check_steps(test_steps, "test_steps")
+        self.loss_fn = loss_fn
+        self.task_chunk = _check_chunk(task_chunk)
+        self.metric = "mse" if loss_fn in (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss) else "accuracy"
+
+    def meta_loss(self, support_x, support_y, query_x, query_y) -> MetaLossResult:
+        steps = self.steps if self.training else self.test_steps
+        return self.meta.meta_loss(support_x, support_y, query_x, query_y, steps=steps, loss_fn=self.loss_fn,
+                                   task_chunk=self.task_chunk)
+
+    def forward(self, support_x, support_y, query_x, query_y, n_way: int | None = None, reduction: str = "mean"):
+        """``(loss, metric)`` over the meta-batch (``n_way`` is fixed by the model's head)."""
+        if reduction != "mean":
+            raise ValueError(f"{type(self).__name__} supports reduction='mean' only, got {reduction!r}")
+        res = self.meta_loss(support_x, support_y, query_x, query_y)
+        return res.loss, res.metric
+
+    @torch.no_grad()
+    def episode_accuracy(self, support_x, support_y, query_x, query_y) -> Tensor:
+        """Per-episode query accuracy (or MSE for regression) ``[B]`` after ``test_steps``."""
+        return self.meta_loss(support_x, support_y, query_x, query_y).task_metric
+
+    def evaluate(self, batches, episodes: int = 600, device=None) -> EvalResult:
+        was_training = self.training
+        self.eval()
+        try:
+            return evaluate_episodes(self.episode_accuracy, batches, episodes, device, metric=self.metric)
+        finally:
+            self.train(was_training)
