@@ -144,7 +144,7 @@ def _lrs(lr, keys, names, plist) -> tuple[list[torch.Tensor], float]:
             )
         lr = lr.reshape(())
         return [_lr_tensor("lr", lr, p, n) for p, n in zip(plist, names)], 1.0
-    if isinstance(lr, Mapping):
+    if isinstance(lr, (Mapping, torch.nn.ParameterDict)):
         if keys is None:
             raise TypeError("lr is a dict but params is a list; pass lr as a list (same order) instead")
         missing = [k for k in keys if k not in lr]
@@ -233,7 +233,7 @@ def _grads(ctx, grad_outs, update):
     # d grads_i = -alpha * lr_i * go_i: the fused update with no params (they read as 0)
     d_grads = update([], gos, list(lrs), alpha, ctx.backend) if ctx.g_grad else [None] * len(gos)
     if ctx.lr_grad:
-        d_lrs = [(-alpha * (g * go)).sum_to_size(s) for g, go, s in zip(grads, gos, ctx.lr_shapes)]
+        d_lrs = [(g * go).sum_to_size(s) * -alpha for g, go, s in zip(grads, gos, ctx.lr_shapes)]
     else:
         d_lrs = [None] * len(ctx.lr_shapes)
     return d_params, d_grads, d_lrs
@@ -289,7 +289,8 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
             order), each with its parameter's shape, dtype and device.
         lr: the learning rate, one of
             * a Python float, or a 0-d floating tensor (may require grad): one rate for all;
-            * a dict (same keys as ``params``) or list (same order) with one entry per tensor,
+            * a dict or ``nn.ParameterDict`` (same keys as ``params``) or a list (same order)
+              with one entry per tensor,
               each a float or a floating tensor broadcastable to its parameter: ``[]`` (one
               rate per tensor), ``[*shape]`` (per element, shared by the T tasks: Meta-SGD),
               ``[T, *shape]`` (per task and element), or e.g. ``[T, 1, ..., 1]`` (per task).
@@ -303,6 +304,10 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
         their order), each ``[T, *shape]`` in the parameters' dtype, contiguous.
         Differentiable w.r.t. ``params``, ``grads`` and tensor ``lr`` entries, and twice
         (second-order MAML; gradcheck and gradgradcheck pass on every backend).
+
+    Eager calls run the kernel behind an ``autograd.Function`` (or directly when nothing
+    requires grad); ``torch.compile`` traces the registered op ``fastmeta::inner_update_fwd``;
+    inside ``torch.func`` transforms (vmap, grad, jvp) the reference's plain torch ops run.
 
     Example::
 

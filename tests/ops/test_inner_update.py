@@ -227,6 +227,20 @@ def test_empty_containers():
     assert inner_update((), (), 0.1) == ()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_dict_lr_gets_gradients(backend):
+    # MetaSGD keeps its learned rates in an nn.ParameterDict
+    P = {"a": torch.randn(2, 3, dtype=F64, device=DEVICE), "b": torch.randn(2, dtype=F64, device=DEVICE)}
+    G = {k: torch.randn_like(v) for k, v in P.items()}
+    lrs = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.rand(v.shape[1:], dtype=F64, device=DEVICE))
+                                  for k, v in P.items()})
+    out = inner_update(P, G, lrs, backend=backend)
+    sum(o.sum() for o in out.values()).backward()
+    for k in P:
+        assert_close64(out[k], P[k] - lrs[k] * G[k])
+        assert_close64(lrs[k].grad, -G[k].sum(0))
+
+
 def test_grads_list_pairs_with_dict_params_by_order():
     P = {"a": torch.randn(2, 3, dtype=F64), "b": torch.randn(2, dtype=F64)}
     G = [torch.randn(2, 3, dtype=F64), torch.randn(2, dtype=F64)]
@@ -313,6 +327,16 @@ def test_second_order_maml_matches_reference(backend):
 
     for a, b in zip(meta_grad(backend), meta_grad("reference")):
         assert_close64(a, b)
+
+
+def test_torch_func_transforms_use_the_reference():
+    p = torch.randn(4, 3, dtype=F64, device=DEVICE)
+    g = torch.randn(4, 3, dtype=F64, device=DEVICE)
+    lr = torch.rand(3, dtype=F64, device=DEVICE)
+    d_lr = torch.func.grad(lambda lr: inner_update([p], [g], [lr])[0].pow(2).sum())(lr)
+    assert_close64(d_lr, (-2 * (p - lr * g) * g).sum(0))
+    out = torch.func.vmap(lambda p, g: inner_update({"a": p}, {"a": g}, 0.3)["a"])(p, g)
+    assert_close64(out, p - 0.3 * g)
 
 
 # ---- registered op: opcheck, torch.compile ---------------------------------------------------
