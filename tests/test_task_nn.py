@@ -313,3 +313,27 @@ def test_task_modules_pickle_and_deepcopy():
     loaded = torch.load(buf, weights_only=False)
     for other in (loaded, copy.deepcopy(net)):
         torch.testing.assert_close(other(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 2), (3, 3, 2, 2)], ids=["NC", "NCL", "NCHW"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_batchnorm_custom_double_backward_gradgradcheck(shape, affine):
+    """The closed-form double backward of training-mode BatchNorm (used by every task BN)."""
+    from fastmeta.nn.task import _batch_norm_train
+
+    x = torch.randn(*shape, dtype=D, requires_grad=True)
+    if affine:
+        w = torch.randn(3, dtype=D, requires_grad=True)
+        b = torch.randn(3, dtype=D, requires_grad=True)
+        inputs, fn = (x, w, b), (lambda x, w, b: _batch_norm_train(x, w, b, 1e-5))
+    else:
+        inputs, fn = (x,), (lambda x: _batch_norm_train(x, None, None, 1e-5))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    # and against PyTorch's own double backward, weight-only second derivatives included
+    w2 = inputs[1] if affine else None
+    b2 = inputs[2] if affine else None
+    ref = lambda *a: F.batch_norm(a[0], None, None, a[1] if affine else None, a[2] if affine else None, True, 0.0, 1e-5)  # noqa: E731
+    assert_same_derivatives(lambda p, xx: fn(xx, *[p[k] for k in p]) if affine else fn(xx),
+                            lambda p, xx: ref(xx, *[p[k] for k in p]),
+                            {"w": w2.detach(), "b": b2.detach()} if affine else {}, x.detach())

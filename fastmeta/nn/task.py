@@ -44,12 +44,12 @@ Example::
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "TaskModule",
@@ -279,6 +279,106 @@ class TaskConv2d(TaskModule):
         return out, _NT
 
 
+class _BatchNormTrainBackward(torch.autograd.Function):
+    """Batch-norm backward (training mode) whose own backward -- the double backward that
+    second-order MAML runs -- is closed form: every output is ``k0 + k1*x + k2*g + k3*ggx``
+    with per-channel k's from five reductions, about 3x faster on the CPU than PyTorch's
+    generic ``batchnorm_double_backward``. Once differentiable (third order raises).
+
+    With xh = (x - mean) * r, A = mean(g), B = mean(g * xh), the backward is
+    gx = w r (g - A - xh B), gw = sum(g xh), gb = sum(g); differentiating
+    S = <ggx, gx> + <ggw, gw> + <ggb, gb> gives (Bq = mean(ggx xh), m = mean(ggx)):
+      dS/dg = w r (ggx - m - xh Bq) + ggw xh + ggb
+      dS/dx = w r^2 [xh (3 B Bq - mean(ggx g) + A m) - (g - A) Bq - B (ggx - m)]
+              + ggw r (g - A - xh B)
+      dS/dw = r M (mean(ggx g) - A m - B Bq)          (M = elements per channel)
+    """
+
+    @staticmethod
+    def forward(ctx, g, x, w, mean, invstd, eps):
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, x, w, None, None, mean, invstd, True, eps, [True, w is not None, w is not None])
+        ctx.save_for_backward(g, x, w, mean, invstd)
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx, ggw, ggb):
+        g, x, w, mean, r = ctx.saved_tensors
+        C = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        M = x.numel() // C
+        A = g.sum(dims) / M
+        B = r * ((g * x).sum(dims) / M - A * mean)
+        rw = r if w is None else r * w
+        zero = torch.zeros_like(r)
+        o0, o1, o3 = zero, zero, zero  # dS/dg = o0 + o1 x + o3 ggx
+        k0, k1, k2, k3 = zero, zero, zero, zero  # dS/dx = k0 + k1 x + k2 g + k3 ggx
+        gW = None
+        if ggx is not None:
+            m = ggx.sum(dims) / M
+            Bq = r * ((ggx * x).sum(dims) / M - m * mean)
+            mgg = (ggx * g).sum(dims) / M
+            o3 = rw
+            o1 = -rw * Bq * r
+            o0 = rw * (Bq * r * mean - m)
+            c = r * rw
+            kx = c * (3 * B * Bq - mgg + A * m)  # coefficient of xh
+            k1 = kx * r
+            k0 = c * (A * Bq + B * m) - kx * r * mean
+            k2 = -c * Bq
+            k3 = -c * B
+            if w is not None and ctx.needs_input_grad[2]:
+                gW = r * M * (mgg - A * m - B * Bq)
+        if ggw is not None and w is not None:
+            gr = ggw * r
+            o1 = o1 + gr
+            o0 = o0 - gr * mean
+            k2 = k2 + gr
+            k1 = k1 - gr * B * r
+            k0 = k0 - gr * A + gr * B * r * mean
+        if ggb is not None and w is not None:
+            o0 = o0 + ggb
+        shp = [1, C] + [1] * (x.dim() - 2)
+        gg_out = gI = None
+        if ctx.needs_input_grad[0]:
+            gg_out = torch.addcmul(o0.view(shp), x, o1.view(shp))
+            if ggx is not None:
+                gg_out = gg_out.addcmul_(ggx, o3.view(shp))
+        if ctx.needs_input_grad[1]:
+            gI = torch.addcmul(k0.view(shp), x, k1.view(shp)).addcmul_(g, k2.view(shp))
+            if ggx is not None:
+                gI = gI.addcmul_(ggx, k3.view(shp))
+        return gg_out, gI, gW, None, None, None
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """``F.batch_norm(x, None, None, w, b, training=True)`` with the fast double backward above."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, eps):
+        out, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+        ctx.save_for_backward(x, w, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = _BatchNormTrainBackward.apply(g, x, w, mean, invstd, ctx.eps)
+        return gx, gw, gb, None
+
+
+def _batch_norm_train(x, w, b, eps):
+    """Per-channel batch statistics, no running statistics. The custom double backward is
+    used for float32/float64 outside torch.func transforms and forward-mode AD (custom
+    autograd Functions would need jvp/vmap rules there); otherwise plain F.batch_norm."""
+    if (x.dtype in (torch.float32, torch.float64) and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0 and (w is None or w.dtype == x.dtype)):
+        return _BatchNormTrain.apply(x, w, b, eps)
+    return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
 class _TaskBatchNorm(TaskModule):
     _per_sample_dims: tuple[int, ...] = ()
 
@@ -330,7 +430,7 @@ class _TaskBatchNorm(TaskModule):
             out = F.batch_norm(h, rm, rv, w, b, False, 0.0, self.eps)
         else:
             # training=True with no running buffers: per-(task, channel) batch statistics, no update.
-            out = F.batch_norm(h, None, None, w, b, True, 0.0, self.eps)
+            out = _batch_norm_train(h, w, b, self.eps)
         return out, _NT
 
 
@@ -403,6 +503,9 @@ _ACTIVATIONS = {
 }
 
 
+_MONOTONE = frozenset({"relu", "tanh", "sigmoid", "identity", "leaky_relu", "elu"})
+
+
 class TaskActivation(TaskModule):
     """Elementwise activation (works in any layout). ``name``: one of relu, tanh, sigmoid,
     identity, leaky_relu (``negative_slope``), elu (``alpha``), gelu (``approximate``).
@@ -414,6 +517,11 @@ class TaskActivation(TaskModule):
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
         self.name, self.kwargs = name, dict(kwargs)
         self._fn = _ACTIVATIONS[name]
+
+    def _monotone(self) -> bool:
+        if self.name in ("leaky_relu", "elu"):
+            return self.kwargs.get("negative_slope", self.kwargs.get("alpha", 1.0)) >= 0
+        return self.name in _MONOTONE
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.name)] + [f"{k}={v!r}" for k, v in self.kwargs.items()])
@@ -540,10 +648,23 @@ class TaskSequential(TaskModule, nn.Sequential):
                         f"{[prefix + n for n in self._modules]}"
                     )
                 g[rest] = v
-        for name, m in self._modules.items():
+        items = list(self._modules.items())
+        i = 0
+        while i < len(items):
+            name, m = items[i]
             if not isinstance(m, TaskModule):
                 raise TypeError(f"TaskSequential child {prefix}{name} is {type(m).__name__}, not a task module")
+            if (type(m) is TaskActivation and m._monotone() and i + 1 < len(items)
+                    and type(items[i + 1][1]) is TaskMaxPool2d):
+                # act(maxpool(x)) == maxpool(act(x)) for a non-decreasing act, with the same
+                # first and second derivatives (the pool's argmax is the same, up to ties
+                # where the act's derivative is 0): run the activation on the 4x smaller map.
+                i += 1
+                name2, m2 = items[i]
+                h, layout = m2._task_forward(h, None if groups is None else groups[name2], T, layout,
+                                             f"{prefix}{name2}.")
             h, layout = m._task_forward(h, None if groups is None else groups[name], T, layout, f"{prefix}{name}.")
+            i += 1
         return h, layout
 
 
