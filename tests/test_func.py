@@ -14,7 +14,6 @@ from torch import nn
 from fastmeta.func import MLPSpec, TaskFunction, task_function, task_losses
 from fastmeta.nn import TaskConv4, TaskMLP
 
-
 # ------------------------------------------------------------------ batched path + MLPSpec
 
 def test_batched_sequential_mlp():

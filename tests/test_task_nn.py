@@ -85,8 +85,11 @@ def test_linear(bias, extra):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, groups=2, bias=False),
-     dict(kernel_size=(2, 3), dilation=2, padding="same")],
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 3, "stride": 2, "groups": 2, "bias": False},
+        {"kernel_size": (2, 3), "dilation": 2, "padding": "same"},
+    ],
     ids=["k3p1", "s2g2nobias", "dilated_same"],
 )
 def test_conv2d(kw):
@@ -321,19 +324,22 @@ def test_batchnorm_custom_double_backward_gradgradcheck(shape, affine):
     """The closed-form double backward of training-mode BatchNorm (used by every task BN)."""
     from fastmeta.nn.task import _batch_norm_train
 
-    x = torch.randn(*shape, dtype=D, requires_grad=True)
-    if affine:
-        w = torch.randn(3, dtype=D, requires_grad=True)
-        b = torch.randn(3, dtype=D, requires_grad=True)
-        inputs, fn = (x, w, b), (lambda x, w, b: _batch_norm_train(x, w, b, 1e-5))
-    else:
-        inputs, fn = (x,), (lambda x: _batch_norm_train(x, None, None, 1e-5))
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
-    # and against PyTorch's own double backward, weight-only second derivatives included
-    w2 = inputs[1] if affine else None
-    b2 = inputs[2] if affine else None
-    ref = lambda *a: F.batch_norm(a[0], None, None, a[1] if affine else None, a[2] if affine else None, True, 0.0, 1e-5)  # noqa: E731
-    assert_same_derivatives(lambda p, xx: fn(xx, *[p[k] for k in p]) if affine else fn(xx),
-                            lambda p, xx: ref(xx, *[p[k] for k in p]),
-                            {"w": w2.detach(), "b": b2.detach()} if affine else {}, x.detach())
+    x = torch.randn(*shape, dtype=D)
+    params = {"w": torch.randn(3, dtype=D), "b": torch.randn(3, dtype=D)} if affine else {}
+
+    def ours(p, xx):
+        return _batch_norm_train(xx, p.get("w"), p.get("b"), 1e-5)
+
+    def torchs(p, xx):
+        return F.batch_norm(xx, None, None, p.get("w"), p.get("b"), True, 0.0, 1e-5)
+
+    names = list(params)
+    inputs = (x.requires_grad_(), *[params[n].requires_grad_() for n in names])
+
+    def flat(xx, *ps):
+        return ours(dict(zip(names, ps)), xx)
+
+    assert torch.autograd.gradcheck(flat, inputs)
+    assert torch.autograd.gradgradcheck(flat, inputs)
+    # and equal to PyTorch's own double backward
+    assert_same_derivatives(ours, torchs, {n: v.detach() for n, v in params.items()}, x.detach())

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastmeta.nn.task import (
+    _TN,
     TaskActivation,
     TaskLinear,
     TaskModule,
@@ -18,7 +19,6 @@ from fastmeta.nn.task import (
     UnsupportedModuleError,
     _check_x,
     _to_tn,
-    _TN,
     to_task_batched,
 )
 
@@ -75,7 +75,7 @@ class _Fingerprint:
     buffers, ``net[0] = ...`` replaces children) and every parameter's requires_grad (it
     changes ``names``). A few microseconds for small models."""
 
-    __slots__ = ("states", "dicts", "params", "flags", "ids", "grads")
+    __slots__ = ("dicts", "flags", "grads", "ids", "params", "states")
 
     def __init__(self, module: nn.Module):
         mods = list(module.modules())
@@ -251,7 +251,7 @@ class TaskFunction:
                 f"mlp={self.mlp is not None}, reason={self.reason!r})")
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, TaskFunction]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, TaskFunction] = weakref.WeakKeyDictionary()
 
 
 def task_function(module: nn.Module, refresh: bool = False) -> TaskFunction:

@@ -44,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -52,21 +53,21 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "TaskModule",
-    "TaskLinear",
-    "TaskConv2d",
+    "TaskActivation",
+    "TaskAvgPool2d",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
-    "TaskActivation",
-    "TaskMaxPool2d",
-    "TaskAvgPool2d",
-    "TaskFlatten",
-    "TaskDropout",
-    "TaskSequential",
-    "TaskMLP",
+    "TaskConv2d",
     "TaskConv4",
-    "to_task_batched",
+    "TaskDropout",
+    "TaskFlatten",
+    "TaskLinear",
+    "TaskMLP",
+    "TaskMaxPool2d",
+    "TaskModule",
+    "TaskSequential",
     "UnsupportedModuleError",
+    "to_task_batched",
 ]
 
 # Internal layouts of the activations flowing between task layers.
@@ -177,7 +178,7 @@ class TaskLinear(TaskModule):
         self.bias = lin.bias
 
     @classmethod
-    def from_module(cls, m: nn.Linear) -> "TaskLinear":
+    def from_module(cls, m: nn.Linear) -> TaskLinear:
         self = cls.__new__(cls)
         TaskModule.__init__(self)
         self.in_features, self.out_features = m.in_features, m.out_features
@@ -241,7 +242,7 @@ class TaskConv2d(TaskModule):
         self.dilation, self.groups = m.dilation, m.groups
 
     @classmethod
-    def from_module(cls, m: nn.Conv2d) -> "TaskConv2d":
+    def from_module(cls, m: nn.Conv2d) -> TaskConv2d:
         if m.padding_mode != "zeros":
             raise UnsupportedModuleError(f"Conv2d with padding_mode={m.padding_mode!r} (only 'zeros' is task-batched)")
         self = cls.__new__(cls)
@@ -686,7 +687,7 @@ class TaskMLP(TaskSequential):
         if activation not in ("relu", "tanh", "sigmoid", "identity"):
             raise ValueError(f"activation must be relu, tanh, sigmoid or identity, got {activation!r}")
         layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             if i:
                 layers.append(TaskActivation(activation))
             layers.append(TaskLinear(a, b, bias=bias))
