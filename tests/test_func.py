@@ -113,6 +113,18 @@ def test_cache_follows_train_eval_and_requires_grad():
     assert "0.weight" not in fn.names and task_function(net) is fn
 
 
+def test_cache_replans_after_to_dtype():
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).eval()
+    fn = task_function(net)
+    x = torch.randn(T, 6, 2, dtype=D)
+    fn(None, x.float())
+    net.to(D)  # replaces the BatchNorm buffers: the converted layers must follow
+    with torch.no_grad():
+        net[1].running_mean.fill_(1.5)
+    params = task_params(net)
+    torch.testing.assert_close(fn(params, x), loop_ref(net, params, x), rtol=1e-10, atol=1e-12)
+
+
 def test_cache_is_weak():
     import gc
     import weakref
