@@ -54,9 +54,10 @@ def _rng_devices(x):
 
 
 class _InnerLoop(torch.autograd.Function):
-    """Inputs: (plan, *params in fn.names order, *lr tensors that are learnable).
+    """Inputs: (plan, *params in fn.names order, *learnable lr tensors, [support_x when it
+    requires grad under second order]).
 
-    ``plan`` carries the non-differentiable configuration and data; outputs are the adapted
+    ``plan`` carries the configuration and the (detached) data; outputs are the adapted
     parameters in fn.names order.
     """
 
@@ -64,7 +65,7 @@ class _InnerLoop(torch.autograd.Function):
     def forward(ctx, plan, *tensors):
         n = len(plan.names)
         params = tensors[:n]
-        lr_inputs = tensors[n:]
+        lr_inputs = tensors[n:n + plan.n_lr]
         lrs = plan.lr_values(lr_inputs)
         theta = [p.detach() for p in params]
         iterates = []
@@ -90,13 +91,14 @@ class _InnerLoop(torch.autograd.Function):
         iterates = [saved[i * n:(i + 1) * n] for i in range(k)]
         lr_inputs = saved[k * n:]
         lrs = plan.lr_values(lr_inputs)
+        dx = torch.zeros_like(plan.x) if plan.x_grad else None
         v = [
             torch.zeros_like(it0) if g is None else g.to(it0.dtype)
             for g, it0 in zip(grad_out, iterates[0])
         ]
-        want_lr = any(ctx.needs_input_grad[1 + n:])
+        want_lr = any(ctx.needs_input_grad[1 + n:1 + n + plan.n_lr])
         if plan.first_order and not want_lr:
-            return (None, *v)
+            return (None, *v, *[None] * plan.n_lr)
         d_lr = [torch.zeros_like(t) for t in lr_inputs]
         state = _module_state(plan.fn)
         with torch.random.fork_rng(devices=_rng_devices(plan.x), enabled=True):
@@ -112,7 +114,15 @@ class _InnerLoop(torch.autograd.Function):
                     hv = None
                 else:
                     u = {kk: vv * lr for kk, vv, lr in zip(names, v, lrs)}
-                    _, grads, hv = _hvp.run_backend(plan.backend, plan.fn, theta, plan.x, plan.y, u, plan.loss_fn)
+                    if plan.x_grad:
+                        _, grads, hv, xu = _hvp.hvp_reference(
+                            plan.fn, theta, plan.x, plan.y, u, plan.loss_fn, x_grad=True
+                        )
+                        dx = dx - xu
+                    else:
+                        _, grads, hv = _hvp.run_backend(
+                            plan.backend, plan.fn, theta, plan.x, plan.y, u, plan.loss_fn
+                        )
                 if want_lr:
                     for j, (kk, vv) in enumerate(zip(names, v)):
                         slot = plan.lr_slot[j]
@@ -123,7 +133,7 @@ class _InnerLoop(torch.autograd.Function):
                     v = [vv - hv[kk] for kk, vv in zip(names, v)]
         _restore(state)
         d_lr = [d.to(t.dtype) for d, t in zip(d_lr, lr_inputs)]
-        return (None, *v, *d_lr)
+        return (None, *v, *d_lr, *([dx] if plan.x_grad else []))
 
 
 def _reduce_to(d: torch.Tensor, shape) -> torch.Tensor:
@@ -133,8 +143,9 @@ def _reduce_to(d: torch.Tensor, shape) -> torch.Tensor:
 class _Plan:
     """Configuration of one inner_loop call (not a tensor input of the autograd.Function)."""
 
-    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec):
+    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad):
         self.fn, self.x, self.y = fn, x, y
+        self.n_lr, self.x_grad = n_lr, x_grad
         self.names = tuple(fn.names)
         self.steps, self.first_order, self.loss_fn, self.backend = steps, first_order, loss_fn, backend
         # lr_spec: per name, either a python float or an index into the learnable-lr inputs
@@ -244,10 +255,12 @@ def inner_loop(
             ``fn.expand(T)`` (views of the shared parameters: their gradient is the sum over
             tasks, which autograd does through the expand).
         support_x: ``[T, N, *in]``; support_y: ``[T, N, ...]`` (what ``loss_fn`` expects).
-            They receive NO gradient (MAML's support sets are data). Under second order a
-            ``support_x`` that requires grad raises ``ValueError`` rather than silently
-            dropping that path; detach it (or adapt with first_order, where the update's
-            Jacobian w.r.t. the data is dropped by definition).
+            A ``support_x`` that requires grad (e.g. features of a shared body, ANIL) gets
+            its exact second-order gradient ``-sum_i (d g_i / d x)^T (lr * v_{i+1})`` from
+            the double backward (the ``reference`` HVP backend is then used; forcing another
+            raises ``ValueError``). With ``first_order=True`` it gets none: FOMAML treats the
+            inner gradients as constants. ``support_y`` gets no gradient (``ValueError`` if it
+            requires grad).
         steps: number of inner steps k >= 0; 0 returns ``params`` unchanged.
         lr: a float; a 0-d tensor (one learnable step size); or a dict name -> float or tensor
             broadcastable to ``[T, *shape]``: 0-d (per tensor), ``[*shape]`` (per element,
@@ -294,18 +307,24 @@ def inner_loop(
     first_order = bool(first_order)
     if steps == 0:
         return {k: params[k] for k in names}
-    if (
-        not first_order
-        and torch.is_grad_enabled()
-        and support_x.requires_grad
-    ):
-        raise ValueError(
-            "support_x requires grad, but inner_loop gives no gradient to the support data "
-            "(second-order path through the inner updates); detach support_x, or use "
-            "first_order=True where that path is dropped by definition"
-        )
+    if support_y.requires_grad and torch.is_grad_enabled():
+        raise ValueError("support_y requires grad; inner_loop gives no gradient to the support targets: detach it")
+    x_grad = not first_order and torch.is_grad_enabled() and support_x.requires_grad
     tensors = [params[names[0]], support_x] if names else [support_x]
-    backend = "none" if first_order and hvp_backend is None else _hvp.select_backend(fn, tensors, loss_fn, hvp_backend)
-    plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec)
-    out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors)
+    if x_grad:
+        # (d g / d x)^T u comes out of the double backward only
+        if hvp_backend not in (None, "reference"):
+            raise ValueError(
+                f"support_x requires grad: its second-order gradient (through the inner updates) "
+                f"needs hvp_backend='reference' (double backward), got hvp_backend={hvp_backend!r}; "
+                f"detach support_x or leave hvp_backend=None"
+            )
+        backend = _hvp.select_backend(fn, tensors, loss_fn, "reference")
+    elif first_order and hvp_backend is None:
+        backend = "none"
+    else:
+        backend = _hvp.select_backend(fn, tensors, loss_fn, hvp_backend)
+    plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec,
+                 len(lr_tensors), x_grad)
+    out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors, *([support_x] if x_grad else []))
     return dict(zip(names, out))

@@ -12,7 +12,8 @@ or a loss function; the tensor-level analytic kernels it calls, ``fastmeta.ops.m
 are). Its results carry no autograd graph: it feeds the backward of
 :func:`fastmeta.ops.inner_loop` (and TRPO/iMAML-style solvers), which never differentiate it.
 
-Backends (``fastmeta.ops._registry`` table ``task_hvp``, first that fits wins):
+Backends (``fastmeta.ops._registry`` table ``task_hvp``, first that fits wins, in this order
+except ``func``, which is tried after ``reference`` (see ``_BACKENDS`` for the measurement)):
 
 * ``analytic`` -- the model is a pure Linear/activation stack (``TaskFunction.mlp`` is set)
   and ``loss_fn`` is ``F.cross_entropy`` or ``F.mse_loss``: closed-form gradient and R-op
@@ -61,11 +62,16 @@ def _analytic_limits(*tensors, fn, loss_fn) -> list[str]:
 
 
 _ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
+# Priority: analytic, then double backward, then torch.func. Measured on the 2-core CPU
+# (bench/bench_inner_loop.py, float32, 1 thread): forward-over-reverse is no faster than double
+# backward on Conv4 (T=32 hidden 64 k=1 meta-step 6.33 s vs 6.41 s, same peak memory) and ~3x
+# slower on the small sinusoid MLP (T=25: 3.0 ms vs 1.1 ms per HVP, torch.func's per-call
+# overhead), so "func" runs only when forced.
 _BACKENDS = (
     _registry.Backend("analytic", frozenset({"cpu", "cuda"}), _registry.ALL_FLOATS, _mlp_hvp_available,
                       _analytic_limits),
-    _registry.Backend("func", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
     _registry.Backend("reference", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
+    _registry.Backend("func", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
 )
 # _registry.register() only admits the kernel backend names (triton/cuda/cpp/reference);
 # task_hvp's backends are model-level strategies, so its row is entered directly. select(),
@@ -177,26 +183,35 @@ def grad_reference(fn, params, x, y, loss_fn):
     return losses.detach(), dict(zip(names, _zeros_for_none(g, p.values())))
 
 
-def _hvp_reference(fn, params, x, y, v, loss_fn):
+def hvp_reference(fn, params, x, y, v, loss_fn, x_grad: bool = False):
+    """``(losses, grads, hvps)``; with ``x_grad`` also ``(d g / d x)^T v`` (the mixed second
+    derivative, ``[T, N, *in]``) from the same double backward, for inner_loop's gradient
+    w.r.t. the support inputs."""
     names = tuple(fn.names)
     with torch.enable_grad():
         p = _leaves(params, names)
         leaves = list(p.values())
+        if x_grad:
+            x = x.detach().requires_grad_()
         losses = _summed_losses(fn, p, x, y, loss_fn)
         g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
         live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-        hv = [None] * len(names)
+        hv = [None] * (len(names) + 1)
         if live:
             out = torch.autograd.grad(
-                [g[i] for i in live], leaves, grad_outputs=[v[names[i]] for i in live], allow_unused=True
+                [g[i] for i in live], leaves + ([x] if x_grad else []),
+                grad_outputs=[v[names[i]] for i in live], allow_unused=True,
             )
-            hv = list(out)
+            hv = list(out) + ([] if x_grad else [None])
     g = [None if gi is None else gi.detach() for gi in g]
-    return (
+    result = (
         losses.detach(),
         dict(zip(names, _zeros_for_none(g, leaves))),
-        dict(zip(names, _zeros_for_none(hv, leaves))),
+        dict(zip(names, _zeros_for_none(hv[: len(names)], leaves))),
     )
+    if x_grad:
+        return (*result, torch.zeros_like(x) if hv[-1] is None else hv[-1])
+    return result
 
 
 def _hvp_func(fn, params, x, y, v, loss_fn):
@@ -256,7 +271,7 @@ def _hvp_analytic(fn, params, x, y, v, loss_fn):
     return losses, _mlp_dict(fn, gw, gb), _mlp_dict(fn, hw, hb)
 
 
-_IMPLS = {"analytic": _hvp_analytic, "func": _hvp_func, "reference": _hvp_reference}
+_IMPLS = {"analytic": _hvp_analytic, "func": _hvp_func, "reference": hvp_reference}
 
 
 def run_backend(name, fn, params, x, y, v, loss_fn):
@@ -270,7 +285,7 @@ def run_backend(name, fn, params, x, y, v, loss_fn):
 def task_hvp_ref(model, params, x, y, v, loss_fn=F.cross_entropy):
     """Plain double backward, ``dict`` of ``H_t v_t`` (the oracle; see :func:`task_hvp`)."""
     fn = task_fn(model)
-    return _hvp_reference(fn, params, x, y, v, loss_fn)[2]
+    return hvp_reference(fn, params, x, y, v, loss_fn)[2]
 
 
 def task_hvp(

@@ -213,15 +213,44 @@ def test_saves_only_parameter_iterates():
         assert saved[-1] is lr or saved[-1].shape == ()
 
 
-def test_support_data_gets_no_gradient():
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_gradient_to_support_inputs(first_order):
+    """ANIL-style: support features of a shared body require grad; inner_loop gives them the
+    exact second-order gradient (none under first order, like an autograd.grad loop without
+    create_graph)."""
+    body = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    head, *_ = make("mlp_ce")
+    fn = task_function(head)
+    xs, xq = torch.randn(T, N_S, 4, dtype=torch.float64), torch.randn(T, N_Q, 4, dtype=torch.float64)
+    ys, yq = torch.randint(0, 3, (T, N_S)), torch.randint(0, 3, (T, N_Q))
+    lr = {k: (0.3 + 0.1 * torch.rand(p.shape, dtype=torch.float64)).requires_grad_() for k, p in fn.params().items()}
+    wrt = list(body.parameters()) + list(fn.params().values()) + list(lr.values())
+
+    def query_loss(adapted):
+        return F.cross_entropy(fn(adapted, body(xq)).flatten(0, 1), yq.flatten())
+
+    got = torch.autograd.grad(query_loss(inner_loop(fn, fn.expand(T), body(xs), ys, 3, lr, first_order)), wrt)
+    zs = body(xs)
+    adapted = naive_adapt(head, fn.params(), zs, ys, 3, lr, first_order, F.cross_entropy)
+    zq = body(xq)
+    q = torch.stack([F.cross_entropy(per_task_forward(head, adapted[t], zq[t]), yq[t], reduction="sum")
+                     for t in range(T)]).sum() / (T * N_Q)
+    want = torch.autograd.grad(q, wrt)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close64(a, b, name=f"grad {i}")
+
+
+def test_support_input_gradient_needs_reference_backend():
     module, xs, ys, *_ = make("mlp_ce")
     fn = task_function(module)
-    with pytest.raises(ValueError, match="support_x requires grad"):
-        inner_loop(fn, fn.expand(T), xs.requires_grad_(), ys, 1, 0.1)
-    # first order drops that path by definition: allowed, and support_x gets no gradient
-    out = inner_loop(fn, fn.expand(T), xs, ys, 1, 0.1, first_order=True)
-    loss = sum(v.sum() for v in out.values())
-    loss.backward()
+    xs = xs.requires_grad_()
+    with pytest.raises(ValueError, match="needs hvp_backend='reference'"):
+        inner_loop(fn, fn.expand(T), xs, ys, 1, 0.1, hvp_backend="analytic")
+    with pytest.raises(ValueError, match="support_y requires grad"):
+        inner_loop(fn, fn.expand(T), xs, torch.randn(T, N_S, 3, requires_grad=True), 1, 0.1, loss_fn=F.mse_loss)
+    # first order: the support inputs get no gradient, as with autograd.grad(create_graph=False)
+    out = inner_loop(fn, fn.expand(T), xs, ys, 2, 0.1, first_order=True)
+    sum(v.sum() for v in out.values()).backward()
     assert xs.grad is None
 
 
