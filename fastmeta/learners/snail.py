@@ -145,6 +145,8 @@ class SNAIL(SequenceLearner):
         label_offset: ``0`` (the paper): support steps are (example, label) pairs and the
             query step has a zero label; ``1``: step ``t`` carries the label of step ``t - 1``
             (MANN's convention). See :mod:`fastmeta.learners._sequence`.
+        embed_norm: normalise the embedding (parameter-free layer norm) before it enters the
+            sequence; see :class:`~fastmeta.learners._sequence.SequenceLearner`.
 
     ``forward(support_x [B,S,C,H,W], support_y [B,S], query_x [B,Q,C,H,W], query_y [B,Q],
     n_way=None, reduction="mean") -> (loss, acc)``; ``support_x`` must be in shuffled order
@@ -159,11 +161,11 @@ class SNAIL(SequenceLearner):
 
     def __init__(self, embedding: nn.Module, embed_dim: int, n_way: int, seq_len: int,
                  filters: int = 128, attention=((64, 32), (256, 128), (512, 256)),
-                 label_offset: int = 0):
+                 label_offset: int = 0, embed_norm: bool = True):
         super().__init__()
         if label_offset not in (0, 1):
             raise ValueError(f"label_offset must be 0 or 1, got {label_offset!r}")
-        self.label_offset = label_offset
+        self.label_offset, self.embed_norm = label_offset, embed_norm
         if n_way < 1 or embed_dim < 1 or seq_len < 2:
             raise ValueError(f"need n_way >= 1, embed_dim >= 1 and seq_len >= 2, got {n_way}, "
                              f"{embed_dim} and {seq_len}")
