@@ -84,6 +84,7 @@ class _InnerLoop(torch.autograd.Function):
         return tuple(t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta, params))
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_out):
         plan = ctx.plan
         names, n, k = plan.names, len(plan.names), plan.steps
@@ -113,7 +114,7 @@ class _InnerLoop(torch.autograd.Function):
                     _, grads = plan.grad(theta)
                     hv = None
                 else:
-                    u = {kk: vv * lr for kk, vv, lr in zip(names, v, lrs)}
+                    u = {kk: (vv * lr).to(vv.dtype) for kk, vv, lr in zip(names, v, lrs)}
                     if plan.x_grad:
                         _, grads, hv, xu = _hvp.hvp_reference(
                             plan.fn, theta, plan.x, plan.y, u, plan.loss_fn, x_grad=True
@@ -127,7 +128,7 @@ class _InnerLoop(torch.autograd.Function):
                     for j, (kk, vv) in enumerate(zip(names, v)):
                         slot = plan.lr_slot[j]
                         if slot is not None:
-                            d = -(grads[kk] * vv)
+                            d = -(grads[kk] * vv).to(lr_inputs[slot].dtype)
                             d_lr[slot] = d_lr[slot] + _reduce_to(d, lr_inputs[slot].shape)
                 if hv is not None:
                     v = [vv - hv[kk] for kk, vv in zip(names, v)]

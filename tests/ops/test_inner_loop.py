@@ -352,3 +352,31 @@ def test_bad_params(setup):
         inner_loop(fn, list(p.values()), xs, ys, 1, 0.1)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         inner_loop("model", p, xs, ys, 1, 0.1)
+
+
+def test_no_grad_mode_and_single_differentiation():
+    module, xs, ys, *_ = make("mlp_ce")
+    fn = task_function(module)
+    lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        plain = inner_loop(fn, fn.expand(T), xs, ys, 3, lr)
+    out = inner_loop(fn, fn.expand(T), xs, ys, 3, lr)
+    for k in fn.names:
+        assert not plain[k].requires_grad
+        assert_close64(plain[k], out[k].detach())
+    # the backward is not itself differentiable: say so instead of returning a wrong Hessian
+    g = torch.autograd.grad(sum(v.pow(2).sum() for v in out.values()), lr, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.backward()
+
+
+def test_float32_params_with_float64_learned_lr():
+    module, xs, ys, xq, yq, _ = make("mlp_ce")
+    module.float()
+    fn = task_function(module)
+    lr = {k: torch.full(p.shape, 0.2, dtype=torch.float64, requires_grad=True) for k, p in fn.params().items()}
+    out = inner_loop(fn, fn.expand(T), xs.float(), ys, 2, lr)
+    assert all(v.dtype == torch.float32 for v in out.values())
+    loss = F.cross_entropy(fn(out, xq.float()).flatten(0, 1), yq.flatten())
+    grads = torch.autograd.grad(loss, list(lr.values()))
+    assert all(g.dtype == torch.float64 and torch.isfinite(g).all() for g in grads)
