@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -133,14 +134,115 @@ std::vector<at::Tensor> inner_update_cpu(at::TensorList params, at::TensorList g
   return plan.outs;
 }
 
+// ---- the learning-rate gradient: d lr = -alpha * sum over the broadcast dims of g * go ---------
+//
+// With lr read as lr[(i / div) % mod]: d_lr[j] = -alpha * sum_q sum_r (g * go)[(q * mod + j) * div
+// + r] (q < numel / (mod * div), r < div). One pass over g and go, no [T, *shape] temporary (the
+// torch expression (g * go).sum_to_size(lr.shape) writes one).
+template <typename T>
+void lr_grad_span(const T* g, const T* go, int64_t numel, int64_t div, int64_t mod, T alpha, T* out) {
+  const int64_t Q = numel / (div * mod);
+  if (mod == 1) {  // one rate for the whole tensor: a dot product, fixed blocks summed in order
+    const int64_t blocks = ceil_div(numel, kChunk);
+    std::vector<double> part(blocks, 0.0);
+    auto body = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t s = b * kChunk, e = std::min(numel, s + kChunk);
+        part[b] = static_cast<double>(dot<T>(g + s, go + s, e - s));
+      }
+    };
+    if (numel < kParallelMin) body(0, blocks);
+    else at::parallel_for(0, blocks, 1, body);
+    double acc = 0;
+    for (double v : part) acc += v;
+    out[0] = static_cast<T>(-static_cast<double>(alpha) * acc);
+    return;
+  }
+  // parallel over ranges of j, each about kChunk elements of g
+  const int64_t per_j = Q * div;
+  const int64_t jlen = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, per_j));
+  const int64_t items = ceil_div(mod, jlen);
+  auto body = [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t j0 = w * jlen, j1 = std::min(mod, j0 + jlen);
+      if (div == 1) {  // accumulate rows of length j1 - j0, vectorised along j
+        T* __restrict o = out + j0;
+        std::fill(o, o + (j1 - j0), T(0));
+        for (int64_t q = 0; q < Q; ++q) {
+          const T* __restrict a = g + q * mod + j0;
+          const T* __restrict b = go + q * mod + j0;
+#pragma omp simd
+          for (int64_t k = 0; k < j1 - j0; ++k) o[k] += a[k] * b[k];
+        }
+        for (int64_t k = 0; k < j1 - j0; ++k) o[k] *= -alpha;
+      } else {
+        for (int64_t j = j0; j < j1; ++j) {
+          T acc = 0;
+          for (int64_t q = 0; q < Q; ++q) {
+            const int64_t s = (q * mod + j) * div;
+            acc += dot<T>(g + s, go + s, div);
+          }
+          out[j] = -alpha * acc;
+        }
+      }
+    }
+  };
+  if (numel < kParallelMin) body(0, items);
+  else at::parallel_for(0, items, 1, body);
+}
+
+std::vector<at::Tensor> inner_update_lr_grad_cpu(at::TensorList grads, at::TensorList grad_outs,
+                                                 at::TensorList lrs, double alpha) {
+  constexpr const char* op = "inner_update_lr_grad";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  inner_update_plan::check_inputs(grad_outs, grads, lrs, alpha, op);
+  TORCH_CHECK(lrs.size() == grads.size(), "fastmeta_cpp::", op, ": got ", lrs.size(), " lrs for ",
+              grads.size(), " grads");
+  const auto st = grads[0].scalar_type();
+  TORCH_CHECK(grads[0].device().is_cpu(), "fastmeta_cpp::", op, ": CPU kernel got tensors on ",
+              grads[0].device());
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "fastmeta_cpp::", op,
+              ": the CPU kernel serves float32/float64, got ", st);
+  std::vector<at::Tensor> outs;
+  outs.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::IntArrayRef shape = grads[i].sizes();
+    TORCH_CHECK(grad_outs[i].sizes() == shape, "fastmeta_cpp::", op, ": grad_outs[", i,
+                "] has shape ", grad_outs[i].sizes(), ", grads[", i, "] ", shape);
+    at::Tensor out = at::empty(lrs[i].sizes(), grads[i].options());
+    const int64_t numel = grads[i].numel();
+    if (numel == 0) {
+      outs.push_back(out.zero_());
+      continue;
+    }
+    const inner_update_plan::Operand plan = inner_update_plan::plan_operand(out, shape);
+    if (plan.keep.defined()) {  // a broadcast the div/mod formula cannot express: plain ATen
+      outs.push_back(at::mul(grads[i], grad_outs[i]).sum_to_size(lrs[i].sizes()).mul_(-alpha));
+      continue;
+    }
+    const at::Tensor g = grads[i].contiguous(), go = grad_outs[i].contiguous();
+    AT_DISPATCH_FLOATING_TYPES(st, "fastmeta_inner_update_lr_grad_cpu", [&] {
+      lr_grad_span<scalar_t>(g.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(), numel,
+                             plan.div, plan.mod, static_cast<scalar_t>(alpha),
+                             out.mutable_data_ptr<scalar_t>());
+    });
+    outs.push_back(out);
+  }
+  return outs;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
 
 TORCH_LIBRARY_FRAGMENT(fastmeta_cpp, m) {
   m.def("inner_update(Tensor[] params, Tensor[] grads, Tensor[] lrs, float alpha) -> Tensor[]");
+  m.def(
+      "inner_update_lr_grad(Tensor[] grads, Tensor[] grad_outs, Tensor[] lrs, float alpha)"
+      " -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
   m.impl("inner_update", &fastmeta::cpu::inner_update_cpu);
+  m.impl("inner_update_lr_grad", &fastmeta::cpu::inner_update_lr_grad_cpu);
 }

@@ -213,14 +213,14 @@ def _save(ctx, params, grads, lrs, alpha, backend):
     ctx.lr_grad = any(lr.requires_grad for lr in lrs)
     ctx.g_grad = any(g.requires_grad for g in grads)
     saved_g = list(grads) if ctx.lr_grad else []
-    saved_lr = list(lrs) if ctx.g_grad else []
+    saved_lr = list(lrs) if (ctx.g_grad or ctx.lr_grad) else []
     ctx.n_saved_g = len(saved_g)
     ctx.save_for_backward(*saved_g, *saved_lr)
 
 
-def _grads(ctx, grad_outs, update):
-    """(d params, d grads, d lrs) as lists (None entries where not needed). ``update`` is the
-    differentiable fused update used for d grads (the op itself), so backward is
+def _grads(ctx, grad_outs, update, lr_grad):
+    """(d params, d grads, d lrs) as lists (None entries where not needed). ``update`` (the op
+    itself) gives d grads and ``lr_grad`` d lrs, both differentiable: the backward is
     differentiable to any order."""
     gos = [
         go if go is not None else torch.zeros(s, dtype=d, device=dev)
@@ -233,7 +233,7 @@ def _grads(ctx, grad_outs, update):
     # d grads_i = -alpha * lr_i * go_i: the fused update with no params (they read as 0)
     d_grads = update([], gos, list(lrs), alpha, ctx.backend) if ctx.g_grad else [None] * len(gos)
     if ctx.lr_grad:
-        d_lrs = [(g * go).sum_to_size(s) * -alpha for g, go, s in zip(grads, gos, ctx.lr_shapes)]
+        d_lrs = lr_grad(list(grads), gos, list(lrs), alpha, ctx.backend)
     else:
         d_lrs = [None] * len(ctx.lr_shapes)
     return d_params, d_grads, d_lrs
@@ -244,11 +244,65 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_outs):
-    d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _fwd)
+    d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _fwd, _lr_grad_op)
     return d_params, d_grads, d_lrs, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# d lr_i = -alpha * sum over lr_i's broadcast dims of grads_i * grad_outs_i. The cpp backend has
+# a fused kernel (one pass, no [T, *shape] temporary); elsewhere plain torch ops. Its own
+# gradient is the update with no params: d grads_i = -alpha * A_i * grad_outs_i and
+# d grad_outs_i = -alpha * A_i * grads_i for the cotangent A_i of d lr_i.
+
+
+def _lr_grad_torch(grads, grad_outs, lrs, alpha):
+    return [(g * go).sum_to_size(lr.shape) * -alpha for g, go, lr in zip(grads, grad_outs, lrs)]
+
+
+@torch.library.custom_op("fastmeta::inner_update_lr_grad", mutates_args=())
+def _lr_grad_fwd(
+    grads: list[torch.Tensor], grad_outs: list[torch.Tensor], lrs: list[torch.Tensor], alpha: float,
+    backend: str,
+) -> list[torch.Tensor]:
+    """``out_i = -alpha * (grads_i * grad_outs_i).sum_to_size(lrs_i.shape)`` (``lrs`` only give
+    the shapes)."""
+    if backend == "cpp":
+        return _registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha)
+    return [t.contiguous() for t in _lr_grad_torch(grads, grad_outs, lrs, alpha)]
+
+
+@_lr_grad_fwd.register_fake
+def _(grads, grad_outs, lrs, alpha, backend):
+    return [torch.empty_like(lr, memory_format=torch.contiguous_format) for lr in lrs]
+
+
+def _lr_setup(ctx, inputs, output):
+    grads, grad_outs, lrs, alpha, backend = inputs
+    ctx.alpha, ctx.backend, ctx.n = alpha, backend, len(grads)
+    ctx.save_for_backward(*grads, *grad_outs)
+
+
+def _lr_backward(ctx, cots):
+    return (*_lr_grad_grads(ctx, cots, _fwd), [None] * ctx.n, None, None)
+
+
+def _lr_grad_grads(ctx, cots, update):
+    saved = ctx.saved_tensors
+    grads, grad_outs = list(saved[: ctx.n]), list(saved[ctx.n :])
+    cots = [c if c is not None else torch.zeros((), dtype=g.dtype, device=g.device)
+            for c, g in zip(cots, grads)]
+    d_grads = update([], grad_outs, cots, ctx.alpha, ctx.backend)
+    d_grad_outs = update([], grads, cots, ctx.alpha, ctx.backend)
+    return d_grads, d_grad_outs
+
+
+_lr_grad_fwd.register_autograd(_lr_backward, setup_context=_lr_setup)
+
+
+def _lr_grad_op(grads, grad_outs, lrs, alpha, backend):
+    return _lr_grad_fwd(grads, grad_outs, lrs, alpha, backend)
 
 
 class _EagerUpdate(torch.autograd.Function):
@@ -266,12 +320,35 @@ class _EagerUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _eager)
+        d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _eager, _eager_lr_grad)
         return (None, None, None, None, *d_params, *d_grads, *d_lrs)
 
 
 def _eager(params, grads, lrs, alpha, backend):
     return list(_EagerUpdate.apply(backend, alpha, len(params), len(lrs), *params, *grads, *lrs))
+
+
+class _EagerLrGrad(torch.autograd.Function):
+    """Eager counterpart of ``fastmeta::inner_update_lr_grad`` (see :class:`_EagerUpdate`)."""
+
+    @staticmethod
+    def forward(ctx, backend, alpha, *flat):
+        n = len(flat) // 3
+        grads, grad_outs, lrs = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n :])
+        ctx.alpha, ctx.backend, ctx.n = alpha, backend, n
+        ctx.save_for_backward(*grads, *grad_outs)
+        if backend == "cpp":
+            return tuple(_registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha))
+        return tuple(_lr_grad_torch(grads, grad_outs, lrs, alpha))
+
+    @staticmethod
+    def backward(ctx, *cots):
+        d_grads, d_grad_outs = _lr_grad_grads(ctx, cots, _eager)
+        return (None, None, *d_grads, *d_grad_outs, *([None] * ctx.n))
+
+
+def _eager_lr_grad(grads, grad_outs, lrs, alpha, backend):
+    return list(_EagerLrGrad.apply(backend, alpha, *grads, *grad_outs, *lrs))
 
 
 # ---- public function -----------------------------------------------------------------------

@@ -179,12 +179,23 @@ def test_float32_within_measured_tolerance(backend, lr_form):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunk_boundaries_and_parallel_path(backend):
+    # forward and the lr gradient (fused on cpp: a parallel reduction here) past one chunk
     shapes, T = SHAPE_SETS["chunks"], 3
-    for lr_form in ("float", "per_element", "per_task", "per_task_element"):
+    for lr_form in ("float", "tensor0d", "per_tensor", "per_element", "per_task", "per_task_element"):
         ps, gs, _ = make_inputs(shapes, T, F64, "list")
         lr = make_lr(lr_form, shapes, T, F64)
-        for o, r in zip(inner_update(ps, gs, lr, backend=backend), oracle(ps, gs, lr)):
+        if lr_form == "float":
+            for o, r in zip(inner_update(ps, gs, lr, backend=backend), oracle(ps, gs, lr)):
+                assert_close64(o, r, name=lr_form)
+            continue
+        cots = [torch.randn(T, *s, dtype=F64, device=DEVICE) for s in shapes]
+        _, outs, grads = run_with_grads(lambda P, G, L: inner_update(P, G, L, backend=backend),
+                                        ps, gs, lr, None, "list", cots)
+        _, outs_ref, grads_ref = run_with_grads(lambda P, G, L: oracle(P, G, L), ps, gs, lr, None, "list", cots)
+        for o, r in zip(outs, outs_ref):
             assert_close64(o, r, name=lr_form)
+        for i, (a, b) in enumerate(zip(grads, grads_ref)):
+            assert_close64(a, b, name=f"{lr_form} grad {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -360,6 +371,20 @@ def test_opcheck_registered_op(backend):
         g = [t.detach().clone().requires_grad_() for t in g]
         l = [t.detach().clone().requires_grad_() for t in l]
         torch.library.opcheck(iu_mod._fwd, (p, g, l, a, backend))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck_lr_grad_op(backend):
+    shapes, T = [(2, 3), (4,), (0,), (), (2, 5)], 3
+    gs = [torch.randn(T, *s, dtype=F64, device=DEVICE, requires_grad=True) for s in shapes]
+    gos = [torch.randn(T, *s, dtype=F64, device=DEVICE, requires_grad=True) for s in shapes]
+    lrs = [torch.rand((), dtype=F64, device=DEVICE), torch.rand(4, dtype=F64, device=DEVICE),
+           torch.rand(T, 0, dtype=F64, device=DEVICE), torch.rand(T, dtype=F64, device=DEVICE),
+           torch.rand(T, 1, 5, dtype=F64, device=DEVICE)]  # last: the ATen fallback
+    torch.library.opcheck(iu_mod._lr_grad_fwd, (gs, gos, lrs, 0.6, backend))
+    out = iu_mod._lr_grad_fwd(gs, gos, lrs, 0.6, backend)
+    for o, g, go, lr in zip(out, gs, gos, lrs):
+        assert_close64(o, -0.6 * (g * go).sum_to_size(lr.shape))
 
 
 @pytest.mark.parametrize("backend", FAST)
