@@ -12,6 +12,9 @@ from fastmeta.nn import TaskConv4, TaskMLP
 from fastmeta.ops import BackendError, task_hvp, task_hvp_ref
 
 
+# torch's forward-AD decompositions (loaded by the first torch.func.jvp) call torch.jit.script
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny float64 shapes: intra-op threads only add OpenMP contention on a shared CPU
