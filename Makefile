@@ -6,7 +6,7 @@ SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*
 # Require the C++ extension in tests unless the user asked for a pure-Python install.
 REQUIRE_EXT := $(if $(filter 0,$(FASTMETA_BUILD_EXT)),0,1)
 
-.PHONY: install test demo bench cuda-check ci clean
+.PHONY: install test demo bench cuda-check ci clean peers bench-maml
 
 $(VENV)/.installed: $(SOURCES) tools/bootstrap.sh
 	bash tools/bootstrap.sh $(VENV)
@@ -28,6 +28,15 @@ demo: install
 bench: install
 	$(PY) bench/bench_proto.py
 	$(PY) bench/bench_protonet.py
+
+# MAML meta-step vs naive loop / higher / TorchOpt / torch.func vmap / learn2learn (the peers
+# come from tools/install_peers.sh, never from `make install`). BENCH_MAML_ARGS=--quick: minutes.
+BENCH_MAML_ARGS ?=
+peers: install
+	bash tools/install_peers.sh $(VENV)
+
+bench-maml: peers
+	$(PY) bench/bench_maml.py $(BENCH_MAML_ARGS)
 
 cuda-check:
 	bash csrc/check_cuda.sh

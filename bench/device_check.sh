@@ -158,6 +158,26 @@ if [ -f bench/bench_inner_update.py ]; then
     grep -v '^\.\.\. ' "$OUTDIR/bench_inner_update.txt" | tail -n 60
 fi
 
+# -- 5. MAML meta-step benchmark (fastmeta vs naive loop / torch.func vmap; + CUDA graph row) ---
+# Adds up to T_BENCH_MAML (default 120 s) to the worst case above. Peers (higher, TorchOpt,
+# learn2learn) are not installed on the lent machine (no internet): their rows say so.
+T_BENCH_MAML=${T_BENCH_MAML:-120}
+if [ -f bench/bench_maml.py ]; then
+    mkdir -p "$OUTDIR/rows_maml"
+    run_step "bench_maml (--device cuda)" "$T_BENCH_MAML" "$OUTDIR/bench_maml.txt" \
+        "$PY" bench/bench_maml.py --device cuda --time-limit $(( T_BENCH_MAML * 5 / 8 )) \
+        --child-timeout $(( T_BENCH_MAML / 3 )) --results-dir "$OUTDIR/rows_maml" \
+        ${BENCH_MAML_ARGS:-}
+    for f in "$OUTDIR"/rows_maml/*.jsonl; do
+        [ -e "$f" ] || continue
+        cp "$f" "$OUTDIR/" && mkdir -p bench/results && cat "$f" >>"bench/results/$(basename "$f")"
+    done
+    rm -rf "$OUTDIR/rows_maml"
+    grep -v '^\.\.\. ' "$OUTDIR/bench_maml.txt" | tail -n 80
+else
+    note "bench_maml: SKIPPED (bench/bench_maml.py missing)"
+fi
+
 # -- summary ----------------------------------------------------------------------------------
 {
     echo
