@@ -139,10 +139,13 @@ def _gradient_learner(kind: str):
     return build
 
 
-# MAML family on images: Finn et al.'s Omniglot recipe (inner lr 0.4, 1 step in training, 3 at
-# test time) with a 32-channel Conv4, first order and 8 tasks per step so that a CPU minute
-# sees a few hundred meta-steps; sinusoid: the paper's inner lr 0.01, K=10, 25 tasks, 10 test steps.
-_MAML_DEMO = ("--hidden", "32", "--first-order", "--batch", "8")
+# MAML family on images in the demo: Finn et al.'s Omniglot recipe (inner lr 0.4, 1 step in
+# training, 3 at test time, K query examples per class in training) with a 32-channel Conv4,
+# first order and 8 tasks per step, so that half a CPU minute sees more than a handful of
+# meta-steps. Sinusoid: the paper's inner lr 0.01, K=10, 25 tasks, 10 test steps, with a 10x
+# meta learning rate (0.01) so that 30 s of training gets somewhere.
+_MAML_DEMO = ("--hidden", "32", "--first-order", "--batch", "8", "--train-queries", "1")
+_MAML_SINUSOID_DEMO = ("--lr", "0.01")
 
 # name -> spec; every learner the CLI and the demo know
 LEARNERS: dict[str, LearnerSpec] = {
@@ -178,6 +181,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    "K support points, default 10)")
     p.add_argument("--queries", type=int, default=None, help="query examples per class (default 15; sinusoid: "
                    "query points per task, default 10)")
+    p.add_argument("--train-queries", type=int, default=None,
+                   help="query examples per class of the training episodes (default --queries; MAML's "
+                        "paper trains with K)")
     p.add_argument("--batch", type=int, default=None,
                    help="episodes (tasks) per training step (default 1; maml/metasgd/anil: the meta-batch, 32, "
                         "sinusoid 25)")
@@ -241,9 +247,11 @@ def _sinusoid_loader(args, device):
     from fastmeta.data.episodes import _mix
 
     tasks = data.SinusoidTasks()
-    k, q = args.shots, args.queries
+    k = args.shots
 
-    def loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch):
+    def loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch, queries=None):
+        q = args.queries if queries is None else queries
+
         def gen():
             i = start
             while n_batches is None or i < start + n_batches:
@@ -314,8 +322,9 @@ def run_training(args: argparse.Namespace) -> dict:
     sched = (torch.optim.lr_scheduler.StepLR(opt, args.lr_halve_every, gamma=0.5)
              if args.lr_halve_every > 0 else None)
 
-    def loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch):
-        return data.episodes(ds, split, ways, args.shots, args.queries, batch_size=batch,
+    def loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch, queries=None):
+        queries = args.queries if queries is None else queries
+        return data.episodes(ds, split, ways, args.shots, queries, batch_size=batch,
                              num_batches=n_batches, start=start, seed=seed, shuffle=spec.shuffle,
                              num_workers=args.workers, device=device)
 
@@ -323,7 +332,7 @@ def run_training(args: argparse.Namespace) -> dict:
         loader = _sinusoid_loader(args, device)  # noqa: F811
 
     def batches(start_step):
-        return iter(loader("train", train_ways, start=start_step))
+        return iter(loader("train", train_ways, start=start_step, queries=args.train_queries))
 
     def step_fn(batch):
         sx, sy, qx, qy, _ = batch
@@ -376,7 +385,7 @@ def demo(argv: list[str]) -> int:
     MAML on sinusoid regression (test MSE +- 95% CI and Finn et al.'s adaptation figure)."""
     p = argparse.ArgumentParser(prog="python -m fastmeta demo")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training minutes per learner (default: 3.5 minutes shared by all glyph learners, "
+                   help="training minutes per learner (default: 3 minutes shared by all glyph learners, "
                         "at most 3 each; train longer: --minutes 30)")
     p.add_argument("--sinusoid-minutes", type=float, default=None,
                    help="training minutes of MAML on sinusoid (default 0.5, or --minutes when given)")
@@ -393,7 +402,7 @@ def demo(argv: list[str]) -> int:
     unknown = set(names) - set(LEARNERS)
     if unknown:
         raise SystemExit(f"unknown learners {sorted(unknown)}; choose from {sorted(LEARNERS)}")
-    minutes = a.minutes if a.minutes is not None else min(3.0, 3.5 / max(1, len(names)))
+    minutes = a.minutes if a.minutes is not None else min(3.0, 3.0 / max(1, len(names)))
     print(f"fastmeta demo: {', '.join(names)} train {minutes:g} min each on glyphs, 5-way {a.shots}-shot "
           f"(train longer: `make demo DEMO_MINUTES=30` or `python -m fastmeta demo --minutes 30`)")
     ds = data.load_dataset("glyphs")
@@ -421,6 +430,7 @@ def demo(argv: list[str]) -> int:
             "train", "maml", "--dataset", "sinusoid", "--steps", "1000000", "--minutes", str(sin_minutes),
             "--val-every", "500", "--val-episodes", "100", "--ckpt-every", "500",
             "--test-episodes", str(a.episodes), "--device", a.device, "--run-dir", "runs/demo-maml-sinusoid-10s",
+            *_MAML_SINUSOID_DEMO,
         ])
         sin = run_training(args)
     print(f"\nglyphs 5-way {a.shots}-shot on the held-out test scripts {ds.groups('test')}: "

@@ -391,17 +391,17 @@ def test_top_level_exports():
 
 def test_cli_sinusoid_trains_reports_mse_and_resumes(tmp_path):
     run = tmp_path / "run"
-    base = ["train", "maml", "--dataset", "sinusoid", "--batch", "10", "--lr", "3e-3", "--val-every", "40",
-            "--val-episodes", "32", "--test-episodes", "64", "--test-inner-steps", "5", "--ckpt-every", "40",
-            "--run-dir", str(run), "--no-progress", "--device", "cpu"]
+    base = ["train", "maml", "--dataset", "sinusoid", "--batch", "10", "--lr", "1e-2", "--val-every", "40",
+            "--val-episodes", "16", "--test-episodes", "32", "--test-inner-steps", "5", "--ckpt-every", "40",
+            "--train-queries", "5", "--run-dir", str(run), "--no-progress", "--device", "cpu"]
     assert cli.main(base + ["--steps", "80"]) == 0
     out = json.loads((run / "results.json").read_text())
-    assert out["steps"] == 80 and out["test_episodes"] == 64 and 0 < out["test_mse"] < 10
+    assert out["steps"] == 80 and out["test_episodes"] == 32 and 0 < out["test_mse"] < 10
     assert (run / "adaptation.png").stat().st_size > 1000 and (run / "learning_curve.png").exists()
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,mse,val_mse,val_ci95")
     losses = [float(r.split(",")[1]) for r in rows[1:] if r.split(",")[1]]
-    assert losses[-1] < losses[0], losses  # the meta-training loss falls
+    assert sum(losses[-2:]) / 2 < 0.9 * losses[0], losses  # the meta-training loss falls
     assert cli.main(base + ["--steps", "100", "--resume"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 100
 
