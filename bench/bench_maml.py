@@ -927,9 +927,12 @@ def evaluate_targets(rows_by_cfg: dict, device: torch.device, quick: bool,
         else:
             out.append(Target("TaskMLP batched HVP >= 2x double backward", "n/a",
                               hvp.get("message", "")))
-    if quick:
+    if quick:  # a target read off a reduced config says so
+        reduced = [c for c in CONFIGS if config_of(c, True) != CONFIGS[c]]
         for t in out:
-            t.detail += " [--quick shapes: not the issue's configs]"
+            if any(t.name.startswith(c) or t.name.startswith(c.split("-")[0] + ":")
+                   for c in reduced):
+                t.detail += " [--quick shapes: not the issue's config]"
     return out
 
 
@@ -1039,7 +1042,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every process")
     ap.add_argument("--reps", type=int, default=None,
                     help="timed meta-steps per row after the cold one (default: 5 sinusoid, "
-                         "3 conv4-k5, 2 conv4-k1, 1 conv4-k10; --quick: 3)")
+                         "2 conv4-k5, 2 conv4-k1, 1 conv4-k10; --quick: 3)")
+    ap.add_argument("--f64-ref", choices=("auto", "on", "off"), default="auto",
+                    help="float64 reference run per config for the 'err vs f64' column (auto: "
+                         "sinusoid, --quick and CUDA; a full-size Conv4 one costs ~2 naive steps)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="start no new row after this many seconds (rows say 'skipped')")
     ap.add_argument("--child-timeout", type=float, default=900)
@@ -1112,9 +1118,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. the rows, each in a fresh process
     extra = dict(quick=args.quick, peers=versions, l2l_note=l2l_note, dtype=args.dtype,
-                 load_start=_load())
+                 load_start=_load(), argv=sys.argv[1:] if argv is None else argv,
+                 run_started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     rows_by_cfg: dict[str, list[Row]] = {}
     all_rows: list[Row] = []
+    saved = None
     tmp = tempfile.mkdtemp(prefix="bench_maml_")
     for config in configs:
         cfg = config_of(config, args.quick)
@@ -1123,12 +1131,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.quick:
             reps = 3
         else:
-            reps = {"conv4-k5": 3, "conv4-k1": 2, "conv4-k10": 1}.get(config, 5)
+            reps = {"conv4-k5": 2, "conv4-k1": 2, "conv4-k10": 1}.get(config, 5)
         names = [n for n in impls_for(cfg, device) if n in wanted]
         rows: list[Row] = []
         ref_grad, ref_msg = None, ""
-        if args.dtype != "float64" and not (args.time_limit is not None
-                                            and time.perf_counter() - t_start > args.time_limit):
+        want_ref = (args.f64_ref == "on" or (args.f64_ref == "auto" and (
+            args.quick or cfg["model"] == "mlp" or device.type == "cuda")))
+        if not want_ref:
+            ref_msg = "no float64 reference (--f64-ref)"
+        elif args.dtype != "float64" and not (args.time_limit is not None
+                                              and time.perf_counter() - t_start > args.time_limit):
             # the float64 reference of this config (same inputs, rounded to float32 first)
             gpath = os.path.join(tmp, f"{config}-reference.pt")
             print(f"... {config} float64 reference", file=sys.stderr, flush=True)
@@ -1197,6 +1209,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(config, rows, device, threads)
         rows_by_cfg[config] = rows
         all_rows.extend(rows)
+        if not args.no_save:  # per config: a run cut short keeps what it measured
+            saved = save_rows(rows, [], None, device, args.results_dir, dict(extra, load_end=_load()))
 
     hvp = None
     if not args.no_hvp:
@@ -1213,9 +1227,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = evaluate_targets(rows_by_cfg, device, args.quick, hvp)
     print_targets(targets)
     extra["load_end"] = _load()
-    saved = None
     if not args.no_save:
-        saved = save_rows(all_rows, targets, hvp, device, args.results_dir, extra)
+        saved = save_rows([], targets, hvp, device, args.results_dir, extra)
     bad = [r for r in all_rows if r.status in ("WRONG", "failed")]
     print(f"\n{len(all_rows)} rows, {sum(r.ok for r in all_rows)} timed, {len(bad)} wrong/failed, "
           f"{time.perf_counter() - t_start:.0f} s, "
