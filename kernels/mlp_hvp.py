@@ -109,7 +109,8 @@ def _mlp_hvp_kernel(
         if HVP:
             vt = tl.load(vw_ptr + layer * BW * BW + w_tr)
             rz = tl.dot(a, vt, input_precision="ieee", out_dtype=DT)
-            rz = tl.dot(ra, wt, rz, input_precision="ieee", out_dtype=DT)
+            if l > 0:  # R{a_0} = 0
+                rz = tl.dot(ra, wt, rz, input_precision="ieee", out_dtype=DT)
             if HAS_VB:
                 rz += tl.load(vb_ptr + layer * BW + cols)[None, :]
         if l + 1 < L:

@@ -250,3 +250,19 @@ def test_bad_inputs_raise_clearly(loss, change, exc, match):
     change(args)
     with pytest.raises(exc, match=match):
         mlp_grad_hvp(**args)
+
+
+@pytest.mark.skipif(ON_CPU, reason="bf16/fp16 arithmetic is exercised on the GPU (broken in the interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_triton_low_precision_upcasts(dtype, act, loss):
+    # fp32 inside the kernel: its error vs the float64 oracle is at most PyTorch's own at dtype
+    ws, bs, x, y, vw, vb = make(3, 17, (2, 16, 15, 3), True, loss, dtype)
+    fast = mlp_grad_hvp(ws, bs, x, y, vw, vb, act, loss, backend="triton")
+    oracle = mlp_grad_hvp_ref(_f64(ws), _f64(bs), x.double(), y.double() if loss == "mse" else y,
+                              _f64(vw), _f64(vb), act, loss)
+    same = mlp_grad_hvp_ref(ws, bs, x, y, vw, vb, act, loss)
+    for (name, f), (_, s), (_, o) in zip(_flat(fast), _flat(same), _flat(oracle)):
+        assert f.dtype == dtype, name
+        assert_close_measured(f, s, o, atol=1e-3, name=name)
