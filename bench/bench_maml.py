@@ -64,6 +64,8 @@ weights); ``grad`` (or autograd) over ``vmap`` over ``grad`` through ``batch_nor
 Without BatchNorm (the MLP) vmap agrees to 1e-16. Its Conv4 rows are timed (its users pay that
 cost) and marked ``[WRONG grads]``. ``bench/vmap_batchnorm_repro.py`` reproduces it in 20 lines
 (Linear -> batch_norm -> tanh: the gradient of the weight before the norm is off by 33%).
+Upstream this is pytorch/functorch issue #534 ("layer_norm and batch_norm backward batching
+rule is incorrect for grad_input", open since 2022, found while porting this very example).
 
 Script::
 

@@ -1,7 +1,8 @@
 """Minimal reproduction: torch.func ``grad`` over ``vmap`` over ``grad`` through training-mode
 ``batch_norm`` returns a wrong gradient for the parameters *before* the batch norm (torch 2.13,
 CPU, float64). This is why bench_maml.py's ``vmap`` row (the functorch MAML Omniglot example)
-fails the float64 correctness gate on Conv4 and is marked ``[WRONG grads]``.
+fails the float64 correctness gate on Conv4 and is marked ``[WRONG grads]``. Upstream:
+pytorch/functorch issue #534 (batch_norm's backward batching rule is wrong for grad_input).
 
     python bench/vmap_batchnorm_repro.py
     # W rel diff ~0.33 (wrong); g, b rel diff ~1e-16
