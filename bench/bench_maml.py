@@ -826,7 +826,7 @@ def print_table(config: str, rows: list[Row], device: torch.device, threads: int
 @dataclasses.dataclass
 class Target:
     name: str
-    status: str  # "hit" | "miss" | "n/a"
+    status: str  # "hit" | "miss" | "n/a" | "info"
     detail: str
 
 
@@ -919,6 +919,13 @@ def evaluate_targets(rows_by_cfg: dict, device: torch.device, quick: bool,
         out.append(Target(f"{config}: task_chunk faster than higher",
                           "hit" if ch.median_ms < hi.median_ms else "miss",
                           f"{ch.median_ms:.0f} ms vs {hi.median_ms:.0f} ms"))
+    for config, rows in rows_by_cfg.items():  # what capturing the meta-step adds (CUDA)
+        g = _get(rows_by_cfg, config, "fastmeta+cudagraph")
+        e = _get(rows_by_cfg, config, "fastmeta")
+        if g is not None and e is not None:
+            out.append(Target(f"{config}: CUDA graph of the fastmeta meta-step", "info",
+                              f"{g.median_ms:.2f} ms replayed vs {e.median_ms:.2f} ms eager: "
+                              f"{e.median_ms / g.median_ms:.2f}x"))
     if hvp:
         if hvp.get("status") == "ok":
             x = hvp["reference_ms"] / hvp["fastmeta_ms"]
@@ -1043,9 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every process")
-    ap.add_argument("--reps", type=int, default=None,
-                    help="timed meta-steps per row after the cold one (default: 5 sinusoid, "
-                         "2 conv4-k5, 2 conv4-k1, 1 conv4-k10; --quick: 3)")
+    ap.add_argument("--reps", default=None,
+                    help="timed meta-steps per row after the cold one: N for every config, or "
+                         "CONFIG=N,... (default: 5 sinusoid, 2 conv4-k5, 2 conv4-k1, 1 conv4-k10; "
+                         "--quick: 3). 0: the median is the cold step")
     ap.add_argument("--f64-ref", choices=("auto", "on", "off"), default="auto",
                     help="float64 reference run per config for the 'err vs f64' column (auto: "
                          "sinusoid, --quick and CUDA; a full-size Conv4 one costs ~2 naive steps)")
@@ -1077,6 +1085,13 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    reps_of: dict[str, int] = {}
+    for item in _split(args.reps):
+        cfg_name, _, n = item.rpartition("=")
+        for c in ([cfg_name] if cfg_name else list(CONFIGS)):
+            if c not in CONFIGS:
+                raise SystemExit(f"--reps: unknown config {c!r}")
+            reps_of[c] = int(n)
     wanted = _split(args.impls) or ALL_IMPLS
     for w in wanted:
         if w not in ALL_IMPLS:
@@ -1129,8 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_maml_")
     for config in configs:
         cfg = config_of(config, args.quick)
-        if args.reps is not None:
-            reps = args.reps
+        if config in reps_of:
+            reps = reps_of[config]
         elif args.quick:
             reps = 3
         else:
@@ -1213,7 +1228,8 @@ def main(argv: list[str] | None = None) -> int:
         rows_by_cfg[config] = rows
         all_rows.extend(rows)
         if not args.no_save:  # per config: a run cut short keeps what it measured
-            saved = save_rows(rows, [], None, device, args.results_dir, dict(extra, load_end=_load()))
+            saved = save_rows(rows, [], None, device, args.results_dir,
+                              dict(extra, load_end=_load()))
 
     hvp = None
     if not args.no_hvp:
