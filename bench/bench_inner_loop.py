@@ -145,6 +145,7 @@ def _case(op, name, params, dtype, device):
 
 MIN_REPS = [3]
 CLOCK = ["wall"]
+MEASURE_MEMORY = [True]
 
 
 def time_thread_cpu(step, budget, min_reps):
@@ -175,7 +176,7 @@ def run_row(case, impl, baseline, step, err, budget, tol):
             t = time_thread_cpu(step, budget, MIN_REPS[0])
         else:
             t = C.time_fn(step, device=case.device, budget_s=budget, min_reps=MIN_REPS[0])
-        peak = C.peak_memory_bytes(step, device=case.device)
+        peak = C.peak_memory_bytes(step, device=case.device) if MEASURE_MEMORY[0] else None
     except Exception as exc:  # noqa: BLE001 - the row says what happened
         return C.Result(case, "fwd+bwd", impl, baseline, "failed", C._first_line(exc), err=err)
     finally:
@@ -282,6 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
                     help="thread: CPU time of the calling thread (CPU only; use with --threads 1 on a "
                          "loaded machine)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call of each row")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
@@ -296,6 +298,7 @@ def main(argv=None) -> int:
         print(warn)
     MIN_REPS[0] = args.min_reps
     CLOCK[0] = args.clock
+    MEASURE_MEMORY[0] = not args.no_memory
     if args.clock == "thread" and torch.get_num_threads() != 1:
         raise SystemExit("--clock thread measures one thread's CPU time: add --threads 1")
     parts = args.parts.split(",")

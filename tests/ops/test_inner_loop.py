@@ -383,3 +383,32 @@ def test_float32_params_with_float64_learned_lr():
     loss = F.cross_entropy(fn(out, xq.float()).flatten(0, 1), yq.flatten())
     grads = torch.autograd.grad(loss, list(lr.values()))
     assert all(g.dtype == torch.float64 and torch.isfinite(g).all() for g in grads)
+
+
+class CustomBN(nn.Module):
+    """Not task-batchable and updates running statistics in place: runs on the per-task loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3) * 0.5)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(x @ self.w)
+
+
+def test_buffers_updated_by_forward_only():
+    """The backward's recomputation must not update BatchNorm running statistics again."""
+    module = CustomBN().double()
+    fn = task_function(module)
+    xs, ys = torch.randn(T, N_S, 3, dtype=torch.float64), torch.randint(0, 3, (T, N_S))
+    with pytest.warns(UserWarning, match="running the tasks one by one"):
+        fn(fn.expand(T), xs)  # first call: vmap is probed, fails, the loop path is chosen
+    assert fn.path == "loop"
+    before = int(module.bn.num_batches_tracked)
+    fast = inner_loop(fn, fn.expand(T), xs, ys, 2, 0.3, hvp_backend="reference")
+    after_forward = module.bn.running_mean.clone(), int(module.bn.num_batches_tracked)
+    assert after_forward[1] - before == 2 * T  # k steps x T tasks, as an unrolled per-task loop
+    torch.autograd.grad(sum(v.sum() for v in fast.values()), list(fn.params().values()))
+    assert torch.equal(module.bn.running_mean, after_forward[0])
+    assert int(module.bn.num_batches_tracked) == after_forward[1]
