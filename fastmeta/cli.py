@@ -322,14 +322,13 @@ def run_training(args: argparse.Namespace) -> dict:
     sched = (torch.optim.lr_scheduler.StepLR(opt, args.lr_halve_every, gamma=0.5)
              if args.lr_halve_every > 0 else None)
 
-    def loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch, queries=None):
+    def episode_loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch, queries=None):
         queries = args.queries if queries is None else queries
         return data.episodes(ds, split, ways, args.shots, queries, batch_size=batch,
                              num_batches=n_batches, start=start, seed=seed, shuffle=spec.shuffle,
                              num_workers=args.workers, device=device)
 
-    if regression:
-        loader = _sinusoid_loader(args, device)  # noqa: F811
+    loader = _sinusoid_loader(args, device) if regression else episode_loader
 
     def batches(start_step):
         return iter(loader("train", train_ways, start=start_step, queries=args.train_queries))

@@ -231,7 +231,7 @@ class Trainer:
                            f"val_{m}": "", "val_ci95": ""}
                     row.update(episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
                                elapsed_s=now - start)
-                    bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"})
+                    bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"}, refresh=False)
                     window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
                 if self.validate is not None and self.step % cfg.val_every == 0:
                     res = self.validate()

@@ -358,10 +358,9 @@ class _GradientLearner(nn.Module):
         Under ``torch.no_grad()`` (evaluation) the inner loop still takes its gradients and
         the result carries no graph. The support data gets no gradient from the inner loop.
         """
-        T = _check_batch(support_x, support_y, query_x, query_y)
+        _check_batch(support_x, support_y, query_x, query_y)
         steps = _check_steps(steps)
         task_chunk = _check_chunk(task_chunk)
-        del T
         return _run_meta_loss(self._tasks(steps, loss_fn), (support_x, support_y, query_x, query_y),
                               list(self.parameters()), task_chunk, _metric_kind(query_y))
 
@@ -532,7 +531,8 @@ class ANIL(_GradientLearner):
 
     Args:
         features: ``[M, *in] -> [M, D]`` (any module; run once per meta-batch on the support
-            and query examples of all tasks together, so BatchNorm sees the whole batch).
+            and query examples of all tasks together, so BatchNorm sees the whole batch --
+            with ``task_chunk``, the chunk's tasks).
         head: ``[M, D] -> [M, *out]`` (e.g. ``nn.Linear(D, n_way)``), adapted per task.
         lr: inner learning rate; first_order, allow_unused, allow_nograd: as for :class:`MAML`.
 
