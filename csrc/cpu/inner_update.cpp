@@ -139,6 +139,16 @@ std::vector<at::Tensor> inner_update_cpu(at::TensorList params, at::TensorList g
 // With lr read as lr[(i / div) % mod]: d_lr[j] = -alpha * sum_q sum_r (g * go)[(q * mod + j) * div
 // + r] (q < numel / (mod * div), r < div). One pass over g and go, no [T, *shape] temporary (the
 // torch expression (g * go).sum_to_size(lr.shape) writes one).
+// sum_k a[k] * b[k] carried in double (float32: products and sum exact to double precision, so
+// only the final rounding to float32 remains)
+template <typename T>
+FASTMETA_SIMD_CLONES double dot_wide(const T* __restrict a, const T* __restrict b, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(b[k]);
+  return s;
+}
+
 template <typename T>
 void lr_grad_span(const T* g, const T* go, int64_t numel, int64_t div, int64_t mod, T alpha, T* out) {
   const int64_t Q = numel / (div * mod);
@@ -148,7 +158,7 @@ void lr_grad_span(const T* g, const T* go, int64_t numel, int64_t div, int64_t m
     auto body = [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t s = b * kChunk, e = std::min(numel, s + kChunk);
-        part[b] = static_cast<double>(dot<T>(g + s, go + s, e - s));
+        part[b] = dot_wide<T>(g + s, go + s, e - s);
       }
     };
     if (numel < kParallelMin) body(0, blocks);
@@ -162,27 +172,32 @@ void lr_grad_span(const T* g, const T* go, int64_t numel, int64_t div, int64_t m
   const int64_t per_j = Q * div;
   const int64_t jlen = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, per_j));
   const int64_t items = ceil_div(mod, jlen);
+  // Products and sums over q (the tasks, typically) in double: float32 results then carry only
+  // their final rounding, less than PyTorch's own (g * go).sum(0).
+  const double na = -static_cast<double>(alpha);
   auto body = [&](int64_t w0, int64_t w1) {
+    std::vector<double> acc(div == 1 ? static_cast<size_t>(jlen) : 0);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t j0 = w * jlen, j1 = std::min(mod, j0 + jlen);
       if (div == 1) {  // accumulate rows of length j1 - j0, vectorised along j
-        T* __restrict o = out + j0;
-        std::fill(o, o + (j1 - j0), T(0));
+        double* __restrict o = acc.data();
+        std::fill(o, o + (j1 - j0), 0.0);
         for (int64_t q = 0; q < Q; ++q) {
           const T* __restrict a = g + q * mod + j0;
           const T* __restrict b = go + q * mod + j0;
 #pragma omp simd
-          for (int64_t k = 0; k < j1 - j0; ++k) o[k] += a[k] * b[k];
+          for (int64_t k = 0; k < j1 - j0; ++k)
+            o[k] += static_cast<double>(a[k]) * static_cast<double>(b[k]);
         }
-        for (int64_t k = 0; k < j1 - j0; ++k) o[k] *= -alpha;
+        for (int64_t k = 0; k < j1 - j0; ++k) out[j0 + k] = static_cast<T>(na * o[k]);
       } else {
         for (int64_t j = j0; j < j1; ++j) {
-          T acc = 0;
+          double a = 0;
           for (int64_t q = 0; q < Q; ++q) {
             const int64_t s = (q * mod + j) * div;
-            acc += dot<T>(g + s, go + s, div);
+            a += dot_wide<T>(g + s, go + s, div);
           }
-          out[j] = -alpha * acc;
+          out[j] = static_cast<T>(na * a);
         }
       }
     }
