@@ -26,7 +26,8 @@ import torch
 
 from fastmeta import _ext
 
-BACKEND_NAMES = ("triton", "cuda", "cpp", "reference")
+# kernel backends, then the model-level strategies of task_hvp (analytic R-op, torch.func)
+BACKEND_NAMES = ("triton", "cuda", "cpp", "reference", "analytic", "func")
 _ENV_VAR = "FASTMETA_BACKEND"
 
 

@@ -73,10 +73,7 @@ _BACKENDS = (
     _registry.Backend("reference", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
     _registry.Backend("func", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
 )
-# _registry.register() only admits the kernel backend names (triton/cuda/cpp/reference);
-# task_hvp's backends are model-level strategies, so its row is entered directly. select(),
-# table() and fastmeta.backends() treat it like every other op.
-_registry._TABLE[_OP] = _BACKENDS
+_registry.register(_OP, _BACKENDS)
 
 
 def select_backend(fn, tensors, loss_fn, backend: str | None = None) -> str:
