@@ -51,6 +51,9 @@ Method:
   meta-step itself took (the issue's numbers are RSS). On CUDA, ``peak MB`` is
   ``torch.cuda.max_memory_allocated()`` over the step instead. Then ``--reps`` timed
   meta-steps: ``time.perf_counter`` on the CPU, CUDA events on the GPU; median and p20/p80.
+  With ``--threads 1`` on a CPU the medians are process CPU time (``--clock auto``): on a
+  shared machine other processes stretch wall time, not the CPU time a single-threaded step
+  consumes; the other clock's median is its own column.
 * Speedup ``x B`` = median of row B / median of this row.
 * The 1-minute load average is recorded before and after every row: on a shared CPU a busy
   neighbour inflates times (compare p20/p80).
@@ -692,16 +695,17 @@ def child_main(spec: dict) -> dict:
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(device)
         alloc0 = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = run_step(step, model, batch)
     C.synchronize(device)
     cold_ms = (time.perf_counter() - t0) * 1e3
+    cold_cpu_ms = (time.process_time() - c0) * 1e3
     rss1 = peak_rss()
     cuda_peak = (torch.cuda.max_memory_allocated(device) - alloc0) if is_cuda else None
     grads = flat_grads(model)
     if spec.get("grads_path"):
         torch.save(grads, spec["grads_path"])
-    times = []
+    times, cpu_times = [], []
     gc.collect()
     gc.disable()
     for _ in range(spec["reps"]):
@@ -713,11 +717,13 @@ def child_main(spec: dict) -> dict:
             torch.cuda.synchronize(device)
             times.append(a.elapsed_time(b))
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run_step(step, model, batch)
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu_times.append((time.process_time() - c0) * 1e3)
     gc.enable()
-    return dict(status="ok", cold_ms=cold_ms, times_ms=times, rss_base_mb=rss0 / 2**20,
+    return dict(status="ok", cold_ms=cold_ms, times_ms=times, cold_cpu_ms=cold_cpu_ms,
+                cpu_times_ms=cpu_times, rss_base_mb=rss0 / 2**20,
                 rss_peak_mb=(rss1 - rss0) / 2**20, rss_max_mb=rss1 / 2**20,
                 cuda_peak_mb=(cuda_peak / 2**20 if cuda_peak is not None else None),
                 loss=float(loss), threads=torch.get_num_threads())
@@ -769,6 +775,9 @@ class Row:
     load_after: float | None = None
     speedups: dict = dataclasses.field(default_factory=dict)
     wrong: bool = False  # a peer that failed the correctness gate, timed anyway
+    clock: str = "wall"  # what median/p20/p80/cold measure: "wall" (perf_counter/CUDA events)
+    # or "cpu" (process CPU time: with 1 thread, immune to other processes on a shared CPU)
+    other_median_ms: float | None = None  # the median on the other clock
 
     @property
     def ok(self) -> bool:
@@ -794,14 +803,17 @@ def print_table(config: str, rows: list[Row], device: torch.device, threads: int
     shape = " ".join(f"{k}={v}" for k, v in cfg.items())
     bases = [r.impl for r in rows if r.baseline and r.ok]
     mem = "peak MB (cuda)" if device.type == "cuda" else "peak RSS MB"
-    header = ["impl", "median ms", "p20", "p80", *[f"x {b}" for b in bases], mem, "cold ms",
-              "err vs f64", "n"]
+    clock = rows[0].clock
+    other = "wall ms" if clock == "cpu" else "cpu ms"
+    header = ["impl", f"{clock} ms", "p20", "p80", *[f"x {b}" for b in bases], mem, "cold ms",
+              other, "err vs f64", "n"]
     body, notes = [], []
     for r in rows:
         if r.ok:
             body.append([r.label, C._fmt_ms(r.median_ms), C._fmt_ms(r.p20_ms), C._fmt_ms(r.p80_ms),
                          *[C._fmt(r.speedups.get(b), ".2f") for b in bases],
                          C._fmt(r.peak_mb, ".1f"), C._fmt_ms(r.cold_ms),
+                         C._fmt_ms(r.other_median_ms),
                          C._fmt(r.err_f64, ".1e"), str(r.n)])
             if r.message:
                 notes.append(f"  {r.label}: {r.message}")
@@ -816,7 +828,8 @@ def print_table(config: str, rows: list[Row], device: torch.device, threads: int
 
     loads = [x for r in rows for x in (r.load_before, r.load_after) if x is not None]
     load = f"load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
-    out = [f"\n== maml meta-step | {config}: {shape} | {device.type} {threads} threads | {load} ==",
+    out = [f"\n== maml meta-step | {config}: {shape} | {device.type} {threads} threads | "
+           f"{clock} time | {load} ==",
            line(header), "  ".join("-" * w for w in widths), *map(line, body), *notes]
     text = "\n".join(out)
     print(text, flush=True)
@@ -1007,7 +1020,8 @@ def save_rows(rows: list[Row], targets: list[Target], hvp: dict | None, device: 
             row = dict(timestamp=stamp, bench=STEM, kind="meta-step", config=r.config,
                        params=r.cfg, impl=r.label, baseline=r.baseline, status=r.status,
                        message=r.message, median_ms=r.median_ms, p20_ms=r.p20_ms,
-                       p80_ms=r.p80_ms, n=r.n, cold_ms=r.cold_ms, rss_peak_mb=r.rss_peak_mb,
+                       p80_ms=r.p80_ms, n=r.n, cold_ms=r.cold_ms, clock=r.clock,
+                       other_clock_median_ms=r.other_median_ms, rss_peak_mb=r.rss_peak_mb,
                        rss_base_mb=r.rss_base_mb, cuda_peak_mb=r.cuda_peak_mb,
                        err_vs_f64=r.err_f64, gate_err_f64=r.gate_err,
                        load_before=r.load_before, load_after=r.load_after,
@@ -1054,6 +1068,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed meta-steps per row after the cold one: N for every config, or "
                          "CONFIG=N,... (default: 5 sinusoid, 2 conv4-k5, 2 conv4-k1, 1 conv4-k10; "
                          "--quick: 3). 0: the median is the cold step")
+    ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                    help="what the medians measure: wall time, or process CPU time (auto: CPU "
+                         "time on a CPU with --threads 1, where other processes' load would "
+                         "otherwise inflate wall times; wall time otherwise)")
     ap.add_argument("--f64-ref", choices=("auto", "on", "off"), default="auto",
                     help="float64 reference run per config for the 'err vs f64' column (auto: "
                          "sinusoid, --quick and CUDA; a full-size Conv4 one costs ~2 naive steps)")
@@ -1092,6 +1110,11 @@ def main(argv: list[str] | None = None) -> int:
             if c not in CONFIGS:
                 raise SystemExit(f"--reps: unknown config {c!r}")
             reps_of[c] = int(n)
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and args.threads == 1 else "wall"
+    if clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu measures host CPU time; use --clock wall on CUDA")
     wanted = _split(args.impls) or ALL_IMPLS
     for w in wanted:
         if w not in ALL_IMPLS:
@@ -1208,8 +1231,14 @@ def main(argv: list[str] | None = None) -> int:
             if res.get("status") != "ok":
                 row.status, row.message = "failed", res.get("message", "")
                 continue
-            t = C.summarize_ms(res["times_ms"]) if res["times_ms"] else dict(
-                median_ms=res["cold_ms"], p20_ms=res["cold_ms"], p80_ms=res["cold_ms"], n=0)
+            use_cpu = clock == "cpu"
+            times = res["cpu_times_ms"] if use_cpu else res["times_ms"]
+            cold = res["cold_cpu_ms"] if use_cpu else res["cold_ms"]
+            other = res["times_ms"] if use_cpu else res["cpu_times_ms"]
+            t = C.summarize_ms(times) if times else dict(median_ms=cold, p20_ms=cold,
+                                                         p80_ms=cold, n=0)
+            row.other_median_ms = (C.summarize_ms(other)["median_ms"] if other else
+                                   (res["cold_ms"] if use_cpu else res["cold_cpu_ms"]))
             row.status = "ok"
             row.wrong = bool(flagged)
             row.message = flagged
@@ -1218,8 +1247,9 @@ def main(argv: list[str] | None = None) -> int:
             if not res["times_ms"]:
                 row.message = "; ".join(
                     x for x in (flagged, "median = the cold step (--reps 0)") if x)
-            row.cold_ms, row.rss_peak_mb, row.rss_base_mb = (res["cold_ms"], res["rss_peak_mb"],
+            row.cold_ms, row.rss_peak_mb, row.rss_base_mb = (cold, res["rss_peak_mb"],
                                                              res["rss_base_mb"])
+            row.clock = clock
             row.cuda_peak_mb = res.get("cuda_peak_mb")
             if ref_grad is not None:
                 row.err_f64 = C._rel_err(torch.load(gpath), ref_grad)
