@@ -159,9 +159,11 @@ if [ -f bench/bench_inner_update.py ]; then
 fi
 
 # -- 5. MAML meta-step benchmark (fastmeta vs naive loop / torch.func vmap; + CUDA graph row) ---
-# Adds up to T_BENCH_MAML (default 120 s) to the worst case above. Peers (higher, TorchOpt,
+# Adds up to T_BENCH_MAML (default 150 s) to the worst case above. Peers (higher, TorchOpt,
 # learn2learn) are not installed on the lent machine (no internet): their rows say so.
-T_BENCH_MAML=${T_BENCH_MAML:-120}
+# Conv4 k=5 first (the headline; each row is a fresh process, ~10 s of start-up on a GPU).
+T_BENCH_MAML=${T_BENCH_MAML:-150}
+BENCH_MAML_ARGS=${BENCH_MAML_ARGS:---configs conv4-k5,sinusoid-k5,conv4-k10}
 if [ -f bench/bench_maml.py ]; then
     mkdir -p "$OUTDIR/rows_maml"
     run_step "bench_maml (--device cuda)" "$T_BENCH_MAML" "$OUTDIR/bench_maml.txt" \
