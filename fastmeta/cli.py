@@ -212,6 +212,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for this run (default: torch's; sinusoid: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -304,11 +306,24 @@ def sinusoid_figure(learner, path: Path, k: int = 10, steps=(0, 1, 10), seed: in
 
 def run_training(args: argparse.Namespace) -> dict:
     """Train ``args.learner`` and evaluate it on the test split; returns the results dict."""
+    spec = LEARNERS[args.learner]
+    _resolve_defaults(args, spec)
+    # sinusoid's 40-unit MLP is far too small for intra-op threads: they only add
+    # synchronisation (and on a shared CPU a descheduled thread stalls every op)
+    threads = args.threads if args.threads is not None else (1 if args.dataset == "sinusoid" else None)
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_training(args, spec)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     from fastmeta import data
     from fastmeta.train import Trainer, TrainConfig
 
-    spec = LEARNERS[args.learner]
-    _resolve_defaults(args, spec)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     regression = args.dataset == "sinusoid"
