@@ -143,8 +143,10 @@ def _gradient_learner(kind: str):
 # training, 3 at test time, K query examples per class in training) with a 32-channel Conv4,
 # first order and 8 tasks per step, so that half a CPU minute sees more than a handful of
 # meta-steps. Sinusoid: the paper's inner lr 0.01, K=10, 25 tasks, 10 test steps, with a 10x
-# meta learning rate (0.01) so that 30 s of training gets somewhere.
-_MAML_DEMO = ("--hidden", "32", "--first-order", "--batch", "8", "--train-queries", "1")
+# meta learning rate (0.01) so that 30 s of training gets somewhere. One intra-op thread: on the
+# shared 2-core CPU a second thread made MAML's small per-task convolutions ~20x slower
+# (8 vs 173 meta-steps in 30 s) and its test evaluation minutes longer.
+_MAML_DEMO = ("--hidden", "32", "--first-order", "--batch", "8", "--train-queries", "1", "--threads", "1")
 _MAML_SINUSOID_DEMO = ("--lr", "0.01")
 
 # name -> spec; every learner the CLI and the demo know
