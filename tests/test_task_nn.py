@@ -343,3 +343,83 @@ def test_batchnorm_custom_double_backward_gradgradcheck(shape, affine):
     assert torch.autograd.gradgradcheck(flat, inputs, fast_mode=True)
     # and equal to PyTorch's own double backward
     assert_same_derivatives(ours, torchs, {n: v.detach() for n, v in params.items()}, x.detach())
+
+
+def test_task_conv4_28px_channels_last_and_pool_ties():
+    """28x28 Conv4: channels_last blocks (28, 14), NCHW blocks (7, 3), floor pooling 7 -> 3,
+    and images with a constant (zero) border, so that the 2x2 max-pools see exact ties: the
+    task-batched pool must pick the same element as the per-task max_pool2d (first in the
+    window), for outputs, first and second derivatives."""
+    tc = TaskConv4(in_channels=1, n_way=3, hidden=2, image_size=28).to(D)
+    plain = plain_conv4(1, 3, 2, 28).to(D)
+    plain.load_state_dict(tc.state_dict())
+    x = torch.zeros(2, 3, 1, 28, 28, dtype=D)
+    x[..., 6:20, 9:23] = torch.randn(2, 3, 1, 14, 14, dtype=D)
+    params = task_params(tc, T=2)
+    assert_same_derivatives(lambda p, xx: tc(xx, p), lambda p, xx: loop_ref(plain, p, xx), params, x)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "kw", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+           {"kernel_size": 2, "dilation": 2}], ids=["k2", "k3s2p1ceil", "dilated"])
+def test_max_pool_autograd_function_matches_max_pool2d(fmt, kw):
+    """_MaxPool2d (no zeros tensor for the pool-backward's derivative w.r.t. its input) equals
+    F.max_pool2d in value, first and second derivatives, ties (a constant region) and odd
+    sizes included; gradgradcheck."""
+    from fastmeta.nn.task import _MaxPool2d
+
+    x = torch.randn(2, 3, 7, 9, dtype=D)
+    x[:, :, :4, :4] = 0.5  # ties
+    x = x.contiguous(memory_format=getattr(torch, "contiguous_format" if fmt == "contiguous" else fmt))
+    args = (kw["kernel_size"], kw.get("stride", kw["kernel_size"]), kw.get("padding", 0), kw.get("dilation", 1),
+            kw.get("ceil_mode", False))
+
+    def ours(p, xx):
+        return _MaxPool2d.apply(xx * p["s"], *args)
+
+    def ref(p, xx):
+        return F.max_pool2d(xx * p["s"], *args)
+
+    assert_same_derivatives(ours, ref, {"s": torch.tensor([1.5], dtype=D)}, x)
+    # finite differences need distinct values (a tie is a kink of the max)
+    xx = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=D)).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: _MaxPool2d.apply(t, *args), (xx,), fast_mode=True)
+
+
+def test_batchnorm_channels_last_input_nchw_gradient():
+    """channels_last x with an NCHW gradient (what a sum of branches of mixed formats gives):
+    same derivatives as F.batch_norm."""
+    from fastmeta.nn.task import _batch_norm_train
+
+    x = torch.randn(3, 4, 5, 5, dtype=D).contiguous(memory_format=torch.channels_last)
+    params = {"w": torch.randn(4, dtype=D), "b": torch.randn(4, dtype=D)}
+    assert_same_derivatives(lambda p, xx: _batch_norm_train(xx, p["w"], p["b"], 1e-5).contiguous(),
+                            lambda p, xx: F.batch_norm(xx, None, None, p["w"], p["b"], True, 0.0, 1e-5),
+                            params, x)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["xgrad", "noxgrad"])
+def test_grouped_conv_double_backward(bias, x_grad):
+    """_GroupedConv (grouped weight term of the double backward in one call): gradgradcheck,
+    and equal to F.conv2d's own double backward."""
+    from fastmeta.nn.task import _GroupedConv
+
+    cfg = ([2, 1], [1, 0], [1, 2], 2)
+    x = torch.randn(2, 4, 6, 7, dtype=D).contiguous(memory_format=torch.channels_last)
+    p = {"w": torch.randn(6, 2, 3, 2, dtype=D)}
+    if bias:
+        p["b"] = torch.randn(6, dtype=D)
+
+    def ours(pp, xx):
+        out = _GroupedConv.apply(xx if x_grad else xx.detach(), pp["w"], pp.get("b"), cfg)
+        return out if x_grad else out + 0 * xx.sum()  # x unused by the conv: zero derivatives
+
+    def ref(pp, xx):
+        out = F.conv2d(xx if x_grad else xx.detach(), pp["w"], pp.get("b"), *cfg)
+        return out if x_grad else out + 0 * xx.sum()
+
+    assert_same_derivatives(ours, ref, p, x)
+    ins = (x.clone().requires_grad_(x_grad), *[v.clone().requires_grad_() for v in p.values()])
+    assert torch.autograd.gradgradcheck(lambda xx, w, b=None: _GroupedConv.apply(xx, w, b, cfg), ins, fast_mode=True)

@@ -1,0 +1,98 @@
+"""Ablation of TaskConv4's CPU speed-ups on the second-order MAML meta-step.
+
+One meta-step = ``inner_loop`` (k steps, second order) on the support set, the query loss,
+``backward``: TaskConv4 (hidden 64, 28x28, 1 channel), 5-way 1-shot (5 support and 75 query
+images per task), k=5, lr 0.4. The variants switch off one of the choices in
+``fastmeta/nn/task.py`` at a time and run interleaved in one process (round robin), so load
+changes on a shared machine hit all of them alike:
+
+* ``default``: channels_last for grouped convs on maps >= 14x14, ``_GroupedConv`` (grouped
+  double backward in one call), ``_MaxPool2d`` (no zeros tensor in the double backward);
+* ``nchw``: no channels_last;
+* ``torch_conv``: ``F.conv2d``'s own double backward (one conv per task for the weight term);
+* ``torch_pool``: ``F.max_pool2d``'s own double backward.
+
+Time is the thread's CPU time (``time.thread_time``) at 1 thread by default; the table has
+the median and min per variant and the 1-minute load average at the end.
+
+Usage::
+
+    python bench/bench_task_conv.py [--tasks 32] [--reps 4] [--k 5] [--threads 1]
+        [--variants default,nchw,torch_conv,torch_pool]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastmeta.nn.task as TK
+from fastmeta.func import task_function, task_losses
+from fastmeta.nn import TaskConv4
+from fastmeta.ops import inner_loop
+
+
+class _TorchConv:
+    @staticmethod
+    def apply(h, w, b, cfg):
+        return F.conv2d(h, w, b, *cfg)
+
+
+class _TorchPool:
+    @staticmethod
+    def apply(h, *args):
+        return F.max_pool2d(h, *args)
+
+
+def _set(variant: str, saved: dict) -> None:
+    TK._CHANNELS_LAST_MIN_PIXELS = 1 << 62 if variant == "nchw" else saved["px"]
+    TK._GroupedConv = _TorchConv if variant == "torch_conv" else saved["conv"]
+    TK._MaxPool2d = _TorchPool if variant == "torch_pool" else saved["pool"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="default,nchw,torch_conv,torch_pool")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    saved = {"px": TK._CHANNELS_LAST_MIN_PIXELS, "conv": TK._GroupedConv, "pool": TK._MaxPool2d}
+    T, S, Q = a.tasks, 5, 75
+    torch.manual_seed(0)
+    model = TaskConv4(1, 5, 64, 28)
+    fn = task_function(model)
+    sx, sy = torch.randn(T, S, 1, 28, 28), torch.randint(0, 5, (T, S))
+    qx, qy = torch.randn(T, Q, 1, 28, 28), torch.randint(0, 5, (T, Q))
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        fast = inner_loop(fn, fn.expand(T), sx, sy, a.k, 0.4)
+        task_losses(F.cross_entropy, fn(fast, qx), qy).mean().backward()
+
+    variants = a.variants.split(",")
+    times = {v: [] for v in variants}
+    for rep in range(a.reps + 1):  # rep 0 warms up
+        for v in variants:
+            _set(v, saved)
+            t = time.thread_time()
+            step()
+            if rep:
+                times[v].append(time.thread_time() - t)
+    _set("default", saved)
+    print(f"TaskConv4 meta-step, T={T}, k={a.k}, {a.threads} thread(s), thread CPU s, "
+          f"load {os.getloadavg()[0]:.1f}")
+    for v in variants:
+        print(f"  {v:11s} median {statistics.median(times[v]):7.3f}  min {min(times[v]):7.3f}")
+
+
+if __name__ == "__main__":
+    main()
