@@ -1060,6 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--impls", default=None, help=f"comma list of {', '.join(ALL_IMPLS)}")
+    ap.add_argument("--curve-impls", default=None,
+                    help="rows of the memory-curve configs conv4-k1/conv4-k10 (default: --impls)")
     ap.add_argument("--quick", action="store_true", help="small meta-batches/width, few reps")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", default="float32")
@@ -1121,6 +1123,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown impl {w!r}; choose from {', '.join(ALL_IMPLS)}")
     if "naive" not in wanted:
         wanted = ["naive", *wanted]  # the reference of every check
+    curve_wanted = _split(args.curve_impls) or wanted
+    for w in curve_wanted:
+        if w not in ALL_IMPLS:
+            raise SystemExit(f"unknown impl {w!r}; choose from {', '.join(ALL_IMPLS)}")
     warn = C.busy_warning()
     if warn:
         print(warn, flush=True)
@@ -1173,7 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
             reps = 3
         else:
             reps = {"conv4-k5": 2, "conv4-k1": 2, "conv4-k10": 1}.get(config, 5)
-        names = [n for n in impls_for(cfg, device) if n in wanted]
+        here = curve_wanted if config in ("conv4-k1", "conv4-k10") else wanted
+        names = [n for n in impls_for(cfg, device) if n in here]
         rows: list[Row] = []
         ref_grad, ref_msg = None, ""
         want_ref = (args.f64_ref == "on" or (args.f64_ref == "auto" and (
