@@ -22,6 +22,16 @@ the label that arrives one step later before it can use either; on the tests' bl
 (5-way 1-shot, 8 episodes a step) that took about 2,200 steps of loss at chance, against
 about 150 with pairs.
 
+The embedding is layer-normalised (parameter-free) before it is paired with the label code
+(``embed_norm``, see :class:`~fastmeta.learners._sequence.SequenceLearner`): raw Conv4
+features are non-negative and nearly parallel across glyphs, so the first attention block's
+scores barely tell supports apart, and they outweigh the one-hot label. Measured on glyphs
+(5-way 1-shot, the CLI's sizes, lr 3e-3, 8 episodes a step, one seed): after 200 steps the
+validation accuracy (200 episodes) is 70.6 +- 1.9% with the norm and 52.4 +- 1.7% without.
+Starting each attention block's query projection equal to its key projection (see
+:class:`AttentionBlock`) moves the end of the plateau at chance from ~140 steps to ~70 and
+the validation accuracy after 200 steps to 79.7 +- 1.6% (same seed and episodes).
+
 Every query is the last step of its own sequence (support, query). The support steps do not
 depend on the query, so they run once per episode; each query then adds one step that reads
 the support's activations: in a TC layer with dilation ``d`` the query's step combines itself
@@ -108,6 +118,15 @@ class AttentionBlock(nn.Module):
         self.key, self.value = key, value
         self.proj = nn.Linear(in_channels, 2 * key + value)
         self.out_channels = in_channels + value
+        # The query projection starts equal to the key projection (both then train freely):
+        # a score starts as (W x_i + b) . (W x_j + b), a similarity of the two steps, so a
+        # query already attends more to the supports that look like it and the label it reads
+        # there carries a gradient. Independent random projections give scores unrelated to
+        # similarity and near-uniform attention, which reads the average label (see the module
+        # docstring for the measured effect).
+        with torch.no_grad():
+            self.proj.weight[:key] = self.proj.weight[key : 2 * key]
+            self.proj.bias[:key] = self.proj.bias[key : 2 * key]
 
     def _qkv(self, x):
         q, k, v = self.proj(x).split([self.key, self.key, self.value], -1)
