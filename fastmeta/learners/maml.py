@@ -595,7 +595,8 @@ class ANIL(_GradientLearner):
         fn = self.head_function()
         z = self.embed(support_x) if support_features is None else support_features
         fo = self.first_order if first_order is None else first_order
-        return _head_inner_loop(fn, fn.expand(z.shape[0]), z, support_y, steps, self.lr, fo, loss_fn)
+        # second order: inner_loop also gives the features (its support input) their exact gradient
+        return _inner_loop(fn, fn.expand(z.shape[0]), z, support_y, steps, self.lr, fo, loss_fn)
 
     def predict(self, adapted: dict[str, Tensor], x: Tensor, features: Tensor | None = None) -> Tensor:
         return self.head_function()(adapted, self.embed(x) if features is None else features)
@@ -613,39 +614,6 @@ class ANIL(_GradientLearner):
             return task_losses(loss_fn, out, qy), task_metric(out.detach(), qy)
 
         return tasks_fn
-
-
-def autograd_inner_loop(fn, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int,
-                        lr, first_order: bool = False, loss_fn: Callable = F.cross_entropy) -> dict[str, Tensor]:
-    """``steps`` task-batched gradient steps with plain autograd (``create_graph`` when second
-    order): the adapted parameters ``[T, *shape]``. Keeps every step's activations for
-    backward (``fastmeta.ops.inner_loop`` does not); gradients reach ``support_x`` too."""
-    from fastmeta.func import task_losses
-    from fastmeta.ops.inner_update import inner_update
-
-    names = list(params)
-    if isinstance(lr, dict):
-        lr = [lr[n] for n in names]
-    grad_mode = torch.is_grad_enabled()
-    ps = list(params.values())
-    for _ in range(steps):
-        with torch.enable_grad():
-            cur = ps if grad_mode else [p.detach().requires_grad_() for p in ps]
-            losses = task_losses(loss_fn, fn(dict(zip(names, cur)), support_x), support_y)
-            grads = torch.autograd.grad(losses.sum(), cur, create_graph=grad_mode and not first_order)
-        if not grad_mode:
-            cur = [p.detach() for p in cur]
-        ps = list(inner_update(cur, list(grads), lr))
-    return dict(zip(names, ps))
-
-
-def _head_inner_loop(fn, params, z, y, steps, lr, first_order, loss_fn):
-    # The head's support input (the features) needs its gradient in second-order ANIL; the
-    # fused inner_loop gives none to its data, so second order runs the (cheap: one small
-    # head) autograd loop; first order (and evaluation) use the fused op.
-    if first_order or not torch.is_grad_enabled() or not z.requires_grad:
-        return _inner_loop(fn, params, z, y, steps, lr, first_order, loss_fn)
-    return autograd_inner_loop(fn, params, z, y, steps, lr, first_order, loss_fn)
 
 
 # ---- the few-shot learner the trainer, evaluator and CLI use --------------------------------
