@@ -286,31 +286,10 @@ def _zero_grad(model: nn.Module) -> None:
         p.grad = None
 
 
-def make_naive(model, cfg):
-    k, lr, loss_fn = cfg["k"], cfg["lr"], loss_fn_of(cfg)
-    call = torch.func.functional_call
-
-    def step(sx, sy, qx, qy):
-        params = dict(model.named_parameters())
-        T = sx.shape[0]
-        total = 0.0
-        for t in range(T):
-            p = params
-            for _ in range(k):
-                inner = loss_fn(call(model, p, (sx[t],)), sy[t])
-                grads = torch.autograd.grad(inner, list(p.values()), create_graph=True)
-                p = {n: w - lr * g for (n, w), g in zip(p.items(), grads)}
-            total = total + loss_fn(call(model, p, (qx[t],)), qy[t])
-        loss = total / T
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def make_reference(model, cfg):
-    """The naive loop with one backward per task (each task's graph freed before the next):
-    the float64 reference of the ``err vs f64`` column, at the memory of one task."""
+def make_naive(model, cfg, backward_per_task=False):
+    """The per-task create_graph loop of research code. ``backward_per_task``: one backward
+    per task (each task's graph freed before the next) -- the float64 reference of the
+    ``err vs f64`` column, at the memory of one task."""
     k, lr, loss_fn = cfg["k"], cfg["lr"], loss_fn_of(cfg)
     call = torch.func.functional_call
 
@@ -325,11 +304,20 @@ def make_reference(model, cfg):
                 grads = torch.autograd.grad(inner, list(p.values()), create_graph=True)
                 p = {n: w - lr * g for (n, w), g in zip(p.items(), grads)}
             q = loss_fn(call(model, p, (qx[t],)), qy[t])
-            (q / T).backward()
-            total += q.detach()
-        return total / T
+            if backward_per_task:
+                (q / T).backward()
+                q = q.detach()
+            total = total + q
+        loss = total / T
+        if not backward_per_task:
+            loss.backward()
+        return loss.detach()
 
     return step
+
+
+def make_reference(model, cfg):
+    return make_naive(model, cfg, backward_per_task=True)
 
 
 def make_higher(model, cfg):

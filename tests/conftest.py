@@ -35,3 +35,14 @@ def _skip_unavailable_backend(request):
     backend = callspec.params.get("backend") if callspec else None
     if isinstance(backend, str) and unavailable_reason(backend):
         pytest.skip(f"backend {backend}: {unavailable_reason(backend)}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test file of tiny shapes (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): a second OpenMP thread only adds synchronisation,
+    and on a busy machine a descheduled one stalls every op (10-50x slower runs were seen)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,16 +13,7 @@ from fastmeta import cli, data
 from fastmeta.learners import MANN, SNAIL, MetaLSTM
 from fastmeta.learners._sequence import episode_sequence, full_sequences, label_codes
 from fastmeta.nn import Conv4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second OpenMP thread only adds synchronisation, and on a busy
-    machine a descheduled one stalls every op (20x slower training runs were seen)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mann(n_way=5, label_offset=1, **kw):

@@ -20,15 +20,7 @@ from fastmeta.nn import TaskConv4, TaskMLP
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the shapes here are tiny: intra-op threads only add synchronisation
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Custom(nn.Module):

@@ -1,5 +1,6 @@
 """Models: the standard few-shot backbones and the task-batched layers (params ``[T, *shape]``)."""
 
+from fastmeta.nn import task as _task
 from fastmeta.nn.backbones import Conv4, ResNet12
 from fastmeta.nn.task import (
     TaskActivation,
@@ -18,21 +19,4 @@ from fastmeta.nn.task import (
     to_task_batched,
 )
 
-__all__ = [
-    "Conv4",
-    "ResNet12",
-    "TaskActivation",
-    "TaskAvgPool2d",
-    "TaskBatchNorm1d",
-    "TaskBatchNorm2d",
-    "TaskConv2d",
-    "TaskConv4",
-    "TaskDropout",
-    "TaskFlatten",
-    "TaskLinear",
-    "TaskMLP",
-    "TaskMaxPool2d",
-    "TaskModule",
-    "TaskSequential",
-    "to_task_batched",
-]
+__all__ = ["Conv4", "ResNet12", *(n for n in _task.__all__ if n != "UnsupportedModuleError")]

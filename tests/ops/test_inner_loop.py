@@ -14,16 +14,10 @@ from fastmeta.ops import inner_loop
 
 
 # torch's forward-AD decompositions (loaded by the first torch.func.jvp) call torch.jit.script
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 shapes: intra-op threads only add OpenMP contention on a shared CPU
-    (10-50x slower at 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 T, N_S, N_Q = 2, 5, 4
 LR_KINDS = ["float", "scalar", "per_tensor", "per_element", "per_task"]
