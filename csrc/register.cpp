@@ -97,13 +97,6 @@ pybind11::dict build_info() {
 #else
   d["debug"] = true;
 #endif
-  pybind11::list ops;
-  for (const char* name : {"prototypes_fwd", "prototypes_bwd", "proto_logits_fwd",
-                           "proto_logits_bwd", "proto_loss_fwd", "proto_loss_bwd",
-                           "matching_fwd", "matching_bwd", "matching_loss_fwd",
-                           "matching_loss_bwd"})
-    ops.append(name);
-  d["ops"] = ops;
   d["namespace"] = "fastmeta_cpp";
   return d;
 }

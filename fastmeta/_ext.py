@@ -89,6 +89,13 @@ def build_info() -> dict:
     if mod is None:
         return {}
     try:
-        return dict(mod.build_info())
+        info = dict(mod.build_info())
     except Exception as e:  # pragma: no cover - defensive
         return {"error": f"{type(e).__name__}: {e}"}
+    import torch
+
+    # every op the extension registered (each csrc file registers its own fragment), read from
+    # the dispatcher rather than kept as a list that drifts
+    prefix = info.get("namespace", "fastmeta_cpp") + "::"
+    info["ops"] = sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+    return info
