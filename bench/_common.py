@@ -137,6 +137,9 @@ class Case:
     min_bytes: dict[str, int]
     flops: dict[str, int] = dataclasses.field(default_factory=dict)
     tol: float | None = None
+    # how many leading outputs the correctness check and the fwd+bwd pass differentiate (one
+    # cotangent each): 1 for a loss or a single tensor, all of them for a multi-tensor op
+    grad_outputs: int = 1
 
     @property
     def label(self) -> str:
@@ -567,17 +570,23 @@ def _prepare(case: Case, inputs: tuple) -> tuple:
     return tuple(prepped)
 
 
-def _cotangent(ref_out0: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    if ref_out0.numel() == 1:
-        # fp16: scale the loss as fp16 training does, so that gradients of a mean over many
-        # elements stay out of fp16's subnormal range (which would swamp the comparison).
-        return torch.full_like(ref_out0, 1024.0 if dtype == torch.float16 else 1.0)
+def _cotangents(ref_outs: Sequence[torch.Tensor], seed: int, dtype: torch.dtype) -> tuple:
+    """One float64 cotangent per differentiated output (drawn in order from one generator)."""
     g = torch.Generator(device="cpu").manual_seed(seed + 7)
-    return torch.randn(ref_out0.shape, generator=g, dtype=ref_out0.dtype).to(ref_out0.device)
+    cots = []
+    for out in ref_outs:
+        if out.numel() == 1:
+            # fp16: scale the loss as fp16 training does, so that gradients of a mean over many
+            # elements stay out of fp16's subnormal range (which would swamp the comparison).
+            cots.append(torch.full_like(out, 1024.0 if dtype == torch.float16 else 1.0))
+        else:
+            cots.append(torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device))
+    return tuple(cots)
 
 
-def reference_outputs(case: Case, seed: int) -> tuple[tuple, tuple, torch.Tensor]:
-    """(inputs at case dtype, float64 reference outputs + gradients, float64 cotangent)."""
+def reference_outputs(case: Case, seed: int) -> tuple[tuple, tuple, tuple]:
+    """(inputs at case dtype, float64 reference outputs + gradients, float64 cotangents of the
+    first ``case.grad_outputs`` outputs)."""
     inputs = case.make_inputs(seed)
     ref_in = tuple(
         x.detach().to(torch.float64).requires_grad_(i in case.grad_argnums)
@@ -585,22 +594,22 @@ def reference_outputs(case: Case, seed: int) -> tuple[tuple, tuple, torch.Tensor
         for i, x in enumerate(inputs)
     )
     ref_out = _as_tuple(case.reference(*ref_in))
-    cot = _cotangent(ref_out[0], seed, case.dtype)
-    grads = torch.autograd.grad(ref_out[0], [ref_in[i] for i in case.grad_argnums], cot)
+    diff = ref_out[: case.grad_outputs]
+    cots = _cotangents(diff, seed, case.dtype)
+    grads = torch.autograd.grad(diff, [ref_in[i] for i in case.grad_argnums], cots)
     ref = tuple(o.detach() for o in ref_out if torch.is_tensor(o)) + tuple(grads)
-    return inputs, (ref, len(ref_out)), cot
+    return inputs, (ref, len(ref_out)), cots
 
 
-def check_impl(
-    case: Case, impl: Impl, inputs: tuple, ref_pack, cot: torch.Tensor
-) -> tuple[float, str]:
+def check_impl(case: Case, impl: Impl, inputs: tuple, ref_pack, cots: tuple) -> tuple[float, str]:
     """Max relative error of ``impl``'s outputs and gradients vs the float64 oracle, and a
     description of the worst tensor."""
     ref, n_out = ref_pack
     ins = _prepare(case, inputs)
     out = _as_tuple(impl.fn(*ins))
-    cot_c = cot.to(out[0].dtype)
-    grads = torch.autograd.grad(out[0], [ins[i] for i in case.grad_argnums], cot_c)
+    diff = out[: case.grad_outputs]
+    grads = torch.autograd.grad(diff, [ins[i] for i in case.grad_argnums],
+                                [c.to(o.dtype) for o, c in zip(diff, cots)])
     names = [f"out[{i}]" for i in range(n_out)]
     pairs = []
     for i in range(min(len(out), n_out)):
@@ -628,20 +637,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def make_step(
-    case: Case, impl: Impl, inputs: tuple, pass_name: str, cot: torch.Tensor
-) -> Callable[[], Any]:
+def make_step(case: Case, impl: Impl, inputs: tuple, pass_name: str, cots: tuple) -> Callable[[], Any]:
     ins = _prepare(case, inputs)
     grad_ins = [ins[i] for i in case.grad_argnums]
     fn = impl.fn
     if pass_name == "fwd":
         return lambda: fn(*ins)
     if pass_name == "fwd+bwd":
-        cot_c = cot.to(inputs[case.grad_argnums[0]].dtype) if case.grad_argnums else cot
+        dtype = inputs[case.grad_argnums[0]].dtype if case.grad_argnums else None
+        cots_c = [c.to(dtype) for c in cots] if dtype is not None else list(cots)
+        n = case.grad_outputs
 
         def step():
             out = _as_tuple(fn(*ins))
-            return torch.autograd.grad(out[0], grad_ins, cot_c)
+            return torch.autograd.grad(out[:n], grad_ins, cots_c)
 
         return step
     raise ValueError(f"unknown pass {pass_name!r}; use one of {PASSES}")

@@ -119,7 +119,7 @@ def make_case(shape_name: str, device, dtype) -> C.Case:
         op=STEM, name=shape_name,
         params=dict(T=T, tensors=n, params_per_task=numel, lr=spec["lr"]),
         dtype=dtype, device=device, make_inputs=make_inputs, reference=reference,
-        grad_argnums=tuple(range(len(make_inputs(0)))),
+        grad_argnums=tuple(range(len(make_inputs(0)))), grad_outputs=n,
         min_bytes={"fwd": fwd, "fwd+bwd": fwd + bwd},
     )
 
@@ -167,92 +167,6 @@ def make_impls(case: C.Case, backends=None, compile_=True):
     else:
         impls.append(C.Impl("compile", loop, baseline=True, skip="--no-compile"))
     return impls
-
-
-# ---------------------------------------------------------------------------------------------
-# running (multi-output: gradients of all outputs, so the generic single-output runner of
-# _common is replaced by this small one built from its pieces)
-# ---------------------------------------------------------------------------------------------
-
-
-def _cotangents(case, outs_shapes, seed):
-    g = torch.Generator().manual_seed(seed + 7)
-    return [torch.randn(s, generator=g, dtype=torch.float64) for s in outs_shapes]
-
-
-def _prepared(case, inputs):
-    return tuple(x.detach().requires_grad_(True) for x in inputs)
-
-
-def _run(fn, ins, cots):
-    outs = fn(*ins)
-    grads = torch.autograd.grad(outs, ins, [c.to(o.dtype) for o, c in zip(outs, cots)])
-    return outs, grads
-
-
-def check(case, impl, chk_inputs, ref_outs, ref_grads, cots64):
-    ins = _prepared(case, chk_inputs)
-    cots = [c.to(case.device) for c in cots64]
-    outs, grads = _run(impl.fn, ins, cots)
-    worst, where = 0.0, ""
-    pairs = [(f"out[{i}]", o, r) for i, (o, r) in enumerate(zip(outs, ref_outs))]
-    pairs += [(f"grad[{i}]", g, r) for i, (g, r) in enumerate(zip(grads, ref_grads))]
-    for name, o, r in pairs:
-        e = C._rel_err(o, r)
-        if math.isnan(e) or e > worst:
-            worst, where = e, name
-            if math.isnan(e):
-                break
-    return worst, where
-
-
-def run_case(case, impls, passes, budget_s, log, deadline=None):
-    results = []
-    chk_inputs = case.make_inputs(1000)
-    ref_in = tuple(x.detach().to(torch.float64).requires_grad_() for x in chk_inputs)
-    ref_outs = case.reference(*ref_in)
-    cots64 = _cotangents(case, [o.shape for o in ref_outs], 1000)
-    ref_grads = torch.autograd.grad(ref_outs, ref_in, [c.to(o.device) for o, c in zip(ref_outs, cots64)])
-    ref_outs = [o.detach() for o in ref_outs]
-    inputs = case.make_inputs(0)
-    cots = [c.to(case.device, case.dtype) for c in cots64]
-    if case.device.type == "cpu":
-        C.warm_profiler()
-    for impl in impls:
-        def add(status, msg="", **kw):
-            for p in passes:
-                results.append(C.Result(case, p, impl.name, impl.baseline, status, msg, **kw))
-
-        if impl.skip:
-            add("skipped", impl.skip)
-            continue
-        if deadline is not None and time.perf_counter() > deadline:
-            add("skipped", "time limit reached")
-            continue
-        log(f"... {case.name} {C.dtype_name(case.dtype)} {impl.name}: checking")
-        try:
-            err, where = check(case, impl, chk_inputs, ref_outs, ref_grads, cots64)
-        except Exception as exc:  # noqa: BLE001
-            add("failed", C._first_line(exc))
-            continue
-        if math.isnan(err) or err > case.tolerance():
-            add("WRONG", f"rel err {err:.3g} in {where} > tol {case.tolerance():.1g}; not timed", err=err)
-            continue
-        ins = _prepared(case, inputs)
-        for p in passes:
-            if p == "fwd":
-                step = lambda: impl.fn(*ins)  # noqa: E731
-            else:
-                step = lambda: _run(impl.fn, ins, cots)  # noqa: E731
-            try:
-                t = C.time_fn(step, device=case.device, budget_s=budget_s)
-                peak = C.peak_memory_bytes(step, device=case.device)
-                results.append(C.Result(case, p, impl.name, impl.baseline, "ok", "", t["median_ms"],
-                                        t["p20_ms"], t["p80_ms"], t["n"], peak, err))
-            except Exception as exc:  # noqa: BLE001
-                results.append(C.Result(case, p, impl.name, impl.baseline, "failed", C._first_line(exc), err=err))
-    C.fill_speedups(results)
-    return results
 
 
 def main(argv=None) -> int:
@@ -310,7 +224,7 @@ def main(argv=None) -> int:
             case = make_case(shape, device, dtype)
             impls = make_impls(case, backends, compile_=not args.no_compile)
             t_case = time.perf_counter()
-            results = run_case(case, impls, passes, budget, log, deadline)
+            results = C.run_case(case, impls, passes, budget_s=budget, log=log, deadline=deadline)
             log(f"... {shape} {C.dtype_name(dtype)} done in {time.perf_counter() - t_case:.1f} s")
             C.print_table(results, BASELINES)
             all_results += results
