@@ -247,24 +247,24 @@ def _check(weights, biases, x, y, v_w, v_b, activation, loss, hvp):
         y = _checks.label_tensor("y", y, (T, N), "[T, N] (class indices, loss='cross_entropy')")
         _checks.labels_in_range("y", y, out, "out, the last layer's width")
     if hvp:
-        v_w = _tensor_list("v_w", v_w, L, "[T, out, in]")
-        for i, (v, w) in enumerate(zip(v_w, weights)):
-            _checks.same_dtype(x=x, **{f"v_w[{i}]": v})
-            _checks.same_device(x=x, **{f"v_w[{i}]": v})
-            if v.shape != w.shape:
-                raise ValueError(f"v_w[{i}] must have the shape of weights[{i}] "
-                                 f"{tuple(w.shape)}, got {tuple(v.shape)}")
+        v_w = _direction("v_w", v_w, "weights", weights, x, "[T, out, in]")
         if v_b is not None:
             if biases is None:
                 raise ValueError("v_b was given but biases is None; pass v_b=None")
-            v_b = _tensor_list("v_b", v_b, L, "[T, out]")
-            for i, (v, b) in enumerate(zip(v_b, biases)):
-                _checks.same_dtype(x=x, **{f"v_b[{i}]": v})
-                _checks.same_device(x=x, **{f"v_b[{i}]": v})
-                if v.shape != b.shape:
-                    raise ValueError(f"v_b[{i}] must have the shape of biases[{i}] "
-                                     f"{tuple(b.shape)}, got {tuple(v.shape)}")
+            v_b = _direction("v_b", v_b, "biases", biases, x, "[T, out]")
     return (weights, biases, x, y, v_w, v_b, ACTIVATIONS[activation], LOSSES[loss], widths)
+
+
+def _direction(name: str, vs, like_name: str, like: list, x, shape_text: str) -> list:
+    """The HVP direction ``vs``: one tensor per entry of ``like``, same shape, x's dtype/device."""
+    vs = _tensor_list(name, vs, len(like), shape_text)
+    for i, (v, ref) in enumerate(zip(vs, like)):
+        _checks.same_dtype(x=x, **{f"{name}[{i}]": v})
+        _checks.same_device(x=x, **{f"{name}[{i}]": v})
+        if v.shape != ref.shape:
+            raise ValueError(f"{name}[{i}] must have the shape of {like_name}[{i}] "
+                             f"{tuple(ref.shape)}, got {tuple(v.shape)}")
+    return vs
 
 
 def _run(op, entry: str, backend: str, *args):
