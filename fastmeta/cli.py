@@ -76,8 +76,9 @@ def _snail(args, in_channels):
 
     emb, dim = _sequence_embedding(args, in_channels)
     n = _max_way(args)
+    # the first block's values hold the label-read init's copy of the n-entry label code
     return SNAIL(emb, dim, n_way=n, seq_len=n * args.shots + 1, filters=32,
-                 attention=((32, 16), (64, 32), (128, 64)))
+                 attention=((32, max(16, n)), (64, 32), (128, 64)))
 
 
 def _metalstm(args, in_channels):

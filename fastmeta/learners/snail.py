@@ -32,6 +32,19 @@ Starting each attention block's query projection equal to its key projection (se
 :class:`AttentionBlock`) moves the end of the plateau at chance from ~140 steps to ~70 and
 the validation accuracy after 200 steps to 79.7 +- 1.6% (same seed and episodes).
 
+**Label-read initialisation** (``label_read``, on by default with example-label pairs): the
+first attention block's first ``n_way`` value channels start as a copy of the label code of
+the step they read, and the head starts reading them (weight ``label_read`` = 5 on the
+matching class). With the query projection equal to the key projection, the untrained model
+is then a soft nearest-neighbour vote over the support labels (a matching network on the
+random embedding), so the query loss trains the embedding from the first step; everything
+still trains freely. With the paper's random values and head, the vote has to be discovered
+first: on glyphs (5-way 1-shot, the CLI's sizes, lr 3e-3, 2,000 training episodes) the
+training accuracy was 0.55 at step 100 with the random init and 0.88 with this one, and the
+test accuracy (600 episodes) 88.59 / 85.35 (seeds 0 / 1) against 91.82 / 90.61; with the
+paper's full-size network on a Conv4-64 embedding 76.15 against 91.03 (``bench/results/
+blackbox_glyphs.md``).
+
 Every query is the last step of its own sequence (support, query). The support steps do not
 depend on the query, so they run once per episode; each query then adds one step that reads
 the support's activations: in a TC layer with dilation ``d`` the query's step combines itself
@@ -166,6 +179,11 @@ class SNAIL(SequenceLearner):
             (MANN's convention). See :mod:`fastmeta.learners._sequence`.
         embed_norm: normalise the embedding (parameter-free layer norm) before it enters the
             sequence; see :class:`~fastmeta.learners._sequence.SequenceLearner`.
+        label_read: initial weight of the head on the label read of the first attention block
+            (see "Label-read initialisation" above); ``0`` keeps the paper's random init.
+            ``None`` (default): ``5.0`` with example-label pairs, ``0`` with previous labels
+            (there a step's label belongs to the previous example, so a read of labels is
+            not a nearest-neighbour vote). Needs the first block's value size ``>= n_way``.
 
     ``forward(support_x [B,S,C,H,W], support_y [B,S], query_x [B,Q,C,H,W], query_y [B,Q],
     n_way=None, reduction="mean") -> (loss, acc)``; ``support_x`` must be in shuffled order
@@ -180,7 +198,7 @@ class SNAIL(SequenceLearner):
 
     def __init__(self, embedding: nn.Module, embed_dim: int, n_way: int, seq_len: int,
                  filters: int = 128, attention=((64, 32), (256, 128), (512, 256)),
-                 label_offset: int = 0, embed_norm: bool = True):
+                 label_offset: int = 0, embed_norm: bool = True, label_read: float | None = None):
         super().__init__()
         if label_offset not in (0, 1):
             raise ValueError(f"label_offset must be 0 or 1, got {label_offset!r}")
@@ -203,6 +221,30 @@ class SNAIL(SequenceLearner):
                 c = tc.out_channels
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(c, n_way)
+        if label_read is None:
+            label_read = 5.0 if label_offset == 0 else 0.0
+        if label_read:
+            if label_offset != 0:
+                raise ValueError("label_read needs example-label pairs (label_offset=0): with previous "
+                                 "labels a step's label code belongs to the previous example; pass label_read=0")
+            if attention[0][1] < n_way:
+                raise ValueError(f"label_read copies the {n_way}-entry label code into the first attention "
+                                 f"block's values, which have only {attention[0][1]} entries; use a value size "
+                                 f">= n_way or label_read=0")
+            self._init_label_read(float(label_read))
+
+    @torch.no_grad()
+    def _init_label_read(self, scale: float) -> None:
+        """First attention block: value ``j < n_way`` starts as label-code entry ``j`` of its
+        input; the head starts with ``scale`` on each class's read (its position in the
+        concatenated features is fixed: every later block appends after it)."""
+        att, d, n = self.layers[0], self.embed_dim, self.n_way
+        rows = slice(2 * att.key, 2 * att.key + n)
+        att.proj.weight[rows] = 0.0
+        att.proj.weight[rows, d : d + n] = torch.eye(n)
+        att.proj.bias[rows] = 0.0
+        read = d + n  # the first block's output is [input (d + n), values]
+        self.head.weight[:, read : read + n] += scale * torch.eye(n)
 
     def forward_sequence(self, seq: torch.Tensor) -> torch.Tensor:
         """Run the model over explicit sequences ``[N, T, D + n_way]``; logits ``[N, T, n_way]``
