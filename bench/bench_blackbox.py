@@ -3,8 +3,9 @@
 1. **Throughput**: a full training step (forward, backward, Adam) of each learner as the CLI
    builds it (``python -m fastmeta train <name> --ways 5 --shots 1``: ProtoNet Conv4-64;
    MANN and SNAIL Conv4-32 and quarter-width sequence nets; MetaLSTM the paper's 32-channel
-   learner, 5 inner steps; 15 queries per class, ``--batch`` episodes a step) on glyphs 5-way 1-shot, in episodes/s,
-   with ProtoNet for reference. The episode batch is drawn once (the sampler is timed in
+   learner, 5 inner steps; MAML second order, the CLI's Conv4 with per-task BatchNorm, one
+   inner step; 15 queries per class, ``--batch`` episodes a step) on glyphs 5-way 1-shot, in
+   episodes/s, with ProtoNet for reference. The episode batch is drawn once (the sampler is timed in
    ``bench_protonet.py``; it is not the bottleneck).
 2. **SNAIL sequence-length scaling**: forward+backward of SNAIL's sequence model (the paper's
    TC/attention stack, attention through ``scaled_dot_product_attention(is_causal=True)``)
@@ -40,7 +41,7 @@ import _common  # noqa: E402
 from fastmeta import cli, data  # noqa: E402
 from fastmeta.learners import SNAIL  # noqa: E402
 
-LEARNERS = ("protonet", "mann", "snail", "metalstm")
+LEARNERS = ("protonet", "mann", "snail", "metalstm", "maml")
 
 
 def throughput(device, ds, batch: int, shots: int, budget: float) -> list[dict]:
@@ -49,6 +50,7 @@ def throughput(device, ds, batch: int, shots: int, budget: float) -> list[dict]:
         spec = cli.LEARNERS[name]
         args = cli.build_parser().parse_args(["train", name, "--ways", "5", "--shots", str(shots),
                                               "--batch", str(batch), "--device", str(device)])
+        cli._resolve_defaults(args, spec)  # the learner's own defaults, as `fastmeta train` fills them
         torch.manual_seed(0)
         learner = spec.build(args, ds.image_shape[0]).to(device)
         opt = torch.optim.Adam(learner.parameters(), 1e-3)
