@@ -37,7 +37,6 @@ loss, same gradients, memory bounded by the chunk.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -45,32 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, evaluate_episodes
+from fastmeta.ops import _checks
 
 Tensor = torch.Tensor
 
 
 # ---- validation -----------------------------------------------------------------------------
-
-
-def _check_lr(lr, name: str = "lr"):
-    """A python float (ints are accepted) or a floating tensor (learnable when it requires grad)."""
-    if isinstance(lr, torch.Tensor):
-        if not lr.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating tensor, got a tensor of dtype {lr.dtype}")
-        return lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(lr).__name__} {lr!r}")
-    if not math.isfinite(lr):
-        raise ValueError(f"{name} must be finite, got {lr}")
-    return float(lr)
-
-
-def _check_steps(steps, name: str = "steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"{name} must be an int >= 0, got {type(steps).__name__} {steps!r}")
-    if steps < 0:
-        raise ValueError(f"{name} must be >= 0 inner steps, got {steps}")
-    return steps
 
 
 def _check_chunk(task_chunk) -> int | None:
@@ -359,7 +338,7 @@ class _GradientLearner(nn.Module):
         the result carries no graph. The support data gets no gradient from the inner loop.
         """
         _check_batch(support_x, support_y, query_x, query_y)
-        steps = _check_steps(steps)
+        steps = _checks.steps_value(steps)
         task_chunk = _check_chunk(task_chunk)
         return _run_meta_loss(self._tasks(steps, loss_fn), (support_x, support_y, query_x, query_y),
                               list(self.parameters()), task_chunk, _metric_kind(query_y))
@@ -411,7 +390,7 @@ class MAML(_GradientLearner):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.module = model
-        self.lr = _check_lr(lr)
+        self.lr = _checks.lr_value("lr", lr)
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
         self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
@@ -454,7 +433,7 @@ class MAML(_GradientLearner):
                     loss_fn: Callable = F.cross_entropy, first_order: bool | None = None) -> dict[str, Tensor]:
         """Adapted parameters ``{name: [T, *shape]}`` after ``steps`` inner steps on each
         task's support set (``fastmeta.ops.inner_loop``)."""
-        steps = _check_steps(steps)
+        steps = _checks.steps_value(steps)
         fn = self.task_function()
         params = fn.expand(support_x.shape[0])
         fo = self.first_order if first_order is None else first_order
@@ -488,7 +467,7 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, lr=1.0, first_order: bool = False, allow_unused: bool | None = None,
                  allow_nograd: bool = False):
-        lr = _check_lr(lr)
+        lr = _checks.lr_value("lr", lr)
         if isinstance(lr, torch.Tensor):
             raise TypeError("MetaSGD lr is the initial value of the learned rates: pass a float")
         super().__init__(model, lr, first_order, allow_unused, allow_nograd)
@@ -553,7 +532,7 @@ class ANIL(_GradientLearner):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
         self.features, self.head = features, head
-        self.lr = _check_lr(lr)
+        self.lr = _checks.lr_value("lr", lr)
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
         self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
@@ -591,7 +570,7 @@ class ANIL(_GradientLearner):
                     loss_fn: Callable = F.cross_entropy, first_order: bool | None = None,
                     support_features: Tensor | None = None) -> dict[str, Tensor]:
         """Adapted head parameters ``{name: [T, *shape]}``."""
-        steps = _check_steps(steps)
+        steps = _checks.steps_value(steps)
         fn = self.head_function()
         z = self.embed(support_x) if support_features is None else support_features
         fo = self.first_order if first_order is None else first_order
@@ -636,8 +615,9 @@ class EpisodicLearner(FewShotLearner):
                  loss_fn: Callable = F.cross_entropy, task_chunk: int | None = None):
         super().__init__()
         self.meta = meta
-        self.steps = _check_steps(steps)
-        self.test_steps = self.steps if test_steps is None else _check_steps(test_steps, "test_steps")
+        self.steps = _checks.steps_value(steps)
+        self.test_steps = (self.steps if test_steps is None
+                           else _checks.steps_value(test_steps, "test_steps"))
         self.loss_fn = loss_fn
         self.task_chunk = _check_chunk(task_chunk)
         self.metric = "mse" if loss_fn in (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss) else "accuracy"

@@ -7,6 +7,8 @@ dtype and device checks always run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,12 +69,17 @@ def nonempty(**sizes: int) -> None:
             raise ValueError(f"empty input: {name} is 0; every dimension must be at least 1")
 
 
+def int_at_least(name: str, v, lo: int, what: str) -> int:
+    """An ``int`` (``bool`` is not one) ``>= lo``; ``what`` describes it in the TypeError."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be {what}, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return v
+
+
 def n_way_value(n_way) -> int:
-    if isinstance(n_way, bool) or not isinstance(n_way, int):
-        raise TypeError(f"n_way must be a positive int, got {type(n_way).__name__}")
-    if n_way < 1:
-        raise ValueError(f"n_way must be >= 1, got {n_way}")
-    return n_way
+    return int_at_least("n_way", n_way, 1, "a positive int")
 
 
 def labels_in_range(name: str, labels: torch.Tensor, n: int, what: str) -> None:
@@ -130,3 +137,46 @@ def reduction_value(reduction) -> str:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return reduction
+
+
+def steps_value(steps, name: str = "steps") -> int:
+    """A number of inner gradient steps (MAML learners, inner_loop)."""
+    return int_at_least(name, steps, 0, "an int >= 0")
+
+
+def lr_value(name: str, lr, param: torch.Tensor | None = None, pname: str = "", one_of: str = ""):
+    """One learning rate: a finite python number (-> ``float``) or a floating tensor (returned
+    as given). ``one_of``: ``lr`` is the single rate of a call that also accepts a container
+    (``one_of`` names it), so a tensor must hold one element. ``param``: a tensor ``lr`` must
+    broadcast to ``param``'s shape (``[]``, ``[*shape]`` or ``[T, *shape]`` for a ``[T, *shape]``
+    parameter named ``params[pname]``). Shapes and dtypes only, no tensor ops: inner_update
+    calls this for every tensor of every inner step.
+    """
+    if isinstance(lr, torch.Tensor):
+        if one_of and lr.numel() != 1:
+            raise ValueError(
+                f"{name} given as one tensor must be a scalar (0-d), got shape {tuple(lr.shape)}; "
+                f"pass {one_of} for per-tensor or per-element learning rates"
+            )
+        if lr.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a floating tensor (or a float), got dtype {lr.dtype}")
+        if param is not None:
+            shape, pshape = lr.shape, param.shape
+            if len(shape) > len(pshape) or not all(
+                a == 1 or a == b for a, b in zip(reversed(shape), reversed(pshape))
+            ):
+                raise ValueError(
+                    f"{name} has shape {tuple(shape)}, which does not broadcast to "
+                    f"params[{pname}]'s shape {tuple(pshape)} (expected [] per tensor, "
+                    "[*shape] per element shared by the tasks, or [T, *shape] per task)"
+                )
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        hint = f"; or pass {one_of}" if one_of else ""
+        raise TypeError(
+            f"{name} must be a float or a floating tensor, got {type(lr).__name__}{hint}"
+        )
+    lr = float(lr)
+    if not math.isfinite(lr):
+        raise ValueError(f"{name} must be finite, got {lr}")
+    return lr

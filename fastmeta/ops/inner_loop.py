@@ -32,6 +32,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from fastmeta.ops import _checks
+
 # the submodule (``fastmeta.ops.task_hvp`` the attribute is the public function)
 _hvp = importlib.import_module("fastmeta.ops.task_hvp")
 
@@ -178,40 +180,9 @@ class _Plan:
         return _hvp.grad_reference(self.fn, theta, self.x, self.y, self.loss_fn)
 
 
-def _check_lr(lr, names, params, T):
+def _check_lr(lr, names, params):
     """-> (lr_spec per name, learnable lr tensors). A spec entry is ('const', float) or an
     index into the tensor list."""
-    def tensor_lr(name, t, p):
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-        try:
-            full = torch.broadcast_shapes(t.shape, p.shape)
-        except RuntimeError:
-            full = None
-        if full != tuple(p.shape):
-            raise ValueError(
-                f"{name} of shape {tuple(t.shape)} does not broadcast to its parameter's [T, *shape] = "
-                f"{tuple(p.shape)}; use a 0-d tensor (per tensor), [*shape] (per element, shared by "
-                f"tasks) or [T, *shape] (per task)"
-            )
-        return t
-
-    if isinstance(lr, bool) or lr is None or isinstance(lr, str):
-        raise TypeError(f"lr must be a float, a tensor or a dict name -> tensor, got {type(lr).__name__}")
-    if isinstance(lr, (int, float)):
-        v = float(lr)
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"lr must be finite, got {v}")
-        return [("const", v)] * len(names), []
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"lr given as one tensor must be a scalar (0-d), got shape {tuple(lr.shape)}; pass a dict "
-                f"name -> tensor for per-tensor or per-element learning rates"
-            )
-        if not lr.is_floating_point():
-            raise TypeError(f"lr must be a floating tensor, got dtype {lr.dtype}")
-        return [0] * len(names), [lr.reshape(())]
     if isinstance(lr, dict):
         unknown = [k for k in lr if k not in names]
         missing = [k for k in names if k not in lr]
@@ -221,16 +192,17 @@ def _check_lr(lr, names, params, T):
             raise ValueError(f"lr is missing keys {missing}; give a learning rate for each of {list(names)}")
         spec, tensors = [], []
         for k in names:
-            t = lr[k]
-            if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
-                raise TypeError(f"lr[{k!r}] must be a float or a floating tensor, got {type(t).__name__}")
-            if isinstance(t, torch.Tensor):
+            v = _checks.lr_value(f"lr[{k!r}]", lr[k], params[k], repr(k))
+            if isinstance(v, torch.Tensor):
                 spec.append(len(tensors))
-                tensors.append(tensor_lr(f"lr[{k!r}]", t, params[k]))
+                tensors.append(v)
             else:
-                spec.append(("const", float(t)))
+                spec.append(("const", v))
         return spec, tensors
-    raise TypeError(f"lr must be a float, a tensor or a dict name -> tensor, got {type(lr).__name__}")
+    v = _checks.lr_value("lr", lr, one_of="a dict name -> float or tensor")
+    if isinstance(v, torch.Tensor):
+        return [0] * len(names), [v.reshape(())]
+    return [("const", v)] * len(names), []
 
 
 def inner_loop(
@@ -305,14 +277,11 @@ def inner_loop(
     fn = _hvp.task_fn(model)
     T = _hvp.check_data(support_x, support_y, "support_x", "support_y")
     _hvp.check_param_dict(fn, "params", params, T)
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int >= 0, got {type(steps).__name__}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    steps = _checks.steps_value(steps)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     names = tuple(fn.names)
-    spec, lr_tensors = _check_lr(lr, names, params, T)
+    spec, lr_tensors = _check_lr(lr, names, params)
     first_order = bool(first_order)
     if steps == 0:
         return {k: params[k] for k in names}

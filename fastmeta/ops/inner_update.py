@@ -15,13 +15,12 @@ index arithmetic: nothing is materialised at ``[T, *shape]`` except the outputs.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 
 import torch
 
-from fastmeta.ops import _registry
+from fastmeta.ops import _checks, _registry
 
 _STEM = "inner_update"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -105,27 +104,8 @@ def _items(params, grads):
     return keys, kind, names, plist, glist
 
 
-def _lr_value(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a float or a floating tensor, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
-
-
-def _lr_tensor(name: str, lr: torch.Tensor, p: torch.Tensor, pname: str) -> torch.Tensor:
-    if lr.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor (or a float), got dtype {lr.dtype}")
-    shape, pshape = tuple(lr.shape), tuple(p.shape)
-    fits = len(shape) <= len(pshape) and all(
-        a == 1 or a == b for a, b in zip(reversed(shape), reversed(pshape))
-    )
-    if not fits:
-        raise ValueError(
-            f"{name} has shape {shape}, which does not broadcast to params[{pname}]'s shape {pshape} "
-            "(expected [], [*shape] shared by the tasks, or [T, *shape])"
-        )
+def _placed(name: str, lr: torch.Tensor, p: torch.Tensor, pname: str) -> torch.Tensor:
+    """A validated tensor ``lr`` on ``p``'s device (a CPU 0-d rate moves there) in ``p``'s dtype."""
     if lr.device != p.device:
         if lr.dim() == 0 and lr.device.type == "cpu":
             lr = lr.to(p.device)
@@ -134,16 +114,14 @@ def _lr_tensor(name: str, lr: torch.Tensor, p: torch.Tensor, pname: str) -> torc
     return lr if lr.dtype == p.dtype else lr.to(p.dtype)
 
 
+_ONE_OF = "a dict/list with one tensor per parameter"
+
+
 def _lrs(lr, keys, names, plist) -> tuple[list[torch.Tensor], float]:
     """``(per-tensor lr list or [], alpha)``: the update is ``p - alpha * lr_i * g``."""
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"lr given as one tensor must be a scalar (0-d), got shape {tuple(lr.shape)}; "
-                "pass a dict/list with one tensor per parameter for per-tensor or per-element rates"
-            )
-        lr = lr.reshape(())
-        return [_lr_tensor("lr", lr, p, n) for p, n in zip(plist, names)], 1.0
+        lr = _checks.lr_value("lr", lr, one_of=_ONE_OF).reshape(())
+        return [_placed("lr", lr, p, n) for p, n in zip(plist, names)], 1.0
     if isinstance(lr, (Mapping, torch.nn.ParameterDict)):
         if keys is None:
             raise TypeError("lr is a dict but params is a list; pass lr as a list (same order) instead")
@@ -157,13 +135,15 @@ def _lrs(lr, keys, names, plist) -> tuple[list[torch.Tensor], float]:
             raise ValueError(f"got {len(lr)} learning rates for {len(plist)} params; they must pair up")
         values = list(lr)
     else:
-        return [], _lr_value("lr", lr)
+        return [], _checks.lr_value("lr", lr, one_of=_ONE_OF)
     out = []
     for v, p, n in zip(values, plist, names):
+        name = f"lr[{n}]"
+        v = _checks.lr_value(name, v, p, n)
         if isinstance(v, torch.Tensor):
-            out.append(_lr_tensor(f"lr[{n}]", v, p, n))
+            out.append(_placed(name, v, p, n))
         else:
-            out.append(torch.full((), _lr_value(f"lr[{n}]", v), dtype=p.dtype, device=p.device))
+            out.append(torch.full((), v, dtype=p.dtype, device=p.device))
     return out, 1.0
 
 

@@ -333,6 +333,8 @@ def test_bad_lr(setup):
         inner_loop(fn, p, xs, ys, 1, {k: torch.ones(7, dtype=torch.float64) for k in p})
     with pytest.raises(TypeError, match=r"lr\['0.weight'\] must be a floating tensor"):
         inner_loop(fn, p, xs, ys, 1, {k: torch.ones((), dtype=torch.long) for k in p})
+    with pytest.raises(ValueError, match=r"lr\['0.weight'\] must be finite"):
+        inner_loop(fn, p, xs, ys, 1, {k: float("nan") for k in p})
 
 
 def test_bad_params(setup):
