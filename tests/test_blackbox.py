@@ -199,6 +199,8 @@ def test_snail_label_read_init():
     delta = learner.head.weight - paper.head.weight
     torch.testing.assert_close(delta[:, d + n : d + 2 * n], 5 * torch.eye(n))
     assert delta[:, : d + n].abs().max() == 0 and delta[:, d + 2 * n :].abs().max() == 0
+    w, b, k = att.proj.weight, att.proj.bias, att.key
+    torch.testing.assert_close((w[:k], b[:k]), (6 * w[k : 2 * k], 6 * b[k : 2 * k]))  # query_scale=6
     paper_values = paper.layers[0].proj(seq.support)[..., 2 * att.key : 2 * att.key + n]
     assert not torch.allclose(paper_values, F.one_hot(sy, n).float(), atol=0.1)
     # previous labels: off by default (a step's label belongs to the previous example)
@@ -208,6 +210,8 @@ def test_snail_label_read_init():
     with pytest.raises(ValueError, match="only 4 entries"):
         tiny_snail(attention=((8, 4), (8, 4), (8, 4)))
     tiny_snail(attention=((8, 4), (8, 4), (8, 4)), label_read=0)  # the paper's init needs no room
+    with pytest.raises(ValueError, match="query_scale must be > 0"):
+        tiny_snail(query_scale=0)
 
 
 # -- shapes and the meta-learner LSTM --------------------------------------------------------------
