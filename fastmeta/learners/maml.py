@@ -356,6 +356,14 @@ def _inner_loop(fn, params, sx, sy, steps, lr, first_order, loss_fn):
     return inner_loop(fn, params, sx, sy, steps, lr, first_order=first_order, loss_fn=loss_fn)
 
 
+def _flags(learner, first_order, allow_unused, allow_nograd) -> dict:
+    """The learn2learn call options as keyword arguments, each the learner's own where the
+    call leaves it ``None``."""
+    return dict(first_order=learner.first_order if first_order is None else first_order,
+                allow_unused=learner.allow_unused if allow_unused is None else allow_unused,
+                allow_nograd=learner.allow_nograd if allow_nograd is None else allow_nograd)
+
+
 class MAML(_GradientLearner):
     """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
 
@@ -405,9 +413,7 @@ class MAML(_GradientLearner):
         """A learner whose parameters are differentiable clones of this one's (adapt it with
         :meth:`adapt`; the query loss's gradient reaches this learner's parameters)."""
         return MAML(clone_module(self.module), self.lr,
-                    first_order=self.first_order if first_order is None else first_order,
-                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+                    **_flags(self, first_order, allow_unused, allow_nograd))
 
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
@@ -415,9 +421,7 @@ class MAML(_GradientLearner):
         parameter (``create_graph=not first_order``, so second-order MAML differentiates
         through it)."""
         _adapt_module(self.module, loss, lambda n, p: self.lr,
-                      self.first_order if first_order is None else first_order,
-                      self.allow_unused if allow_unused is None else allow_unused,
-                      self.allow_nograd if allow_nograd is None else allow_nograd, "MAML")
+                      **_flags(self, first_order, allow_unused, allow_nograd), who="MAML")
 
     # -- batched API --------------------------------------------------------------------------
     def task_function(self):
@@ -496,9 +500,7 @@ class MetaSGD(MAML):
               allow_nograd: bool | None = None) -> None:
         """One step ``p <- p - lrs[p] * dloss/dp`` (element-wise), in place."""
         _adapt_module(self.module, loss, lambda n, p: self.lrs[self.lr_key(n)],
-                      self.first_order if first_order is None else first_order,
-                      self.allow_unused if allow_unused is None else allow_unused,
-                      self.allow_nograd if allow_nograd is None else allow_nograd, "MetaSGD")
+                      **_flags(self, first_order, allow_unused, allow_nograd), who="MetaSGD")
 
     def _inner_lr(self, fn):
         return {n: self.lrs[self.lr_key(n)] for n in fn.names}
@@ -544,17 +546,13 @@ class ANIL(_GradientLearner):
               allow_nograd: bool | None = None) -> ANIL:
         """Features shared (same module), head cloned (differentiable)."""
         return ANIL(self.features, clone_module(self.head), self.lr,
-                    first_order=self.first_order if first_order is None else first_order,
-                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+                    **_flags(self, first_order, allow_unused, allow_nograd))
 
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
         """One gradient step of the head on ``loss``, in place."""
         _adapt_module(self.head, loss, lambda n, p: self.lr,
-                      self.first_order if first_order is None else first_order,
-                      self.allow_unused if allow_unused is None else allow_unused,
-                      self.allow_nograd if allow_nograd is None else allow_nograd, "ANIL")
+                      **_flags(self, first_order, allow_unused, allow_nograd), who="ANIL")
 
     def embed(self, x: Tensor) -> Tensor:
         """Features of ``x [T, N, *in]``: ``[T, N, D]``."""
