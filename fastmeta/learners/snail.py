@@ -43,9 +43,9 @@ trains freely. With the paper's random values and head, the vote has to be disco
 Measured on glyphs (5-way 1-shot, the CLI's sizes, lr 3e-3, 2,000 training episodes, test
 accuracy over 600 episodes, seeds 0 / 1 / 2; ``bench/results/blackbox_glyphs.md``): random
 init 88.59 / 85.35 / -, training accuracy 0.55 at step 100; label read with query scale 1
-91.82 / 90.61 / 90.61 (training accuracy 0.88 at step 100); query scale 3 91.87 / 93.66 /
+91.82 / 90.61 / 90.61 (training accuracy 0.88 at step 100); query scale 3 93.66 / 91.87 /
 94.22, 6 92.87 / 94.37 / 93.97, 10 93.13 / 93.93 / 93.44. With the paper's full-size network
-on a Conv4-64 embedding: 76.15 random init, 91.03 label read (query scale 1).
+on a Conv4-64 embedding: 76.15 random init, 91.61 label read (query scale 1).
 
 Every query is the last step of its own sequence (support, query). The support steps do not
 depend on the query, so they run once per episode; each query then adds one step that reads
