@@ -6,7 +6,7 @@ SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*
 # Require the C++ extension in tests unless the user asked for a pure-Python install.
 REQUIRE_EXT := $(if $(filter 0,$(FASTMETA_BUILD_EXT)),0,1)
 
-.PHONY: install test demo bench cuda-check ci clean peers bench-maml
+.PHONY: install test demo bench cuda-check aot-check aot-check-full device-plan ci clean peers bench-maml
 
 $(VENV)/.installed: $(SOURCES) tools/bootstrap.sh
 	bash tools/bootstrap.sh $(VENV)
@@ -41,7 +41,21 @@ bench-maml: peers
 cuda-check:
 	bash csrc/check_cuda.sh
 
-ci: cuda-check test
+# Every Triton kernel compiled for sm_90 and sm_80 without a GPU, with ptxas's registers and
+# spills per variant (tools/aot_check.py). CI runs the quick set; run the full set (every
+# benchmark/test shape, every autotune config; it rewrites bench/results/triton_aot.md) before
+# committing a kernel change.
+aot-check: install
+	$(PY) tools/aot_check.py --quick
+
+aot-check-full: install
+	$(PY) tools/aot_check.py --report bench/results/triton_aot.md
+
+# The step plan and worst-case time of bench/device_check.sh (the one call on a lent GPU).
+device-plan:
+	bash bench/device_check.sh --dry-run
+
+ci: cuda-check aot-check device-plan test
 
 clean:
 	rm -rf build *.egg-info fastmeta/_C*.so $(VENV)/.installed

@@ -274,6 +274,14 @@ def busy_warning() -> str:
     return ""
 
 
+def _tf32_matmul() -> bool:
+    try:
+        from fastmeta.kernels._common import tf32_allowed
+    except Exception:  # noqa: BLE001 - no triton: ask torch's legacy flag
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return tf32_allowed()
+
+
 def env_info(device: torch.device) -> dict:
     """Device name, versions and git sha, as stored with every result row.
 
@@ -301,6 +309,10 @@ def env_info(device: torch.device) -> dict:
         host=platform.node(),
         loadavg_1m=_loadavg(),
         cpu_count=os.cpu_count(),
+        # TF32 on/off for fp32 matmuls (cuBLAS and fastmeta's Triton dots follow it) and for
+        # cuDNN convolutions (on by default in torch)
+        tf32_matmul=_tf32_matmul(),
+        tf32_cudnn=bool(torch.backends.cudnn.allow_tf32),
     )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

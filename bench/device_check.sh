@@ -1,189 +1,184 @@
 #!/usr/bin/env bash
 # One-call check of fastmeta on a lent GPU machine (torch + CUDA + triton preinstalled, no
-# internet): environment, build, GPU tests, proto benchmark. Every step runs under `timeout`
-# and may fail without stopping the others; the script always exits 0 and ends with a summary
-# (also in OUTDIR/summary.txt). Worst case about 7.3 minutes: env 10 s, build 150 s (+30 s
-# pure-Python fallback if it fails), import 10 s, tests 90 s, bench 150 s (it starts no new
-# case after 5/8 of that, fp32 first, compile baseline at fp32 only).
-# Step 5, inner_update's CUDA tests (T_IU_TESTS, 60 s) and bench_inner_update (T_IU_BENCH,
-# 90 s), adds at most 2.5 minutes.
+# internet), sized for one 600-second device call: every step runs under `timeout`, may fail
+# without stopping the others, and the summary (OUTDIR/summary.txt) is rewritten after every
+# step, so a call that runs out of time still returns everything done so far. Worst case
+# 480 s (see --dry-run); the script always exits 0.
 #
-#   bash bench/device_check.sh [OUTDIR]        # default: $OUT, else bench/results/device
+#   bash bench/device_check.sh [--dry-run] [OUTDIR]     # default: $OUT, else bench/results/device
 #
-# Environment: PYTHON (default python3, else python); FASTMETA_GIT_SHA (recorded in the
-# benchmark rows when the tree has no .git); BENCH_ARGS (extra bench_proto.py arguments);
-# T_BUILD / T_TESTS / T_BENCH (step time limits in seconds).
+# Steps (limit in seconds; T_<NAME> overrides one):
+#   env 10       prerequisites: GPU, driver, nvcc, python/torch/triton/numpy, cmake, ninja
+#   build 150    pip install -e . (C++/CUDA extension), and IN PARALLEL the AOT compile of
+#                every Triton kernel for this GPU's arch (tools/aot_check.py) into the Triton
+#                cache the later steps use, so they start warm
+#   fallback 30  only if the build failed: pure-Python install (FASTMETA_BUILD_EXT=0)
+#   import 15    import fastmeta; the backend table
+#   smoke 60     every fused op forward+backward on CUDA vs float64, one JSON line per case
+#   tests 90     the CUDA tests (tests/ops, no -x, -rfE --durations=10)
+#   proto 45     bench_proto: episode and many-way (fp32)
+#   matching 30  bench_matching 5w5s
+#   maml 30      bench_maml conv4-k5
+#   iu 20        bench_inner_update
+# Every benchmark row records tf32_matmul / tf32_cudnn (bench/_common.env_info).
+#
+# Environment: PYTHON (default python3); FASTMETA_GIT_SHA (recorded in the rows when the tree
+# has no .git); AOT_JOBS (default: CPU cores).
 set -u
 
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 cd "$(dirname "$0")/.." || exit 0
 ROOT=$(pwd)
+
+STEPS=(env build fallback import smoke tests proto matching maml iu)
+declare -A LIMIT=([env]=10 [build]=150 [fallback]=30 [import]=15 [smoke]=60 [tests]=90
+                  [proto]=45 [matching]=30 [maml]=30 [iu]=20)
+for s in "${STEPS[@]}"; do
+    v="T_${s^^}"
+    [ -n "${!v:-}" ] && LIMIT[$s]=${!v}
+done
+TOTAL=0
+for s in "${STEPS[@]}"; do TOTAL=$(( TOTAL + LIMIT[$s] )); done
+
+if [ $DRY -eq 1 ]; then
+    echo "device_check plan (worst case, each step killed at its limit; build and the AOT"
+    echo "compile run side by side inside the build step):"
+    for s in "${STEPS[@]}"; do printf '  %-9s %4d s\n' "$s" "${LIMIT[$s]}"; done
+    printf '  %-9s %4d s (target <= 480 s of a 600 s device call)\n' total "$TOTAL"
+    [ "$TOTAL" -le 480 ] || { echo "over budget"; exit 1; }
+    exit 0
+fi
+
 OUTDIR=${1:-${OUT:-bench/results/device}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-T_BUILD=${T_BUILD:-150}
-T_TESTS=${T_TESTS:-90}
-T_BENCH=${T_BENCH:-150}
+NPROC=$(nproc 2>/dev/null || echo 4)
 export PYTHONUNBUFFERED=1
-export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
+export MAX_JOBS=${MAX_JOBS:-$NPROC}
+export FASTMETA_GIT_SHA=${FASTMETA_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 # Import from this tree even if the editable install fails.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# One Triton cache for the AOT warm-up and every later step.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 T0=$(date +%s)
-
 SUMMARY=()
-note() { SUMMARY+=("$1"); echo "[device_check] $1"; }
 
-# run_step NAME LIMIT LOGFILE CMD...: the step's status goes to the summary
+write_summary() {
+    { echo "== device_check summary ($(( $(date +%s) - T0 )) s so far, outputs in $OUTDIR) =="
+      for line in "${SUMMARY[@]}"; do echo "  $line"; done; } > "$OUTDIR/summary.txt"
+}
+note() { SUMMARY+=("$1"); echo "[device_check] $1"; write_summary; }
+
+# run_step NAME LOGFILE CMD...: time-boxed by LIMIT[NAME]; its status goes to the summary
 run_step() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local t=$(date +%s) rc
-    echo "[device_check] == $name (limit ${limit}s, log $log)"
-    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    local name=$1 log=$2
+    shift 2
+    local limit=${LIMIT[$name]} t rc dt
+    t=$(date +%s)
+    echo "[device_check] == $name (limit ${limit}s, log $(basename "$log"))"
+    timeout --kill-after=5 "$limit" "$@" >"$log" 2>&1
     rc=$?
-    local dt=$(( $(date +%s) - t ))
+    dt=$(( $(date +%s) - t ))
     if [ $rc -eq 0 ]; then
         note "$name: PASS (${dt}s)"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        note "$name: TIMEOUT after ${limit}s (rc $rc, log $(basename "$log"))"
+        note "$name: TIMEOUT after ${limit}s (log $(basename "$log"))"
     else
         note "$name: FAIL rc=$rc (${dt}s, log $(basename "$log"))"
     fi
     return $rc
 }
 
-# -- 1. environment ---------------------------------------------------------------------------
-{
-    echo "date: $(date -u +%FT%TZ)"
-    echo "host: $(uname -a)"
-    echo "git sha: ${FASTMETA_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-    echo "python: $PY"
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi || true
-    else
-        echo "nvidia-smi: not found"
-    fi
-    command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2
-    timeout 60 "$PY" - <<'EOF' || echo "python version probe failed"
+# keep benchmark rows flat in OUTDIR (the device tool returns files at most two folders
+# down) and in bench/results for a commit
+collect_rows() {
+    local dir=$1 f
+    for f in "$dir"/*.jsonl; do
+        [ -e "$f" ] || continue
+        cat "$f" >>"$OUTDIR/$(basename "$f")"
+        mkdir -p bench/results && cat "$f" >>"bench/results/$(basename "$f")"
+    done
+    rm -rf "$dir"
+}
+
+# -- env ---------------------------------------------------------------------------------------
+run_step env "$OUTDIR/env.txt" bash -c '
+    echo "date: $(date -u +%FT%TZ)"; echo "host: $(uname -a)"; echo "git sha: $FASTMETA_GIT_SHA"
+    echo "cpus: $(nproc)"; command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not found"
+    for t in cmake ninja c++; do printf "%s: %s\n" "$t" "$(command -v $t || echo not found)"; done
+    '"$PY"' - <<EOF
 import sys
 print("python", sys.version.split()[0])
-try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        print("device", torch.cuda.get_device_name(0), "sm", p.multi_processor_count,
-              "L2", getattr(p, "L2_cache_size", "?"), "mem", p.total_memory)
-except Exception as e:
-    print("torch: import failed:", e)
-try:
-    import triton
-    print("triton", triton.__version__)
-except Exception as e:
-    print("triton: import failed:", e)
-try:
-    import numpy
-    print("numpy", numpy.__version__)
-except Exception as e:
-    print("numpy: import failed:", e)
-EOF
-} 2>&1 | tee "$OUTDIR/env.txt"
-if grep -q "available True" "$OUTDIR/env.txt"; then
-    note "environment: CUDA available"
-else
-    note "environment: CUDA NOT available (tests/bench below will say why)"
-fi
+for mod in ("torch", "triton", "numpy", "pybind11"):
+    try:
+        m = __import__(mod)
+        print(mod, m.__version__)
+    except Exception as e:
+        print(mod, "import failed:", e)
+import torch
+print("torch cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0),
+          "sms", p.multi_processor_count, "mem", p.total_memory)
+EOF'
+cat "$OUTDIR/env.txt"
+ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0); print(c[0] * 10 + c[1])" 2>/dev/null)
+case "$ARCH" in 80|90) ;; *) note "env: compute capability '${ARCH:-none}' is not one the AOT check knows; compiling for 90"; ARCH=90 ;; esac
 
-# -- 2. build ---------------------------------------------------------------------------------
-if run_step "build (pip install -e ., C++/CUDA extension)" "$T_BUILD" "$OUTDIR/build.log" \
-        "$PY" -m pip install --no-build-isolation --no-deps -e . ; then
-    :
-else
-    note "build: retrying without the compiled extension (FASTMETA_BUILD_EXT=0)"
-    run_step "build (pure Python fallback)" 30 "$OUTDIR/build_fallback.log" \
-        env FASTMETA_BUILD_EXT=0 "$PY" -m pip install --no-build-isolation --no-deps -e . || \
-        note "build: no install; importing from the source tree via PYTHONPATH"
+# -- build, with the AOT compile of every Triton kernel alongside -------------------------------
+timeout --kill-after=5 "${LIMIT[build]}" "$PY" tools/aot_check.py --arch "$ARCH" \
+    -j "${AOT_JOBS:-$NPROC}" --report "$OUTDIR/triton_aot.md" >"$OUTDIR/aot.log" 2>&1 &
+AOT_PID=$!
+if ! run_step build "$OUTDIR/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e . ; then
+    run_step fallback "$OUTDIR/build_fallback.log" \
+        env FASTMETA_BUILD_EXT=0 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+        || note "build: no install; importing from the source tree via PYTHONPATH"
 fi
-timeout 120 "$PY" -c "import fastmeta; fastmeta.backends()" >"$OUTDIR/backends.txt" 2>&1 \
-    && note "import fastmeta: ok ($(grep -m1 'C++ extension' "$OUTDIR/backends.txt" | sed 's/^ *//'))" \
-    || note "import fastmeta: FAILED (see backends.txt)"
+wait $AOT_PID
+rc=$?
+note "aot compile sm_$ARCH (cache warm-up): $([ $rc -eq 0 ] && echo PASS || echo "rc=$rc") -- $(grep -m1 '^variants:' "$OUTDIR/aot.log" || echo 'no summary (see aot.log)')"
+
+# -- import ------------------------------------------------------------------------------------
+run_step import "$OUTDIR/backends.txt" "$PY" -c "import fastmeta; fastmeta.backends()"
 cat "$OUTDIR/backends.txt"
 
-# -- 3. tests on the GPU ----------------------------------------------------------------------
-if [ -d tests ]; then
-    run_step "tests (FASTMETA_TEST_DEVICE=cuda pytest tests -x -q)" "$T_TESTS" "$OUTDIR/tests.log" \
-        env FASTMETA_TEST_DEVICE=cuda "$PY" -m pytest tests -x -q -p no:cacheprovider
-    tail -n 15 "$OUTDIR/tests.log"
-else
-    note "tests: SKIPPED (no tests/ folder)"
-fi
+# -- smoke: every fused op on CUDA vs float64, one line per case --------------------------------
+run_step smoke "$OUTDIR/smoke.log" "$PY" bench/gpu_smoke.py --device cuda --out "$OUTDIR/smoke.jsonl"
+note "smoke: $(tail -n 1 "$OUTDIR/smoke.log")"
+grep '^FAIL' "$OUTDIR/smoke.log" | head -n 20
 
-# -- 4. benchmark -----------------------------------------------------------------------------
-if [ -f bench/bench_proto.py ]; then
-    mkdir -p "$OUTDIR/rows"
-    # --time-limit stops starting new cases early enough for the tables to be printed.
-    run_step "bench_proto (--device cuda)" "$T_BENCH" "$OUTDIR/bench_proto.txt" \
-        "$PY" bench/bench_proto.py --device cuda --time-limit $(( T_BENCH * 5 / 8 )) \
-        --compile-dtypes float32 --results-dir "$OUTDIR/rows" ${BENCH_ARGS:-}
-    # keep the rows flat in OUTDIR (the device tool returns files at most two folders down)
-    for f in "$OUTDIR"/rows/*.jsonl; do
-        [ -e "$f" ] || continue
-        cp "$f" "$OUTDIR/" && mkdir -p bench/results && cat "$f" >>"bench/results/$(basename "$f")"
-    done
-    rm -rf "$OUTDIR/rows"
-    ls "$OUTDIR"/*.jsonl >/dev/null 2>&1 && note "bench rows: $(ls "$OUTDIR"/*.jsonl | xargs -n1 basename | tr '\n' ' ')" \
-        || note "bench rows: none written"
-    grep -v '^\.\.\. ' "$OUTDIR/bench_proto.txt" | tail -n 80   # tables, without progress lines
-else
-    note "bench_proto: SKIPPED (bench/bench_proto.py missing)"
-fi
+# -- CUDA tests --------------------------------------------------------------------------------
+run_step tests "$OUTDIR/tests.log" env FASTMETA_TEST_DEVICE=cuda \
+    "$PY" -m pytest tests/ops -q -rfE --durations=10 -p no:cacheprovider
+tail -n 30 "$OUTDIR/tests.log"
 
-# -- 5. inner_update (CUDA multi-tensor kernel): its own tests and benchmark --------------------
-# Separate from step 3 so a failure elsewhere in the suite (-x) does not hide it.
-if [ -f tests/ops/test_inner_update.py ]; then
-    run_step "inner_update tests (cuda)" "${T_IU_TESTS:-60}" "$OUTDIR/tests_inner_update.log" \
-        env FASTMETA_TEST_DEVICE=cuda "$PY" -m pytest tests/ops/test_inner_update.py -q -p no:cacheprovider
-    tail -n 5 "$OUTDIR/tests_inner_update.log"
-fi
-if [ -f bench/bench_inner_update.py ]; then
-    mkdir -p "$OUTDIR/rows_iu"
-    run_step "bench_inner_update (--device cuda)" "${T_IU_BENCH:-90}" "$OUTDIR/bench_inner_update.txt" \
-        "$PY" bench/bench_inner_update.py --device cuda --time-limit $(( ${T_IU_BENCH:-90} * 5 / 8 )) \
-        --results-dir "$OUTDIR/rows_iu"
-    for f in "$OUTDIR"/rows_iu/*.jsonl; do
-        [ -e "$f" ] || continue
-        cp "$f" "$OUTDIR/" && mkdir -p bench/results && cat "$f" >>"bench/results/$(basename "$f")"
-    done
-    rm -rf "$OUTDIR/rows_iu"
-    grep -v '^\.\.\. ' "$OUTDIR/bench_inner_update.txt" | tail -n 60
-fi
+# -- benchmarks, most valuable first -------------------------------------------------------------
+mkdir -p "$OUTDIR/rows"
+run_step proto "$OUTDIR/bench_proto.txt" "$PY" bench/bench_proto.py --device cuda \
+    --shapes episode,many-way --time-limit $(( LIMIT[proto] * 5 / 8 )) --compile-dtypes float32 \
+    --results-dir "$OUTDIR/rows"
+collect_rows "$OUTDIR/rows"
+mkdir -p "$OUTDIR/rows"
+run_step matching "$OUTDIR/bench_matching.txt" "$PY" bench/bench_matching.py --device cuda \
+    --shapes 5w5s --quick --results-dir "$OUTDIR/rows"
+collect_rows "$OUTDIR/rows"
+mkdir -p "$OUTDIR/rows"
+run_step maml "$OUTDIR/bench_maml.txt" "$PY" bench/bench_maml.py --device cuda --configs conv4-k5 \
+    --time-limit $(( LIMIT[maml] * 5 / 8 )) --child-timeout $(( LIMIT[maml] - 5 )) \
+    --results-dir "$OUTDIR/rows"
+collect_rows "$OUTDIR/rows"
+mkdir -p "$OUTDIR/rows"
+run_step iu "$OUTDIR/bench_inner_update.txt" "$PY" bench/bench_inner_update.py --device cuda \
+    --time-limit $(( LIMIT[iu] * 5 / 8 )) --results-dir "$OUTDIR/rows"
+collect_rows "$OUTDIR/rows"
+for f in bench_proto bench_matching bench_maml bench_inner_update; do
+    grep -v '^\.\.\. ' "$OUTDIR/$f.txt" 2>/dev/null | tail -n 40
+done
 
-# -- 5. MAML meta-step benchmark (fastmeta vs naive loop / torch.func vmap; + CUDA graph row) ---
-# Adds up to T_BENCH_MAML (default 150 s) to the worst case above. Peers (higher, TorchOpt,
-# learn2learn) are not installed on the lent machine (no internet): their rows say so.
-# Conv4 k=5 first (the headline; each row is a fresh process, ~10 s of start-up on a GPU).
-T_BENCH_MAML=${T_BENCH_MAML:-150}
-BENCH_MAML_ARGS=${BENCH_MAML_ARGS:---configs conv4-k5,sinusoid-k5,conv4-k10}
-if [ -f bench/bench_maml.py ]; then
-    mkdir -p "$OUTDIR/rows_maml"
-    run_step "bench_maml (--device cuda)" "$T_BENCH_MAML" "$OUTDIR/bench_maml.txt" \
-        "$PY" bench/bench_maml.py --device cuda --time-limit $(( T_BENCH_MAML * 5 / 8 )) \
-        --child-timeout $(( T_BENCH_MAML / 3 )) --results-dir "$OUTDIR/rows_maml" \
-        ${BENCH_MAML_ARGS:-}
-    for f in "$OUTDIR"/rows_maml/*.jsonl; do
-        [ -e "$f" ] || continue
-        cp "$f" "$OUTDIR/" && mkdir -p bench/results && cat "$f" >>"bench/results/$(basename "$f")"
-    done
-    rm -rf "$OUTDIR/rows_maml"
-    grep -v '^\.\.\. ' "$OUTDIR/bench_maml.txt" | tail -n 80
-else
-    note "bench_maml: SKIPPED (bench/bench_maml.py missing)"
-fi
-
-# -- summary ----------------------------------------------------------------------------------
-{
-    echo
-    echo "== device_check summary ($(( $(date +%s) - T0 ))s, outputs in $OUTDIR) =="
-    for line in "${SUMMARY[@]}"; do echo "  $line"; done
-} | tee "$OUTDIR/summary.txt"
+write_summary
+cat "$OUTDIR/summary.txt"
 exit 0

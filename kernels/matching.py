@@ -42,28 +42,17 @@ cuBLAS), the rule of ``kernels/proto_loss.py``. Python floats reach the kernels 
 (hi, lo) pair summed in acc. Offsets into [B,Q,*] buffers are int64.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from fastmeta.kernels.proto_loss import _exp, _input_precision, _split_f32
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(acc: torch.dtype):
-    return tl.float64 if acc == torch.float64 else tl.float32
+from . import _common
+from ._common import exp as _exp
 
 
 def _blocks(N: int, D: int) -> dict:
     # One config under the interpreter (autotune cannot run there); all dims >= 16 for tl.dot.
-    if _INTERPRET:
+    if _common.INTERPRET:
         return {"BLOCK_Q": 16, "BLOCK_S": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4}
     # The forward's masked [BLOCK_Q, BLOCK_S, BLOCK_N] tile is the register budget: 4K or 8K
     # elements. Untuned (no GPU was available when this was written).
@@ -75,7 +64,7 @@ def _blocks(N: int, D: int) -> dict:
 
 def _normalized(x: torch.Tensor, eps: float):
     """(x / max(|x|, eps), |x|) in acc dtype, contiguous."""
-    xa = x.to(_acc_dtype(x.dtype))
+    xa = x.to(_common.acc_dtype(x.dtype))
     nrm = torch.linalg.vector_norm(xa, dim=-1)
     return (xa / nrm.clamp_min(eps).unsqueeze(-1)).contiguous(), nrm
 
@@ -190,11 +179,10 @@ def _matching_bwd_kernel(
 
 
 def _meta(query):
-    acc = _acc_dtype(query.dtype)
     return {
-        "INPUT_PRECISION": _input_precision(query.dtype, query.device),
-        "ACC_DTYPE": _tl_acc(acc),
-        "PRECISE": (not _INTERPRET) and query.dtype == torch.float64,
+        "INPUT_PRECISION": _common.input_precision(query.dtype, query.device),
+        "ACC_DTYPE": _common.acc_tl(query.dtype),
+        "PRECISE": _common.precise(query.dtype),
     }
 
 
@@ -210,7 +198,7 @@ def _class_stats(query, support, labels, n_way, scale, eps):
     cs = torch.empty_like(cm)
     blk = _blocks(n_way, D)
     grid = (B * triton.cdiv(Q, blk["BLOCK_Q"]), triton.cdiv(n_way, blk["BLOCK_N"]))
-    _matching_fwd_kernel[grid](qn, sn, lab, cm, cs, Q, S, n_way, D, *_split_f32(scale),
+    _matching_fwd_kernel[grid](qn, sn, lab, cm, cs, Q, S, n_way, D, *_common.split_f32(scale),
                                **_meta(query), **blk)
     m = cm.amax(-1)
     tot = (cs * torch.exp(cm - m.unsqueeze(-1))).sum(-1)  # cs = 0 where cm = -inf
@@ -252,7 +240,7 @@ def _grads(query, support, labels, n_way, scale, eps, dy):
     blk.pop("BLOCK_N")
     grid = (B * triton.cdiv(Q, blk["BLOCK_Q"]), triton.cdiv(S, blk["BLOCK_S"]))
     _matching_bwd_kernel[grid](qn, sn, lab, cm, k.contiguous(), G,
-                               Q, S, n_way, D, *_split_f32(scale), **_meta(query), **blk)
+                               Q, S, n_way, D, *_common.split_f32(scale), **_meta(query), **blk)
     gq = _normalize_bwd(torch.bmm(G, sn), qn, qnrm, eps)
     gs = _normalize_bwd(torch.bmm(G.transpose(1, 2), qn), sn, snrm, eps)
     return gq.to(query.dtype), gs.to(support.dtype)
@@ -261,7 +249,7 @@ def _grads(query, support, labels, n_way, scale, eps, dy):
 def matching_bwd(grad_logp, query, support, labels, logp, lse, n_way, scale, eps):
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. query and support (input dtype).
     ``logp`` and ``lse`` are part of the contract but not read (see ``_grads``)."""
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     return _grads(query, support, labels, n_way, scale, eps, grad_logp.to(acc))
 
 
@@ -270,7 +258,7 @@ def matching_loss_bwd(grad_loss, query, support, labels, query_labels, loss, lse
     """Gradients of ``sum(grad_loss * loss)`` w.r.t. query and support (input dtype).
     ``loss`` and ``lse`` are part of the contract but not read (see ``_grads``)."""
     B, Q = query_labels.shape
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     dy = torch.zeros((B, Q, n_way), dtype=acc, device=query.device)
     dy.scatter_(-1, query_labels.unsqueeze(-1), -grad_loss.to(acc).unsqueeze(-1))
     return _grads(query, support, labels, n_way, scale, eps, dy)

@@ -51,29 +51,19 @@ Precision.
 * fp64 exp/log/sqrt use libdevice on the GPU (the interpreter runs numpy's).
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-try:  # the interpreter does not implement libdevice; GPU fp64 paths use it (see _exp)
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - every Triton >= 3.0 has it
-    libdevice = None
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import _common
+from ._common import exp as _exp
+from ._common import log as _log
+from ._common import sqrt as _sqrt
 
 SQEUCLIDEAN = 0
 COSINE = 1
-
-_TL_DTYPE = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,8 +72,10 @@ _TL_DTYPE = {
 
 
 # Tile shapes per dot path: _TILES[path][BLOCK_N][BLOCK_Q] = (BLOCK_D, num_warps). Every entry
-# compiles for sm_90 with no (or <= 8 bytes of) register spills in every tile kernel here
-# (ptxas -v, num_stages=3); all block dims are >= 16, as tl.dot needs on a GPU.
+# compiles for sm_80 and sm_90 in every tile kernel here (tools/aot_check.py, full set: every
+# autotune config, bench/results/triton_aot.md); some fp64 and sm_80 variants spill 8-72 bytes
+# per thread at 56-128 registers, within the budgets of tools/aot_cases.py and untimed until a
+# GPU is lent. All block dims are >= 16, as tl.dot needs on a GPU.
 #   fma: fp32 with input_precision="ieee" (Triton's FMA dot: register hungry, so BLOCK_N <= 32)
 #   mma: fp16, bf16, and fp32 with tf32 (tensor cores)
 #   f64: fp64
@@ -101,7 +93,7 @@ _INTERPRET_TILE = {"BLOCK_Q": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4}
 
 # FASTMETA_TRITON_AUTOTUNE=1 times every tile of the call's path on the first call of each key
 # instead of the heuristic below (one compile per config: slow to warm up, for benchmarking).
-_AUTOTUNE = (not _INTERPRET) and os.environ.get("FASTMETA_TRITON_AUTOTUNE", "0") == "1"
+_AUTOTUNE = (not _common.INTERPRET) and os.environ.get("FASTMETA_TRITON_AUTOTUNE", "0") == "1"
 
 
 def _dot_path(dtype: torch.dtype, input_precision: str) -> str:
@@ -112,16 +104,11 @@ def _dot_path(dtype: torch.dtype, input_precision: str) -> str:
     return "mma"
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _pick_tile(path: str, B: int, Q: int, N: int, n_split: bool, device: torch.device) -> dict:
     """Heuristic tile from ``_TILES[path]``: blocks no wider than Q and N need; among the tiles
     that give >= 2 programs per SM the biggest (most reuse), else the one with most programs
     (the shapes that matter, e.g. B=32/Q=75 or B=1/Q=2048, need small Q blocks to fill a GPU)."""
-    if _INTERPRET:
+    if _common.INTERPRET:
         return dict(_INTERPRET_TILE)
     rows = _TILES[path]
     fit_n = max(16, triton.next_power_of_2(N))
@@ -133,8 +120,7 @@ def _pick_tile(path: str, B: int, Q: int, N: int, n_split: bool, device: torch.d
         bn, bq = tile
         return B * triton.cdiv(Q, bq) * (triton.cdiv(N, bn) if n_split else 1)
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    target = 2 * _sm_count(index)
+    target = 2 * _common.sm_count(device)
     enough = [t for t in cands if programs(t) >= target]
     if enough:
         bn, bq = max(enough, key=lambda t: (t[0] * t[1], t[0]))
@@ -180,50 +166,11 @@ def _rows_bucket(B: int, Q: int) -> int:
     return triton.next_power_of_2(max(1, B * Q))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dot_tl(dtype: torch.dtype):
     # bf16 arithmetic/dot is broken in the interpreter: feed it fp32 there (exact upcast).
-    if dtype == torch.bfloat16 and _INTERPRET:
+    if dtype == torch.bfloat16 and _common.INTERPRET:
         return tl.float32
-    return _TL_DTYPE[dtype]
-
-
-def _tf32_allowed() -> bool:
-    """Whether torch's own fp32 CUDA matmuls may use TF32 (new and legacy flag APIs)."""
-    for prec in (getattr(torch.backends.cuda.matmul, "fp32_precision", None),
-                 getattr(torch.backends, "fp32_precision", None)):
-        if prec == "tf32":
-            return True
-        if prec == "ieee":
-            return False
-    try:  # torch < 2.9, or both new-API levels "none"
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # torch refuses mixed legacy/new API reads
-        return False
-
-
-def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
-        return "tf32"
-    return "ieee"
-
-
-def _split_f32(x: float):
-    """(hi, lo) fp32 values with hi + lo == x to ~48 bits (Triton passes floats as fp32)."""
-    x = float(x)
-    hi = torch.tensor(x, dtype=torch.float32).item()
-    if not (abs(hi) < float("inf")):
-        return hi, 0.0
-    lo = torch.tensor(x - hi, dtype=torch.float32).item()
-    return hi, lo
-
-
-def _last_dim_unit_stride(x: torch.Tensor) -> torch.Tensor:
-    # Kernels address rows by stride and the feature dim as contiguous (coalesced, dot-friendly).
-    return x if x.size(-1) <= 1 or x.stride(-1) == 1 else x.contiguous()
+    return _common.tl_dtype(dtype)
 
 
 def _center(query: torch.Tensor, protos: torch.Tensor, metric: int):
@@ -237,31 +184,31 @@ def _center(query: torch.Tensor, protos: torch.Tensor, metric: int):
     """
     if metric != SQEUCLIDEAN or query.dtype not in (torch.float32, torch.float64):
         return None
-    protos = _last_dim_unit_stride(protos)
+    protos = _common.last_dim_unit_stride(protos)
     B, N, D = protos.shape
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     mu = torch.empty((B, D), dtype=acc, device=protos.device)
-    block_d = 16 if _INTERPRET else max(16, min(128, triton.next_power_of_2(D)))
-    block_n = 16 if _INTERPRET else max(16, min(32, triton.next_power_of_2(N)))
+    block_d = 16 if _common.INTERPRET else max(16, min(128, triton.next_power_of_2(D)))
+    block_n = 16 if _common.INTERPRET else max(16, min(32, triton.next_power_of_2(N)))
     _proto_center_kernel[(B,)](
         protos, mu, N, D, protos.stride(0), protos.stride(1),
-        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+        ACC_DTYPE=_common.acc_tl(query.dtype),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )
     return mu
 
 
 def _common_meta(query, protos, metric, scale, eps):
-    s_hi, s_lo = _split_f32(scale)
-    e_hi, e_lo = _split_f32(eps)
+    s_hi, s_lo = _common.split_f32(scale)
+    e_hi, e_lo = _common.split_f32(eps)
     mu = _center(query, protos, metric)
     meta = {
         "METRIC": int(metric),
         "CENTER": mu is not None,
         "DOT_DTYPE": _dot_tl(query.dtype),
-        "INPUT_PRECISION": _input_precision(query.dtype, query.device),
-        "ACC_DTYPE": tl.float64 if query.dtype == torch.float64 else tl.float32,
-        "PRECISE": (not _INTERPRET) and query.dtype == torch.float64,
+        "INPUT_PRECISION": _common.input_precision(query.dtype, query.device),
+        "ACC_DTYPE": _common.acc_tl(query.dtype),
+        "PRECISE": _common.precise(query.dtype),
     }
     return (s_hi, s_lo, e_hi, e_lo), mu, meta
 
@@ -269,32 +216,6 @@ def _common_meta(query, protos, metric, scale, eps):
 # --------------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _exp(x, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _log(x, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.log(x)
-    else:
-        return tl.log(x)
-
-
-@triton.jit
-def _sqrt(x, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.sqrt_rn(x)
-    elif x.dtype == tl.float64:
-        return tl.sqrt(x)  # fp64 sqrt is correctly rounded; tl.sqrt_rn takes fp32 only
-    else:
-        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -619,14 +540,14 @@ def proto_loss_fwd(query, protos, labels, metric, scale, eps):
     Returns ``(loss[B,Q] acc, lse[B,Q] acc, pred[B,Q] int64)``."""
     B, Q, D = query.shape
     N = protos.shape[1]
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     loss = torch.empty((B, Q), dtype=acc, device=query.device)
     lse = torch.empty((B, Q), dtype=acc, device=query.device)
     pred = torch.empty((B, Q), dtype=torch.int64, device=query.device)
     if B * Q == 0:
         return loss, lse, pred
-    query = _last_dim_unit_stride(query)
-    protos = _last_dim_unit_stride(protos)
+    query = _common.last_dim_unit_stride(query)
+    protos = _common.last_dim_unit_stride(protos)
     scalars, mu, meta = _common_meta(query, protos, metric, scale, eps)
     args = (
         query, protos, protos if mu is None else mu, labels, loss, lse, pred,
@@ -646,8 +567,8 @@ def proto_logits_fwd(query, protos, metric, scale, eps):
     out = torch.empty((B, Q, N), dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
-    query = _last_dim_unit_stride(query)
-    protos = _last_dim_unit_stride(protos)
+    query = _common.last_dim_unit_stride(query)
+    protos = _common.last_dim_unit_stride(protos)
     scalars, mu, meta = _common_meta(query, protos, metric, scale, eps)
     args = (
         query, protos, protos if mu is None else mu, out,
@@ -663,7 +584,7 @@ def _norms(query, protos, metric, eps):
     """Cosine: ((|q|, max(|q|,eps)) [B,Q], (|p|, max(|p|,eps)) [B,N]) in acc; else (None, None)."""
     if metric != COSINE:
         return None, None
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     out = []
     for x in (query, protos):
         nrm = torch.linalg.vector_norm(x, dim=-1, dtype=acc).contiguous()
@@ -711,12 +632,12 @@ def proto_loss_bwd(grad_loss, query, protos, labels, lse, metric, scale, eps):
     sum of exponentials (see ``_proto_loss_bwd_kernel``)."""
     B, Q, D = query.shape
     N = protos.shape[1]
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     if B * Q * N * D == 0:
         return (torch.zeros(query.shape, dtype=query.dtype, device=query.device),
                 torch.zeros(protos.shape, dtype=protos.dtype, device=protos.device))
-    query = _last_dim_unit_stride(query)
-    protos = _last_dim_unit_stride(protos)
+    query = _common.last_dim_unit_stride(query)
+    protos = _common.last_dim_unit_stride(protos)
     G = torch.empty((B, Q, N), dtype=acc, device=query.device)
     scalars, mu, meta = _common_meta(query, protos, metric, scale, eps)
     qn, pn = _norms(query, protos, metric, eps)
@@ -736,22 +657,22 @@ def proto_logits_bwd(grad_logits, query, protos, metric, scale, eps):
     """Gradients of ``sum(grad_logits * logits)`` w.r.t. query and protos (input dtype)."""
     B, Q, D = query.shape
     N = protos.shape[1]
-    acc = _acc_dtype(query.dtype)
+    acc = _common.acc_dtype(query.dtype)
     if B * Q * N * D == 0:
         return (torch.zeros(query.shape, dtype=query.dtype, device=query.device),
                 torch.zeros(protos.shape, dtype=protos.dtype, device=protos.device))
     G = torch.empty((B, Q, N), dtype=acc, device=query.device)
     qn, pn = _norms(query, protos, metric, eps)
-    s_hi, s_lo = _split_f32(scale)
-    block_q = 16 if _INTERPRET else 32
-    block_n = 16 if _INTERPRET else max(16, min(128, triton.next_power_of_2(N)))
+    s_hi, s_lo = _common.split_f32(scale)
+    block_q = 16 if _common.INTERPRET else 32
+    block_n = 16 if _common.INTERPRET else max(16, min(128, triton.next_power_of_2(N)))
     grid = (B * triton.cdiv(Q, block_q) * triton.cdiv(N, block_n),)
     _proto_logits_bwd_kernel[grid](
         grad_logits, G if qn is None else qn[1], G if pn is None else pn[1], G,
         Q, N,
         grad_logits.stride(0), grad_logits.stride(1), grad_logits.stride(2),
         s_hi, s_lo,
-        METRIC=int(metric), ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+        METRIC=int(metric), ACC_DTYPE=_common.acc_tl(query.dtype),
         BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=4,
     )
     return _grads_from_coef(G, query, protos, metric, qn, pn, eps, _center(query, protos, metric))

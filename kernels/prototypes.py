@@ -17,25 +17,15 @@ Backward: one program per (episode, block of S, block of D) gathers
 fp16/bf16 accumulate in fp32, fp64 in fp64; outputs have the input dtype.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _last_dim_unit_stride(x: torch.Tensor) -> torch.Tensor:
-    # Kernels address rows by stride and the feature dim as contiguous (coalesced loads).
-    return x if x.size(-1) <= 1 or x.stride(-1) == 1 else x.contiguous()
+from . import _common
 
 
 def _block_d(D: int) -> int:
-    if _INTERPRET:
+    if _common.INTERPRET:
         return 16
     return max(16, min(128, triton.next_power_of_2(D)))
 
@@ -121,15 +111,15 @@ def prototypes_fwd(support: torch.Tensor, labels: torch.Tensor, n_way: int):
     if protos.numel() == 0:
         counts.zero_()
         return protos, counts
-    support = _last_dim_unit_stride(support)
+    support = _common.last_dim_unit_stride(support)
     block_d = _block_d(D)
-    block_s = 16 if _INTERPRET else 32
+    block_s = 16 if _common.INTERPRET else 32
     grid = (B * N * triton.cdiv(D, block_d),)
     _prototypes_fwd_kernel[grid](
         support, labels, protos, counts,
         S, N, D,
         support.stride(0), support.stride(1), labels.stride(0), labels.stride(1),
-        ACC_DTYPE=_acc_tl(support.dtype), BLOCK_S=block_s, BLOCK_D=block_d,
+        ACC_DTYPE=_common.acc_tl(support.dtype), BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=4,
     )
     return protos, counts
@@ -142,16 +132,16 @@ def prototypes_bwd(grad_protos: torch.Tensor, labels: torch.Tensor, counts: torc
     out = torch.empty((B, S, D), dtype=grad_protos.dtype, device=grad_protos.device)
     if out.numel() == 0:
         return out
-    grad_protos = _last_dim_unit_stride(grad_protos)
+    grad_protos = _common.last_dim_unit_stride(grad_protos)
     block_d = _block_d(D)
-    block_s = 16 if _INTERPRET else 32
+    block_s = 16 if _common.INTERPRET else 32
     grid = (B * triton.cdiv(S, block_s) * triton.cdiv(D, block_d),)
     _prototypes_bwd_kernel[grid](
         grad_protos, labels, counts, out,
         S, N, D,
         grad_protos.stride(0), grad_protos.stride(1), labels.stride(0), labels.stride(1),
         counts.stride(0), counts.stride(1),
-        ACC_DTYPE=_acc_tl(grad_protos.dtype), BLOCK_S=block_s, BLOCK_D=block_d,
+        ACC_DTYPE=_common.acc_tl(grad_protos.dtype), BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=4,
     )
     return out

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, case_id
+from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, HAS_TRITON, ON_CPU, assert_close64, assert_close_measured, case_id
 
 from fastmeta.ops import BackendError, mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
 
@@ -103,6 +103,26 @@ def test_matches_float64_double_backward(backend, act, loss, dtype, shape):
             assert_close64(f, o, rtol=1e-10, atol=1e-11, name=name)
         else:
             assert_close_measured(f, s, o, atol=2e-5, name=name)
+
+
+# What the GPU compiler saw and the interpreter did not (tools/aot_check.py, issue 11): every
+# tanh/sigmoid HVP and every one-layer MLP failed to compile (a layer index computed inside
+# tl.static_range became a runtime value), and the kernel's widest shapes spilled until its
+# products ran over chunks of their inner dimension. Each of them, against float64.
+GPU_REJECTED = [
+    ("tanh", "mse", (2, 5, (3, 1), True)),  # one layer
+    ("sigmoid", "cross_entropy", (2, 5, (3, 4), False)),  # one layer, no bias
+    ("tanh", "cross_entropy", (2, 7, (3, 5, 2), True)),
+    ("sigmoid", "mse", (3, 17, (2, 16, 15, 3), True)),
+    ("relu", "mse", (2, 10, (1, 40, 40, 1), True)),  # the sinusoid MLP: BW = 64
+    ("sigmoid", "cross_entropy", (1, 64, (64, 64, 64), True)),  # the backend's limit
+]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("act,loss,shape", GPU_REJECTED, ids=case_id)
+def test_triton_configs_the_gpu_compiler_rejected(act, loss, shape):
+    test_matches_float64_double_backward("triton", act, loss, torch.float64, shape)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
