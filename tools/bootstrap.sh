@@ -34,8 +34,8 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check --no-compile
 phase "venv"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "bootstrap: installing torch==$TORCH_VERSION (CPU build)"
-  pip_install "torch==$TORCH_VERSION"
+  echo "bootstrap: installing torch==$TORCH_VERSION (CPU build) and the build tools"
+  pip_install "torch==$TORCH_VERSION" pybind11 ninja
 fi
 phase "torch"
 # Pin whatever torch is now present so no package can pull another one.
