@@ -1,7 +1,9 @@
 // Operator registration (torch.ops.fastmeta_cpp.*) and the `fastmeta._C` Python module.
 //
 // Importing fastmeta._C runs the static TORCH_LIBRARY initialisers below, which registers the
-// schemas and their CPU kernels with the dispatcher. No Meta/fake kernels are registered here:
+// schemas and their CPU kernels with the dispatcher. Every schema of fastmeta_cpp is declared
+// here and nowhere else (cuda/inner_update_launch.cpp adds only its CUDA implementation); the
+// kernel units include no torch/library.h (~9 s of parsing each). No Meta/fake kernels are registered here:
 // fake (shape) implementations belong to the Python side (torch.library.register_fake).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -18,6 +20,17 @@
 #endif
 
 TORCH_LIBRARY(fastmeta_cpp, m) {
+  m.def("inner_update(Tensor[] params, Tensor[] grads, Tensor[] lrs, float alpha) -> Tensor[]");
+  m.def(
+      "inner_update_lr_grad(Tensor[] grads, Tensor[] grad_outs, Tensor[] lrs, float alpha)"
+      " -> Tensor[]");
+  m.def(
+      "mlp_grad_fwd(Tensor[] weights, Tensor[] biases, Tensor x, Tensor y, int activation, "
+      "int loss) -> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "mlp_grad_hvp_fwd(Tensor[] weights, Tensor[] biases, Tensor x, Tensor y, Tensor[] v_w, "
+      "Tensor[] v_b, int activation, int loss) -> (Tensor, Tensor[], Tensor[], Tensor[], "
+      "Tensor[])");
   m.def("prototypes_fwd(Tensor support, Tensor labels, int n_way) -> (Tensor, Tensor)");
   m.def("prototypes_bwd(Tensor grad_protos, Tensor labels, Tensor counts) -> Tensor");
   m.def(
@@ -48,6 +61,10 @@ TORCH_LIBRARY(fastmeta_cpp, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
+  m.impl("inner_update", &fastmeta::cpu::inner_update_cpu);
+  m.impl("inner_update_lr_grad", &fastmeta::cpu::inner_update_lr_grad_cpu);
+  m.impl("mlp_grad_fwd", &fastmeta::cpu::mlp_grad_fwd);
+  m.impl("mlp_grad_hvp_fwd", &fastmeta::cpu::mlp_grad_hvp_fwd);
   m.impl("prototypes_fwd", &fastmeta::cpu::prototypes_fwd);
   m.impl("prototypes_bwd", &fastmeta::cpu::prototypes_bwd);
   m.impl("proto_logits_fwd", &fastmeta::cpu::proto_logits_fwd);

@@ -9,8 +9,8 @@
 // Meta-SGD lr [*shape] shared by the tasks, a per-task lr, or p.expand(T, *shape) never get
 // materialised as [T, *shape] tensors.
 #include "inner_update.h"
+#include "ops.h"
 
-#include <torch/library.h>
 
 #include <algorithm>
 #include <utility>
@@ -97,6 +97,8 @@ void update_chunk(const Operand& P, const Operand& G, const Operand& L, T alpha,
   }
 }
 
+}  // namespace
+
 std::vector<at::Tensor> inner_update_cpu(at::TensorList params, at::TensorList grads,
                                          at::TensorList lrs, double alpha) {
   constexpr const char* op = "inner_update";
@@ -133,6 +135,8 @@ std::vector<at::Tensor> inner_update_cpu(at::TensorList params, at::TensorList g
   });
   return plan.outs;
 }
+
+namespace {
 
 // ---- the learning-rate gradient: d lr = -alpha * sum over the broadcast dims of g * go ---------
 //
@@ -206,6 +210,8 @@ void lr_grad_span(const T* g, const T* go, int64_t numel, int64_t div, int64_t m
   else at::parallel_for(0, items, 1, body);
 }
 
+}  // namespace
+
 std::vector<at::Tensor> inner_update_lr_grad_cpu(at::TensorList grads, at::TensorList grad_outs,
                                                  at::TensorList lrs, double alpha) {
   constexpr const char* op = "inner_update_lr_grad";
@@ -246,18 +252,5 @@ std::vector<at::Tensor> inner_update_lr_grad_cpu(at::TensorList grads, at::Tenso
   return outs;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
-
-TORCH_LIBRARY_FRAGMENT(fastmeta_cpp, m) {
-  m.def("inner_update(Tensor[] params, Tensor[] grads, Tensor[] lrs, float alpha) -> Tensor[]");
-  m.def(
-      "inner_update_lr_grad(Tensor[] grads, Tensor[] grad_outs, Tensor[] lrs, float alpha)"
-      " -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
-  m.impl("inner_update", &fastmeta::cpu::inner_update_cpu);
-  m.impl("inner_update_lr_grad", &fastmeta::cpu::inner_update_lr_grad_cpu);
-}

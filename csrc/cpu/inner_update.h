@@ -11,7 +11,9 @@
 // the shape with row-major strides. Anything else is copied to a contiguous tensor first.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/ATen_fwd.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <cstdint>

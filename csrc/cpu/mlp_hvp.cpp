@@ -20,12 +20,14 @@
 // biases == [] means no biases (then the bias outputs are []); v_b == [] with biases means a
 // zero bias direction. activation: 0 identity, 1 relu, 2 tanh, 3 sigmoid; loss: 0 mse (mean
 // over N*out), 1 cross_entropy (int64 targets [T,N], mean over N).
-#include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
+#include <ATen/TensorOperators.h>  // scalar - tensor, scalar * tensor
+
 #include "common.h"
+#include "ops.h"
 
 namespace fastmeta {
 namespace cpu {
@@ -258,18 +260,3 @@ mlp_grad_hvp_fwd(at::TensorList weights, at::TensorList biases, const at::Tensor
 
 }  // namespace cpu
 }  // namespace fastmeta
-
-TORCH_LIBRARY_FRAGMENT(fastmeta_cpp, m) {
-  m.def(
-      "mlp_grad_fwd(Tensor[] weights, Tensor[] biases, Tensor x, Tensor y, int activation, "
-      "int loss) -> (Tensor, Tensor[], Tensor[])");
-  m.def(
-      "mlp_grad_hvp_fwd(Tensor[] weights, Tensor[] biases, Tensor x, Tensor y, Tensor[] v_w, "
-      "Tensor[] v_b, int activation, int loss) -> (Tensor, Tensor[], Tensor[], Tensor[], "
-      "Tensor[])");
-}
-
-TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
-  m.impl("mlp_grad_fwd", &fastmeta::cpu::mlp_grad_fwd);
-  m.impl("mlp_grad_hvp_fwd", &fastmeta::cpu::mlp_grad_hvp_fwd);
-}

@@ -1,9 +1,12 @@
 // CPU implementations of the fastmeta kernel contract (see the project's kernel spec).
 #pragma once
 
-#include <ATen/ATen.h>
+// Declarations only: the light tensor header (~4 s to parse), not <ATen/ATen.h> (~15 s).
+#include <ATen/core/ATen_fwd.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 namespace fastmeta {
 namespace cpu {
@@ -51,6 +54,23 @@ std::tuple<at::Tensor, at::Tensor> matching_loss_bwd(
     const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& support,
     const at::Tensor& support_labels, const at::Tensor& query_labels, const at::Tensor& loss,
     const at::Tensor& lse, int64_t n_way, double scale, double eps);
+
+// inner_update: out_i = p_i - alpha * lr_i * g_i for every tensor (one call for all of them), and
+// the gradient of the rates (see inner_update.h for the broadcast plan).
+std::vector<at::Tensor> inner_update_cpu(at::TensorList params, at::TensorList grads,
+                                         at::TensorList lrs, double alpha);
+std::vector<at::Tensor> inner_update_lr_grad_cpu(at::TensorList grads, at::TensorList grad_outs,
+                                                 at::TensorList lrs, double alpha);
+
+// mlp_hvp: per-task loss, gradient (and Hessian-vector product) of a task-batched MLP.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_grad_fwd(
+    at::TensorList weights, at::TensorList biases, const at::Tensor& x, const at::Tensor& y,
+    int64_t activation, int64_t loss);
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+mlp_grad_hvp_fwd(at::TensorList weights, at::TensorList biases, const at::Tensor& x,
+                 const at::Tensor& y, at::TensorList v_w, at::TensorList v_b, int64_t activation,
+                 int64_t loss);
 
 }  // namespace cpu
 }  // namespace fastmeta
