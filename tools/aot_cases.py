@@ -58,9 +58,9 @@ class Case:
     cost: float = 1.0  # relative compile time, for scheduling (largest first)
 
 
-def stand_in_gpu(arch: Callable[[], int], sms: Callable[[], int]) -> None:
+def stand_in_gpu(sms: Callable[[], int]) -> None:
     """Make the launchers see a GPU while their tensors are on the CPU: the SM count of the
-    arch being compiled and the TF32 switch of the case."""
+    arch being compiled (``sms()``) and the TF32 switch of the case."""
     from fastmeta.kernels import _common
 
     def input_precision(dtype, device):

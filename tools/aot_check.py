@@ -315,7 +315,7 @@ def _worker_init(quick: bool, full_autotune: bool):
     knobs.nvidia.dump_ptxas_log = True
     triton.compiler.compile = _compile_recording(triton.compiler.compile)
     driver.set_active(AOTDriver(90))
-    aot_cases.stand_in_gpu(lambda: _CURRENT["arch"], lambda: ARCHS[_CURRENT["arch"]]["sms"])
+    aot_cases.stand_in_gpu(lambda: ARCHS[_CURRENT["arch"]]["sms"])
     _CASES.update({c.label: c for c in aot_cases.cases(quick, full_autotune)})
 
 
