@@ -35,7 +35,8 @@ SPILL_BUDGET: dict[str, dict[str, int]] = {
     # The proto tile kernels and the centring kernel spill 8-72 B in some fp64, tf32 and
     # sm_80 variants at 32-128 registers per thread: not register-file pressure (255 are
     # allowed), most likely the register saves around the division slow paths ptxas emits as
-    # called subroutines (their SASS has CALLs). Full set, sm_80 + sm_90: max 72 B (logits
+    # called subroutines (CALLs seen in the SASS of _proto_center_kernel variants; not
+    # proven for each spilling variant). Full set, sm_80 + sm_90: max 72 B (logits
     # fwd), 64 B (loss bwd), 16 B (loss fwd), 48 B (centre). Untimed until a GPU is lent.
     "_proto_logits_fwd_kernel": {"": 96},
     "_proto_loss_fwd_kernel": {"": 32},
