@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -93,7 +92,7 @@ def cases(device):
             S = 5 * N
             sup, lab = rnd(B, S, D, dtype=dtype), labels(B, S, N)
             out.append(("prototypes", "triton", f"B{B} S{S} N{N} D{D}", dtype,
-                        lambda s, b="triton", l=lab, n=N: fm.prototypes(s, l, n, backend=b),
+                        lambda s, l=lab, n=N: fm.prototypes(s, l, n, backend="triton"),
                         lambda s, l=lab, n=N: fm.prototypes_ref(s, l, n), [sup]))
             q, p = rnd(B, Q, D, dtype=dtype), rnd(B, N, D, dtype=dtype)
             ql = torch.randint(0, N, (B, Q), generator=g).to(device)
