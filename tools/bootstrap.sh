@@ -41,6 +41,8 @@ phase "torch"
 # Pin whatever torch is now present so no package can pull another one.
 CONSTRAINTS="$VENV/constraints.txt"
 "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$CONSTRAINTS"
+# and numpy below 2.4 (Triton 3.6's interpreter breaks on 2.4), so no later package lifts it
+echo "numpy<2.4" >> "$CONSTRAINTS"
 
 # What the C++ build needs comes first; the build then runs in the background while pip
 # installs everything else (its wheels are mostly unpacking, the build is the compiler).
@@ -48,12 +50,18 @@ missing=()
 need() { "$PY" -c "import $1" 2>/dev/null || missing+=("$2"); }
 need pybind11 "pybind11"
 need ninja "ninja"
+# numpy too: the build imports torch, which imports numpy -- a numpy that pip is unpacking
+# beside the build makes that import fail (seen: "libscipy_openblas64_... cannot open").
+numpy_ok() {
+  "$PY" -c "import numpy, sys; v = tuple(map(int, numpy.__version__.split('.')[:2])); sys.exit(v >= (2, 4))" 2>/dev/null
+}
+numpy_ok || missing+=("numpy<2.4")
 if ! command -v cmake >/dev/null && ! "$PY" -c "import cmake" 2>/dev/null; then missing+=("cmake<4"); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing the build's needs: ${missing[*]}"
   pip_install -c "$CONSTRAINTS" "${missing[@]}"
 fi
-phase "build tools" "${#missing[@]} installed"
+phase "build tools and numpy" "${#missing[@]} installed"
 
 echo "bootstrap: building and installing fastmeta (editable) in the background"
 BUILD_LOG="$VENV/fastmeta-build.log"
@@ -63,7 +71,6 @@ T_BUILD=$(date +%s)
 BUILD_PID=$!
 
 missing=()
-need numpy "numpy<2.4"
 need pytest "pytest>=8"
 need pytest_benchmark "pytest-benchmark"
 need expecttest "expecttest"
@@ -72,10 +79,10 @@ need tqdm "tqdm"
 need PIL "pillow"
 if [ "$(uname -s)" = Linux ]; then
   need triton "triton==3.6.0"
-  # Triton 3.6's interpreter breaks on numpy 2.4
-  "$PY" -c "import numpy, sys; v = tuple(map(int, numpy.__version__.split('.')[:2])); sys.exit(v >= (2, 4))" 2>/dev/null \
-    || missing+=("numpy<2.4")
 fi
+# the rl extra: task distributions on MuJoCo (headless, no GL needed)
+need gymnasium "gymnasium>=1.0"
+need mujoco "mujoco"
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]}"
   pip_install -c "$CONSTRAINTS" "${missing[@]}" || { kill $BUILD_PID 2>/dev/null; exit 1; }
