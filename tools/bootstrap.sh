@@ -81,8 +81,7 @@ if [ "$(uname -s)" = Linux ]; then
   need triton "triton==3.6.0"
 fi
 # the rl extra: task distributions on MuJoCo (headless, no GL needed)
-need gymnasium "gymnasium>=1.0"
-need mujoco "mujoco"
+"$PY" -c "import gymnasium.envs.mujoco, mujoco" 2>/dev/null || missing+=("gymnasium[mujoco]>=1.0")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]}"
   pip_install -c "$CONSTRAINTS" "${missing[@]}" || { kill $BUILD_PID 2>/dev/null; exit 1; }
