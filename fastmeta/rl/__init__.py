@@ -1,0 +1,11 @@
+"""Meta-RL: task distributions (``envs``) and the vectorised sampler.
+
+>>> import fastmeta.rl as rl
+>>> dist = rl.make("nav2d")
+>>> tasks = dist.sample_tasks(4, seed=0)
+"""
+
+from fastmeta.rl.envs import TaskDistribution, make
+from fastmeta.rl.sampler import Rollout, sample
+
+__all__ = ["Rollout", "TaskDistribution", "make", "sample"]

@@ -1,0 +1,54 @@
+"""2D navigation (Finn et al. 2017, section 5.3; the task of pytorch-maml-rl's Navigation2D).
+
+A point starts at the origin and must move to a goal drawn uniformly from [-0.5, 0.5]^2.
+
+* task: ``{"goal": [T, 2] float32}``
+* observation: the point's position ``[T, E, 2]`` (zeros after ``reset``)
+* action: ``[T, E, 2]`` float, the displacement, clipped to [-0.1, 0.1] per coordinate
+* reward: ``-||position - goal||`` measured after the move
+* horizon: 100 steps, every episode runs the full horizon (pytorch-maml-rl also ends an
+  episode within 0.01 of the goal; this fixed-horizon version does not)
+
+All T x E episodes move in one batched tensor operation; the dynamics are deterministic,
+so the reset seed has no effect.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import TaskDistribution, positive_int
+
+
+class Navigation2D(TaskDistribution):
+    """Point-mass 2D navigation to a per-task goal; see the module docstring."""
+
+    obs_dim = 2
+    act_dim = 2
+    discrete = False
+    max_action = 0.1
+    goal_range = 0.5
+
+    def __init__(self, horizon: int = 100) -> None:
+        super().__init__()
+        self.name = "nav2d"
+        self.horizon = positive_int(horizon, "horizon")
+        self.task_shapes = {"goal": (2,)}
+        self._pos: Tensor | None = None
+
+    def _sample_tasks(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float32)
+        return {"goal": (2 * u - 1) * self.goal_range}
+
+    def _reset(self, tasks: dict[str, Tensor], episodes: int, seed: int) -> Tensor:
+        T = tasks["goal"].shape[0]
+        self._goal = tasks["goal"].float()[:, None, :]
+        self._pos = torch.zeros(T, episodes, 2)
+        return self._pos  # never modified in place: safe to hand out
+
+    def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+        self._pos = self._pos + actions.clamp(-self.max_action, self.max_action)
+        reward = -torch.linalg.vector_norm(self._pos - self._goal, dim=-1)
+        done = torch.zeros(reward.shape, dtype=torch.bool)
+        return self._pos, reward, done, {}

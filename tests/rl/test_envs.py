@@ -1,0 +1,257 @@
+"""fastmeta.rl.envs: rewards equal their formulas, seeding, statistics, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastmeta.rl as rl
+from fastmeta.rl.envs import BernoulliBandit, HalfCheetahTasks, Navigation2D, TabularMDP
+
+gymnasium = pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+
+TORCH_DISTS = ["nav2d", "bandit-k5-n10", "tabular-mdp"]
+ALL_DISTS = TORCH_DISTS + ["cheetah-vel", "cheetah-dir"]
+
+
+def _random_actions(dist, g, T, E, scale=0.3):
+    if dist.discrete:
+        return torch.randint(0, dist.act_dim, (T, E), generator=g)
+    return scale * torch.randn(T, E, dist.act_dim, generator=g)
+
+
+def test_make_registry():
+    assert isinstance(rl.make("nav2d"), Navigation2D)
+    b = rl.make("bandit-k7-n30")
+    assert isinstance(b, BernoulliBandit) and (b.act_dim, b.horizon, b.obs_dim) == (7, 30, 1)
+    m = rl.make("tabular-mdp", states=4, actions=3, horizon=6)
+    assert isinstance(m, TabularMDP) and (m.obs_dim, m.act_dim, m.horizon) == (4, 3, 6)
+    assert rl.make("tabular-mdp").horizon == 10  # the RL^2 paper's episode length
+    c = rl.make("cheetah-dir")
+    assert isinstance(c, HalfCheetahTasks) and (c.obs_dim, c.act_dim, c.horizon) == (17, 6, 100)
+    with pytest.raises(ValueError, match="unknown task distribution 'ant'.*nav2d.*tabular-mdp"):
+        rl.make("ant")
+    with pytest.raises(TypeError, match="no keyword"):
+        rl.make("bandit-k5-n10", arms=3)
+    with pytest.raises(ValueError, match="arms must be >= 1"):
+        rl.make("bandit-k0-n10")
+
+
+@pytest.mark.parametrize("name", ALL_DISTS)
+def test_sample_tasks_pure_function_of_seed(name):
+    dist = rl.make(name)
+    a, b, c = dist.sample_tasks(6, 3), dist.sample_tasks(6, 3), dist.sample_tasks(6, 4)
+    assert set(a) == set(dist.task_shapes)
+    for k in a:
+        assert a[k].shape == (6, *dist.task_shapes[k])
+        assert torch.equal(a[k], b[k])
+    if name != "cheetah-dir":  # six +-1 coins may coincide; checked on more tasks below
+        assert any(not torch.equal(a[k], c[k]) for k in a)
+    else:
+        assert not torch.equal(dist.sample_tasks(64, 3)["direction"],
+                               dist.sample_tasks(64, 4)["direction"])
+
+
+def test_task_ranges():
+    g = rl.make("nav2d").sample_tasks(2000, 0)["goal"]
+    assert g.abs().max() <= 0.5 and g.min() < -0.45 and g.max() > 0.45
+    v = rl.make("cheetah-vel").sample_tasks(2000, 0)["velocity"]
+    assert v.min() >= 0 and v.max() <= 2 and abs(v.mean().item() - 1) < 0.05
+    d = rl.make("cheetah-dir").sample_tasks(2000, 0)["direction"]
+    assert set(d.tolist()) == {-1.0, 1.0} and abs(d.mean().item()) < 0.1
+    p = rl.make("bandit-k5-n10").sample_tasks(2000, 0)["probs"]
+    assert p.min() >= 0 and p.max() <= 1 and abs(p.mean().item() - 0.5) < 0.02
+    tasks = rl.make("tabular-mdp", states=4).sample_tasks(3000, 0)
+    P, R = tasks["transitions"], tasks["reward_means"]
+    assert torch.allclose(P.sum(-1), torch.ones(()), atol=1e-6) and P.min() >= 0
+    # Dirichlet(1,1,1,1): each coordinate ~ Beta(1, 3): mean 1/4, variance 3/80
+    assert abs(P.mean().item() - 0.25) < 1e-6 and abs(P.var().item() - 3 / 80) < 2e-3
+    assert abs(R.mean().item() - 1) < 0.02 and abs(R.std().item() - 1) < 0.02
+
+
+def test_navigation_reward_formula_float64():
+    dist = rl.make("nav2d", horizon=12)
+    tasks = dist.sample_tasks(3, 1)
+    obs = dist.reset(tasks, 4, seed=0)
+    assert obs.dtype == torch.float32 and torch.equal(obs, torch.zeros(3, 4, 2))
+    g = torch.Generator().manual_seed(0)
+    pos = torch.zeros(3, 4, 2, dtype=torch.float64)
+    goal = tasks["goal"].double()[:, None]
+    for h in range(12):
+        a = 0.2 * torch.randn(3, 4, 2, generator=g)  # about half of them beyond the clip
+        obs, rew, done, _ = dist.step(a)
+        pos = pos + a.double().clamp(-0.1, 0.1)
+        ref = -((pos - goal) ** 2).sum(-1).sqrt()
+        torch.testing.assert_close(obs.double(), pos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rew.double(), ref, rtol=0, atol=1e-6)
+        assert rew.dtype == torch.float32 and done.dtype == torch.bool
+        assert bool(done.all()) == (h == 11)
+    with pytest.raises(ValueError, match="every episode has ended"):
+        dist.step(a)
+
+
+def test_bandit_reward_statistics():
+    # T=3 tasks, E=4000 episodes x 10 pulls of random arms: ~8000 pulls per (task, arm); the
+    # empirical mean must be within 5 standard errors sqrt(p(1-p)/N) (+1e-3) of the arm's p
+    dist = rl.make("bandit-k5-n10")
+    tasks = dist.sample_tasks(3, 0)
+    obs = dist.reset(tasks, 4000, seed=1)
+    assert torch.equal(obs, torch.ones(3, 4000, 1))
+    g = torch.Generator().manual_seed(2)
+    acts, rews = [], []
+    for _ in range(10):
+        a = torch.randint(0, 5, (3, 4000), generator=g)
+        obs, r, done, _ = dist.step(a)
+        acts.append(a), rews.append(r)
+    assert bool(done.all()) and torch.equal(obs, torch.ones(3, 4000, 1))
+    A, Rw = torch.stack(acts), torch.stack(rews).double()
+    assert set(Rw.unique().tolist()) <= {0.0, 1.0}
+    onehot = torch.nn.functional.one_hot(A, 5).double()  # [10, T, E, 5]
+    n = onehot.sum((0, 2))
+    emp = (onehot * Rw[..., None]).sum((0, 2)) / n
+    p = tasks["probs"].double()
+    tol = 5 * (p * (1 - p) / n).sqrt() + 1e-3
+    assert ((emp - p).abs() <= tol).all(), (emp, p)
+
+
+def test_tabular_statistics_and_one_hot():
+    # every episode starts in state 0; the first step's reward and next state are checked
+    # against reward_means[t, 0, a] (5 standard errors of N(mean, 1)) and transitions[t, 0, a]
+    S, A, T, E = 4, 3, 2, 6000
+    dist = rl.make("tabular-mdp", states=S, actions=A, horizon=5)
+    tasks = dist.sample_tasks(T, 0)
+    obs = dist.reset(tasks, E, seed=3)
+    assert torch.equal(obs, torch.nn.functional.one_hot(torch.zeros(T, E).long(), S).float())
+    a = torch.randint(0, A, (T, E), generator=torch.Generator().manual_seed(0))
+    obs, r, _, info = dist.step(a)
+    assert torch.equal(info["state"], torch.zeros(T, E, dtype=torch.long))
+    assert torch.equal(obs.sum(-1), torch.ones(T, E)) and set(obs.unique().tolist()) == {0, 1}
+    nxt = obs.argmax(-1)
+    for t in range(T):
+        for act in range(A):
+            sel = a[t] == act
+            n = int(sel.sum())
+            mean = tasks["reward_means"][t, 0, act].item()
+            assert abs(r[t][sel].double().mean().item() - mean) < 5 / math.sqrt(n)
+            freq = torch.bincount(nxt[t][sel], minlength=S).double() / n
+            p = tasks["transitions"][t, 0, act].double()
+            assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all()
+    # later steps: the state fed back is the one observed
+    prev = nxt
+    _, _, _, info = dist.step(a)
+    assert torch.equal(info["state"], prev)
+
+
+@pytest.mark.parametrize("name", TORCH_DISTS + ["cheetah-vel"])
+def test_reset_seeding(name):
+    dist = rl.make(name, horizon=4) if name != "bandit-k5-n10" else rl.make(name)
+    tasks = dist.sample_tasks(2, 0)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(0)
+        out = [dist.reset(tasks, 3, seed)]
+        for _ in range(4):
+            out.extend(dist.step(_random_actions(dist, g, 2, 3))[:2])
+        return torch.cat([x.flatten().float() for x in out])
+
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a, b)
+    if name != "nav2d":  # 2D navigation is deterministic: the seed has nothing to fix
+        assert not torch.equal(a, c)
+
+
+def test_cheetah_rewards_equal_gymnasium_info():
+    # each sub-env is stepped next to a plain gymnasium HalfCheetah-v5 (default weights:
+    # forward 1, ctrl cost 0.1) reset with the same seed: identical observations, and our
+    # rewards follow from its own info["x_velocity"] and reward_ctrl = -0.1 ||a||^2
+    T, E, steps = 2, 1, 5
+    for kind in ("vel", "dir"):
+        dist = rl.make(f"cheetah-{kind}", horizon=steps)
+        tasks = dist.sample_tasks(T, 0)
+        if kind == "dir":
+            tasks = {"direction": torch.tensor([1.0, -1.0])}
+        obs = dist.reset(tasks, E, seed=7)
+        refs = [gymnasium.make("HalfCheetah-v5") for _ in range(T * E)]
+        ref_obs = [env.reset(seed=s)[0] for env, s in zip(refs, dist.last_seeds)]
+        torch.testing.assert_close(obs.view(T * E, -1).double(),
+                                   torch.from_numpy(np.stack(ref_obs)), rtol=0, atol=1e-6)
+        g = torch.Generator().manual_seed(1)
+        for h in range(steps):
+            a = torch.randn(T, E, 6, generator=g)
+            obs, rew, done, info = dist.step(a)
+            assert obs.dtype == torch.float32 and rew.dtype == torch.float32
+            for i, env in enumerate(refs):
+                t, e = divmod(i, E)
+                o, r_gym, _, _, inf = env.step(a[t, e].numpy())
+                vx, sq = inf["x_velocity"], -inf["reward_ctrl"] / 0.1
+                goal = tasks[dist.key][t].item()
+                want = -abs(vx - goal) - 0.05 * sq if kind == "vel" else goal * vx - 0.05 * sq
+                assert abs(rew[t, e].item() - want) < 1e-4 * (1 + abs(want))
+                assert abs(info["x_velocity"][t, e].item() - vx) < 1e-4 * (1 + abs(vx))
+                torch.testing.assert_close(obs[t, e].double(), torch.from_numpy(o),
+                                           rtol=1e-5, atol=1e-5)
+                if kind == "dir" and goal == 1.0:  # gymnasium's own reward, with its 0.1 cost
+                    assert abs(rew[t, e].item() - (r_gym + 0.05 * sq)) < 1e-4 * (1 + abs(r_gym))
+            assert bool(done.all()) == (h == steps - 1)
+
+
+def test_cheetah_vector_env_reused_and_episodes_clean():
+    dist = rl.make("cheetah-vel", horizon=3)
+    tasks = dist.sample_tasks(2, 0)
+    first = dist.reset(tasks, 1, seed=0)
+    venv = dist.vector_env(2)
+    for _ in range(3):
+        dist.step(torch.ones(2, 1, 6))
+    with pytest.raises(ValueError, match="every episode has ended"):
+        dist.step(torch.ones(2, 1, 6))
+    again = dist.reset(tasks, 1, seed=0)  # a clean start, not the state after 3 steps
+    assert dist.vector_env(2) is venv and torch.equal(first, again)
+    dist.reset(dist.sample_tasks(3, 0), 1, seed=0)
+    assert dist.vector_env(3) is not venv
+
+
+def test_bad_input():
+    nav, band = rl.make("nav2d"), rl.make("bandit-k3-n4")
+    with pytest.raises(ValueError, match="before reset"):
+        nav.step(torch.zeros(1, 1, 2))
+    with pytest.raises(TypeError, match="n must be an int"):
+        nav.sample_tasks(2.0, 0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        nav.sample_tasks(2, -1)
+    with pytest.raises(TypeError, match="tasks must be a dict"):
+        nav.reset(torch.zeros(2, 2), 1, 0)
+    with pytest.raises(ValueError, match=r"keys \['goal'\], got \['target'\]"):
+        nav.reset({"target": torch.zeros(2, 2)}, 1, 0)
+    with pytest.raises(ValueError, match=r"tasks\['goal'\] must have shape \[T, 2\], got \[2, 3\]"):
+        nav.reset({"goal": torch.zeros(2, 3)}, 1, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        nav.reset({"goal": torch.tensor([[0.0, float("nan")]])}, 1, 0)
+    with pytest.raises(ValueError, match="episodes must be >= 1"):
+        nav.reset(nav.sample_tasks(2, 0), 0, 0)
+    with pytest.raises(ValueError, match=r"probs'\] must be floating point in \[0, 1\]"):
+        band.reset({"probs": torch.full((2, 3), 1.5)}, 1, 0)
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        rl.make("tabular-mdp", states=2, actions=1).reset(
+            {"transitions": torch.ones(1, 2, 1, 2), "reward_means": torch.zeros(1, 2, 1)}, 1, 0)
+    with pytest.raises(ValueError, match="direction'\\] must be \\+1 or -1"):
+        rl.make("cheetah-dir").check_tasks({"direction": torch.tensor([0.5])})
+    nav.reset(nav.sample_tasks(2, 0), 3, 0)
+    with pytest.raises(ValueError, match=r"shape \[T, E, act_dim\] = \[2, 3, 2\], got \[2, 3\]"):
+        nav.step(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="floating-point.*got torch.int64"):
+        nav.step(torch.zeros(2, 3, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got ndarray"):
+        nav.step(torch.zeros(2, 3, 2).numpy())
+    bad = torch.zeros(2, 3, 2)
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="actions contain NaN or inf"):
+        nav.step(bad)
+    band.reset(band.sample_tasks(2, 0), 3, 0)
+    with pytest.raises(TypeError, match="integer tensor.*got torch.float32"):
+        band.step(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"\[0, 3\), got values in \[0, 3\]"):
+        band.step(torch.tensor([[0, 1, 3], [0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"shape \[T, E\] = \[2, 3\], got \[2, 3, 1\]"):
+        band.step(torch.zeros(2, 3, 1, dtype=torch.long))
