@@ -34,20 +34,16 @@ Three more choices make the memory usable from the start:
   example from the first step rather than only after the LSTM has learned to pass it through;
 * the embedding is normalised (parameter-free layer norm, see
   :class:`~fastmeta.learners._sequence.SequenceLearner`): Conv4 features after ReLU and the
-  average pool are non-negative and nearly parallel (mean cosine ~0.8 between different
-  glyphs' embeddings at init, ~0.3 after the norm), so every key looks alike and attention is uniform; and their norm
-  (~7) drowns the one-hot label (norm 1) in the controller's input;
-* the key strength starts at ``beta = 1 + softplus(10)`` (~11) rather than ~1.7: at init
-  ``beta ~ 1.7`` spreads a read almost uniformly over the slots (entropy 3.44 of at most 3.47
-  nats over 32 slots, measured on glyphs), ~11 lets it pick the most similar rows.
+  average pool are non-negative and nearly parallel, so without it every key looks alike and
+  attention is uniform, and their norm drowns the one-hot label (norm 1) in the controller's
+  input;
+* the key strength starts at ``beta = 1 + softplus(10)`` (~11) rather than the ~1.7 of a zero
+  bias, which spreads a read almost uniformly over the slots; ~11 lets it pick the most
+  similar rows.
 
-Measured on glyphs (5-way 1-shot, previous labels, 8 episodes a step, lr 3e-3, CLI sizes;
-one seed each, validation accuracy over 200 episodes): with all of the above the training
-accuracy leaves chance at ~100 steps and validation reaches 77% after 250 steps. Without the
-previous-key write (the paper's ``a_t = k_t``), or without the skip connection, or without the
-embedding normalisation, the loss stays at chance for all 200 steps; with the paper's initial
-key strength it leaves chance ~25 steps later. Before these changes it stayed at chance for
-575 steps (and on the tests' blob episodes for 2,800).
+What each of these choices does to training on glyphs (steps at chance, validation accuracy,
+the embeddings' cosine similarity, the read entropy at init) is measured in
+``bench/results/blackbox_glyphs.md``.
 
 Queries share the support prefix: the support steps run once per episode, then the state is
 copied for each query, which takes one more step (equivalent to one sequence per query;

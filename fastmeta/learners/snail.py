@@ -18,19 +18,15 @@ The paper's Omniglot architecture (the default): attention(64, 32), TC(128),
 attention(256, 128), TC(128), attention(512, 256).
 
 Why pairs by default: with previous-label steps the model must learn to bind an example to
-the label that arrives one step later before it can use either; on the tests' blob episodes
-(5-way 1-shot, 8 episodes a step) that took about 2,200 steps of loss at chance, against
-about 150 with pairs.
+the label that arrives one step later before it can use either, and it stays at chance far
+longer before it does.
 
 The embedding is layer-normalised (parameter-free) before it is paired with the label code
 (``embed_norm``, see :class:`~fastmeta.learners._sequence.SequenceLearner`): raw Conv4
 features are non-negative and nearly parallel across glyphs, so the first attention block's
-scores barely tell supports apart, and they outweigh the one-hot label. Measured on glyphs
-(5-way 1-shot, the CLI's sizes, lr 3e-3, 8 episodes a step, one seed): after 200 steps the
-validation accuracy (200 episodes) is 70.6 +- 1.9% with the norm and 52.4 +- 1.7% without.
-Starting each attention block's query projection equal to its key projection (see
-:class:`AttentionBlock`) moves the end of the plateau at chance from ~140 steps to ~70 and
-the validation accuracy after 200 steps to 79.7 +- 1.6% (same seed and episodes).
+scores barely tell supports apart, and they outweigh the one-hot label. Each attention block's
+query projection starts equal to its key projection (see :class:`AttentionBlock`), so the
+scores start as a similarity between steps.
 
 **Label-read initialisation** (``label_read``, on by default with example-label pairs): the
 first attention block's first ``n_way`` value channels start as a copy of the label code of
@@ -39,13 +35,11 @@ matching class), and that block's query projection starts at ``query_scale`` = 6
 key projection. The untrained model is then a soft nearest-neighbour vote over the support
 labels (a matching network on the random embedding, scores ``6 (W z_i + b).(W z_q + b) /
 sqrt(key)``), so the query loss trains the embedding from the first step; everything still
-trains freely. With the paper's random values and head, the vote has to be discovered first.
-Measured on glyphs (5-way 1-shot, the CLI's sizes, lr 3e-3, 2,000 training episodes, test
-accuracy over 600 episodes, seeds 0 / 1 / 2; ``bench/results/blackbox_glyphs.md``): random
-init 88.59 / 85.35 / -, training accuracy 0.55 at step 100; label read with query scale 1
-91.82 / 90.61 / 90.61 (training accuracy 0.88 at step 100); query scale 3 93.66 / 91.87 /
-94.22, 6 92.87 / 94.37 / 93.97, 10 93.13 / 93.93 / 93.44. With the paper's full-size network
-on a Conv4-64 embedding: 76.15 random init, 91.61 label read (query scale 1).
+trains freely. With the paper's random values and head (``label_read=0``), the vote has to be
+discovered first.
+
+Measured effect of each of these choices (steps at chance, validation and test accuracy per
+variant and seed): ``bench/results/blackbox_glyphs.md``.
 
 Every query is the last step of its own sequence (support, query). The support steps do not
 depend on the query, so they run once per episode; each query then adds one step that reads
@@ -137,8 +131,8 @@ class AttentionBlock(nn.Module):
         # a score starts as (W x_i + b) . (W x_j + b), a similarity of the two steps, so a
         # query already attends more to the supports that look like it and the label it reads
         # there carries a gradient. Independent random projections give scores unrelated to
-        # similarity and near-uniform attention, which reads the average label (see the module
-        # docstring for the measured effect).
+        # similarity and near-uniform attention, which reads the average label (measured
+        # effect: bench/results/blackbox_glyphs.md).
         with torch.no_grad():
             self.proj.weight[:key] = self.proj.weight[key : 2 * key]
             self.proj.bias[:key] = self.proj.bias[key : 2 * key]

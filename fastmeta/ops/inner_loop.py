@@ -15,11 +15,8 @@ keeps every step's activations (and their double-backward graph) until the outer
 
 Cost: each step's forward and gradient run twice (forward pass, then recomputed in the
 backward), so a meta-step does about one extra support forward+backward per inner step
-compared with the unrolled loop. Measured (bench/bench_inner_loop.py, 2-core CPU, 1 thread,
-float32, TaskConv4 T=32 5-way 1-shot 15 queries 28x28, second order): peak memory 1865 /
-1920 / 1988 MB at k = 1 / 5 / 10 (+1.00 parameter iterate, 13.7 MB, per step) vs 2084 /
-2907 / 3936 MB for the create_graph loop on the same task-batched model (+15 iterates per
-step); time 7.7 / 11.8 / 15.3 s vs 6.4 / 9.3 / 11.6 s (1.2-1.3x slower).
+compared with the unrolled loop. Measured memory and time against the unrolled loop:
+``bench/results/inner_loop_hvp.md``.
 
 This is a model-level op (it runs the module), so it is a ``torch.autograd.Function``, not a
 ``torch.library`` custom op.

@@ -23,9 +23,8 @@ task's own gradient and Hessian-block times its own ``v_t``. Everything is batch
 Backends (``fastmeta.ops._registry``, first that fits): ``triton`` (CUDA; one program per
 task, layer widths and N up to ``TRITON_MAX_WIDTH``/``TRITON_MAX_N`` = 64, any float dtype,
 fp32 inside), ``cpp`` (CPU, float32/float64; batched GEMMs in one op call), ``reference``
-(torch double backward; any device and dtype). Measured on the shared 2-core CPU (1 thread,
-load ~9; ``bench/bench_mlp_hvp.py``): sinusoid MLP 1-40-40-1, T=25, N=10: cpp 0.45 ms vs
-double backward 1.22 ms (2.7x), torch.func forward-over-reverse 7.3 ms, per-task loop 43 ms.
+(torch double backward; any device and dtype). Timings against double backward,
+torch.func and a per-task loop: ``bench/results/inner_loop_hvp.md``.
 
 Not differentiable: the results are constants (``torch.no_grad`` semantics; inputs that
 require grad are detached). They feed ``inner_loop``'s hand-written backward. For gradients
@@ -269,9 +268,9 @@ def _direction(name: str, vs, like_name: str, like: list, x, shape_text: str) ->
 
 def _run(op, entry: str, backend: str, *args):
     """Run a compiled backend. Eager calls go straight to the kernel: the ops have no autograd
-    formula to dispatch to and run under no_grad, so the custom-op layer would only add its
-    ~50 us of Python dispatch (10% of the sinusoid MLP's whole HVP). Under torch.compile the
-    registered op (with its fake implementation) is what gets traced."""
+    formula to dispatch to and run under no_grad, so the custom-op layer would only add Python
+    dispatch (a noticeable share of a small MLP's HVP: bench/results/inner_loop_hvp.md). Under
+    torch.compile the registered op (with its fake implementation) is what gets traced."""
     if torch.compiler.is_compiling():
         return op(*args, backend)
     return _registry.kernel(backend, _STEM, entry)(*args)

@@ -62,11 +62,10 @@ def _analytic_limits(*tensors, fn, loss_fn) -> list[str]:
 
 
 _ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
-# Priority: analytic, then double backward, then torch.func. Measured on the 2-core CPU
-# (bench/bench_inner_loop.py, float32, 1 thread, thread CPU time): forward-over-reverse is no
-# faster than double backward on Conv4 (T=32 hidden 64 k=1 meta-step 6.33 s vs 6.41 s, same
-# peak memory) and 2.4x slower on the sinusoid MLP (T=25: 3.29 ms vs 1.35 ms per HVP; its
-# first call also loads torch's jvp decompositions, ~1.5 s), so "func" runs only when forced.
+# Priority: analytic, then double backward, then torch.func. Forward-over-reverse is no
+# faster than double backward on Conv4 and slower on small MLPs (its first call also loads
+# torch's jvp decompositions), so "func" runs only when forced; measured in
+# bench/results/inner_loop_hvp.md.
 _BACKENDS = (
     _registry.Backend("analytic", frozenset({"cpu", "cuda"}), _registry.ALL_FLOATS, _mlp_hvp_available,
                       _analytic_limits),
