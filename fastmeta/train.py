@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,17 +26,24 @@ from fastmeta.learners._evaluate import EvalResult
 CSV_FIELDS = ["step", "loss", "acc", "val_acc", "val_ci95", "episodes_per_s", "elapsed_s"]
 
 
-def csv_fields(metric: str = "acc") -> list[str]:
+# metric name -> lower is better
+METRICS = {"acc": False, "mse": True, "return": False}
+
+
+def csv_fields(metric: str = "acc", extra: tuple[str, ...] = ()) -> list[str]:
     """The metrics CSV columns: ``CSV_FIELDS`` with ``acc`` renamed to ``metric`` (``"mse"``
-    for regression learners)."""
-    return [metric if f == "acc" else f"val_{metric}" if f == "val_acc" else f for f in CSV_FIELDS]
+    for regression learners, ``"return"`` for RL agents), then the ``extra`` columns."""
+    return [metric if f == "acc" else f"val_{metric}" if f == "val_acc" else f for f in CSV_FIELDS] + list(extra)
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """How long and how often. ``minutes`` (optional) stops early on wall-clock time.
     ``metric``: what the step function's second value and validation measure: ``"acc"``
-    (higher is better) or ``"mse"`` (regression; lower is better)."""
+    (higher is better), ``"mse"`` (regression; lower is better) or ``"return"`` (RL agents;
+    higher is better). ``extra_fields``: further CSV columns, averaged over each log window
+    from the dict a step function may return third (e.g. an RL agent's pre/post-adaptation
+    returns); they are plotted beside ``metric``."""
 
     steps: int = 1000
     minutes: float | None = None
@@ -47,6 +55,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     metric: str = "acc"
+    extra_fields: tuple[str, ...] = ()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -72,12 +81,16 @@ class Trainer:
     """Runs ``step_fn(batch) -> (loss, acc)`` with ``optimizer`` over ``batches(start_step)``.
 
     Args:
-        model: the learner (its ``state_dict`` is checkpointed).
-        optimizer: any torch optimizer over the model's parameters.
+        model: the learner or agent (its ``state_dict`` is checkpointed).
+        optimizer: any torch optimizer over the model's parameters; ``None`` for agents whose
+            ``step_fn`` updates the model itself (e.g. TRPO): then the trainer only logs the
+            loss it returns (a tensor or a float).
         scheduler: optional learning-rate scheduler stepped once per step (checkpointed).
         batches: ``batches(start_step)`` returns an iterator of training batches beginning
             at that step (deterministic per step).
-        step_fn: computes ``(loss, acc)`` of one batch; the trainer does backward/step.
+        step_fn: computes ``(loss, acc)`` or ``(loss, acc, extras)`` of one batch (``extras``
+            a dict with the keys of ``config.extra_fields``); with an optimizer the trainer does
+            backward/step.
         validate: optional ``() -> EvalResult`` run every ``val_every`` steps.
         config: :class:`TrainConfig`.
         extra_state: JSON-like dict stored in checkpoints (e.g. the CLI arguments).
@@ -95,17 +108,17 @@ class Trainer:
         self.csv_path = self.run_dir / "metrics.csv"
         self.step = 0
         self.metric = config.metric
-        if self.metric not in ("acc", "mse"):
-            raise ValueError(f"TrainConfig.metric must be 'acc' or 'mse', got {self.metric!r}")
-        self.lower_is_better = self.metric == "mse"
-        self.fields = csv_fields(self.metric)
+        if self.metric not in METRICS:
+            raise ValueError(f"TrainConfig.metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+        self.lower_is_better = METRICS[self.metric]
+        self.fields = csv_fields(self.metric, tuple(config.extra_fields))
         self.best_val = math.inf if self.lower_is_better else -math.inf
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "step": self.step,
             "best_val": self.best_val,
@@ -121,7 +134,8 @@ class Trainer:
             return False
         state = load_checkpoint(self.ckpt_path)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
@@ -171,14 +185,17 @@ class Trainer:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
         ax1.plot(*col("loss"), label="train loss")
         ax1.set_xlabel("step")
-        ax1.set_yscale("log")
+        if all(float(r["loss"]) > 0 for r in rows if r["loss"] not in ("", None)):
+            ax1.set_yscale("log")  # a surrogate loss can be negative
         ax1.legend()
         ax2.plot(*col(m), label=f"train {m}", alpha=0.7)
+        for name in self.cfg.extra_fields:
+            ax2.plot(*col(name), label=name.replace("_", " "), alpha=0.7)
         ax2.plot(*col(f"val_{m}"), "o-", label=f"val {m}")
         ax2.set_xlabel("step")
         if self.lower_is_better:
             ax2.set_yscale("log")
-        else:
+        elif m == "acc":
             ax2.set_ylim(0, 1)
         ax2.legend()
         fig.tight_layout()
@@ -196,12 +213,11 @@ class Trainer:
             self.csv_path.unlink()
         from tqdm.auto import tqdm
 
-        import sys
-
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)
         start = time.perf_counter()
         window_t, window_loss, window_acc, window_n = time.perf_counter(), 0.0, 0.0, 0
+        window_extra = dict.fromkeys(cfg.extra_fields, 0.0)
         self.model.train()
         it = self.batches(self.step)
         consistent = True
@@ -211,17 +227,20 @@ class Trainer:
                     break
                 batch = next(it)
                 consistent = False  # an interrupt inside the update must not be saved
-                loss, acc = self.step_fn(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                loss, acc, *extras = self.step_fn(batch)
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
                 consistent = True
-                window_loss += loss.item()
+                window_loss += loss.item() if torch.is_tensor(loss) else float(loss)
                 window_acc += float(acc)
                 window_n += 1
+                for k in window_extra:
+                    window_extra[k] += float(extras[0][k])
                 bar.update(1)
                 row = None
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -230,9 +249,10 @@ class Trainer:
                     row = {"step": self.step, "loss": window_loss / window_n, m: window_acc / window_n,
                            f"val_{m}": "", "val_ci95": ""}
                     row.update(episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
-                               elapsed_s=now - start)
+                               elapsed_s=now - start, **{k: v / window_n for k, v in window_extra.items()})
                     bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"}, refresh=False)
                     window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
+                    window_extra = dict.fromkeys(cfg.extra_fields, 0.0)
                 if self.validate is not None and self.step % cfg.val_every == 0:
                     res = self.validate()
                     self.model.train()

@@ -75,3 +75,52 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+class _SelfUpdating(torch.nn.Module):
+    """An agent whose step updates itself (like TRPO): w <- w - 0.1 * (w - target of the step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def step(self, target):
+        with torch.no_grad():
+            loss = float(((self.w - target) ** 2).sum())
+            self.w -= 0.1 * (self.w - target)
+        return loss, -loss, {"pre_return": -loss - 1.0, "post_return": -loss}
+
+
+def _agent_trainer(run_dir, steps, resume=False):
+    agent = _SelfUpdating()
+
+    def batches(start):
+        return (torch.full((3,), float(i % 4)) for i in range(start, 10**6))
+
+    cfg = TrainConfig(steps=steps, log_every=2, val_every=10**9, ckpt_every=3, run_dir=run_dir, resume=resume,
+                      progress=False, metric="return", extra_fields=("pre_return", "post_return"))
+    return Trainer(agent, None, batches, agent.step, None, cfg), agent
+
+
+def test_agent_without_optimizer_logs_extra_columns_and_resumes(tmp_path):
+    straight, a = _agent_trainer(tmp_path / "a", 8)
+    straight.fit()
+    first, _ = _agent_trainer(tmp_path / "b", 5)
+    first.fit()
+    second, b = _agent_trainer(tmp_path / "b", 8, resume=True)
+    second.fit()
+    assert torch.equal(a.w, b.w)
+    with open(tmp_path / "a" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-2:] == ["pre_return", "post_return"] and "return" in rows[0]
+    # each logged value is the mean over its window of two steps
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    for r in rows:
+        assert float(r["pre_return"]) == pytest.approx(float(r["post_return"]) - 1.0)
+        assert float(r["return"]) == pytest.approx(float(r["post_return"]))
+    assert (tmp_path / "a" / "learning_curve.png").exists()
+
+
+def test_unknown_metric_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="metric must be one of"):
+        Trainer(_SelfUpdating(), None, iter, None, None, TrainConfig(metric="reward", run_dir=tmp_path))
