@@ -7,5 +7,7 @@
 
 from fastmeta.rl.envs import TaskDistribution, make
 from fastmeta.rl.sampler import Rollout, sample
+from fastmeta.rl.maml_trpo import MAMLTRPO
+from fastmeta.rl.policy import GaussianMLPPolicy
 
-__all__ = ["Rollout", "TaskDistribution", "make", "sample"]
+__all__ = ["GaussianMLPPolicy", "MAMLTRPO", "Rollout", "TaskDistribution", "make", "sample"]

@@ -1,0 +1,178 @@
+"""MAML-TRPO: gradient-based meta-RL (Finn et al., "Model-Agnostic Meta-Learning for Fast
+Adaptation of Deep Networks", ICML 2017, section 5.3), all T tasks batched.
+
+One meta-iteration, given each task's train rollouts (sampled with ``theta``) and validation
+rollouts (sampled with the task's adapted parameters)::
+
+    advantages   <- linear feature baseline + GAE per task, standardised   (returns.py)
+    phi_t        <- k policy-gradient steps from theta on task t's train data, all tasks at once
+                    (fastmeta.ops.inner_update)
+    g            <- grad_theta mean_t L_t(phi_t(theta)), L_t = -masked mean of ratio * advantage
+                    on the validation data; = sum_t J_t^T grad_phi L_t     (meta_fvp.py)
+    x            <- conjugate gradient on F_meta x = g, F_meta the meta-objective's Fisher as
+                    batched Hessian-vector products and analytic Gaussian Fisher products
+    theta        <- theta - s * x / sqrt(x^T F x / (2 max_kl)), s backtracked until the
+                    surrogate improves and mean_t KL < max_kl; every try re-adapts all tasks
+                    in one batched call                                      (trpo.py)
+
+Defaults are pytorch-maml-rl's: fast lr 0.1, one inner step, max KL 1e-2, 10 CG iterations,
+damping 1e-5, 15 line-search steps x 0.8, gamma 0.99, GAE lambda 1.0.
+
+Sampling loop the trainer runs (``dist``/``sample`` from fastmeta.rl)::
+
+    agent = MAMLTRPO(GaussianMLPPolicy(dist.obs_dim, dist.act_dim))
+    tasks = dist.sample_tasks(T, seed)
+    train = sample(dist, agent.actor(None, gen), tasks, E, seed1)          # theta for every task
+    valid = sample(dist, agent.actor(agent.adapt(train), gen), tasks, E, seed2)
+    metrics = agent.step(train, valid)     # updates agent.policy in place
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastmeta.func import task_function
+from fastmeta.rl.meta_fvp import MetaFisher, adapt
+from fastmeta.rl.policy import gaussian_kl, gaussian_log_prob
+from fastmeta.rl.returns import check_padded, discounted_returns, gae, linear_baseline, normalize
+from fastmeta.rl.trpo import conjugate_gradient, flatten, line_search, trust_region_step, unflatten
+
+
+class MAMLTRPO:
+    """The MAML-TRPO agent over a task-batched Gaussian policy (see the module docstring).
+
+    Args:
+        policy: a :class:`fastmeta.rl.GaussianMLPPolicy` (updated in place by :meth:`step`).
+        fast_lr: inner step size alpha. inner_steps: k inner policy-gradient steps (all on the
+            same train rollouts). gamma, gae_lambda: discount and GAE lambda.
+        max_kl, cg_iters, cg_damping, ls_steps, ls_backtrack: the TRPO outer step.
+        baseline_reg: ridge coefficient of the linear feature baseline.
+    """
+
+    def __init__(self, policy, fast_lr: float = 0.1, inner_steps: int = 1, gamma: float = 0.99,
+                 gae_lambda: float = 1.0, max_kl: float = 1e-2, cg_iters: int = 10, cg_damping: float = 1e-5,
+                 ls_steps: int = 15, ls_backtrack: float = 0.8, baseline_reg: float = 1e-5):
+        if not hasattr(policy, "fisher") or not hasattr(policy, "actor"):
+            raise TypeError(f"policy must be a fastmeta.rl.GaussianMLPPolicy, got {type(policy).__name__}")
+        if not fast_lr > 0:
+            raise ValueError(f"fast_lr must be > 0, got {fast_lr!r}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
+        self.policy, self.fn = policy, task_function(policy)
+        self.fast_lr, self.inner_steps = float(fast_lr), inner_steps
+        self.gamma, self.gae_lambda, self.baseline_reg = gamma, gae_lambda, baseline_reg
+        self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
+        self.ls_steps, self.ls_backtrack = ls_steps, ls_backtrack
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def batch(self, rollout, what: str = "rollout") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(obs [T, N, obs_dim], actions [T, N, act_dim], advantages [T, N], weights [T, N])``
+        with ``N = E * H``: standardised GAE advantages over the per-task linear baseline, and
+        ``weights = mask / (task's mask sum)`` (each task's masked mean). In the policy's dtype."""
+        for f in ("obs", "actions", "rewards", "mask"):
+            if not hasattr(rollout, f):
+                raise TypeError(f"{what} must have .obs/.actions/.rewards/.mask (a fastmeta.rl.Rollout), "
+                                f"got {type(rollout).__name__}")
+        dtype = self.policy.log_std.dtype
+        rewards, mask = rollout.rewards.to(dtype), rollout.mask.to(dtype)
+        T, E, H = check_padded(rewards, mask, f"{what}.rewards")
+        p = self.policy
+        for f, dim in (("obs", p.obs_dim), ("actions", p.act_dim)):
+            t = getattr(rollout, f)
+            if t.shape != (T, E, H, dim):
+                raise ValueError(f"{what}.{f} must have shape [T, E, H, {dim}] = {(T, E, H, dim)}, got {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{what}.{f} has non-finite values")
+        if (mask.sum((1, 2)) <= 0).any():
+            raise ValueError(f"{what}.mask has a task with no steps")
+        obs = rollout.obs.to(dtype)
+        returns = discounted_returns(rewards, mask, self.gamma)
+        values = linear_baseline(obs, returns, mask, self.baseline_reg)
+        adv = normalize(gae(rewards, values, mask, self.gamma, self.gae_lambda), mask)
+        weights = mask / mask.sum((1, 2), keepdim=True)
+        N = E * H
+        return (obs.reshape(T, N, -1), rollout.actions.to(dtype).reshape(T, N, -1), adv.reshape(T, N),
+                weights.reshape(T, N))
+
+    def _inner(self, obs, actions, adv, weights):
+        """``(x, y)`` for the inner loss (see fastmeta.rl.policy.pg_loss)."""
+        y = torch.cat([actions, (adv * weights * weights.shape[1]).unsqueeze(-1)], dim=-1)
+        return obs, y
+
+    # ---- acting --------------------------------------------------------------------------------
+
+    def theta(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.fn.params().items()}
+
+    def adapt(self, train, theta: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per-task adapted parameters ``{name: [T, *shape]}`` after ``inner_steps`` steps on
+        ``train`` (from ``theta``, default the policy's own), detached."""
+        obs, actions, adv, weights = self.batch(train, "train")
+        x, y = self._inner(obs, actions, adv, weights)
+        start = self.fn.expand(obs.shape[0], self.theta() if theta is None else theta)
+        return adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps)[-1]
+
+    def actor(self, params: dict[str, Tensor] | None = None, generator: torch.Generator | None = None):
+        """``callable(obs [T, E, obs_dim]) -> actions [T, E, act_dim]`` for the sampler."""
+        return self.policy.actor(params, generator)
+
+    # ---- the meta-step ------------------------------------------------------------------------
+
+    def _surrogate(self, phi, xv, av, advv, wv, logp_old, out_old):
+        out = self.fn(phi, xv)
+        ratio = torch.exp(gaussian_log_prob(out, av) - logp_old)
+        loss = -(ratio * advv * wv).sum(1).mean()
+        kl = (gaussian_kl(out, out_old) * wv).sum(1).mean()
+        return loss, kl
+
+    def step(self, train, valid) -> dict[str, float]:
+        """One outer TRPO step on ``train``/``valid`` rollouts of the same T tasks (``valid``
+        sampled with the adapted parameters of :meth:`adapt`). Updates the policy in place.
+
+        Returns floats: ``pre_return``/``post_return`` (mean undiscounted episode return of the
+        train / valid rollouts: before / after adaptation), ``loss_before``/``loss_after`` (the
+        surrogate), ``kl`` (mean_t KL of the accepted step), ``step_size`` (0: rejected),
+        ``ls_tries``, ``grad_norm``.
+        """
+        obs, actions, adv, weights = self.batch(train, "train")
+        xv, av, advv, wv = self.batch(valid, "valid")
+        if xv.shape[0] != obs.shape[0]:
+            raise ValueError(f"train has T={obs.shape[0]} tasks but valid has T={xv.shape[0]}; they must match")
+        x, y = self._inner(obs, actions, adv, weights)
+        theta = self.theta()
+        T = obs.shape[0]
+        iters = adapt(self.policy, self.fn.expand(T, theta), x, y, self.fast_lr, self.inner_steps)
+        with torch.no_grad():
+            out_old = self.fn(iters[-1], xv)
+            logp_old = gaussian_log_prob(out_old, av)
+        with torch.enable_grad():
+            phi = {k: v.detach().requires_grad_() for k, v in iters[-1].items()}
+            loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old)
+            g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
+        mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping)
+        g = flatten({k: t.sum(0) for k, t in mf.vjp(dict(zip(self.fn.names, g_phi))).items()})
+        direction = conjugate_gradient(mf.fvp, g, self.cg_iters)
+        step, _ = trust_region_step(direction, mf.fvp, self.max_kl)
+        step = unflatten(step, theta)
+
+        def evaluate(size: float) -> tuple[float, float]:
+            new = {k: theta[k] - size * step[k] for k in theta}
+            with torch.no_grad():
+                phi_new = adapt(self.policy, self.fn.expand(T, new), x, y, self.fast_lr, self.inner_steps)[-1]
+                loss_new, kl = self._surrogate(phi_new, xv, av, advv, wv, logp_old, out_old)
+            return loss_new.item(), kl.item()
+
+        size, tries, loss_after, kl = line_search(evaluate, loss.item(), self.max_kl, self.ls_steps, self.ls_backtrack)
+        if size > 0:
+            with torch.no_grad():
+                for k, p in self.fn.params().items():
+                    p.sub_(size * step[k])
+        return {
+            "pre_return": float((train.rewards * train.mask).sum(-1).mean()),
+            "post_return": float((valid.rewards * valid.mask).sum(-1).mean()),
+            "loss_before": loss.item(), "loss_after": loss_after if size > 0 else loss.item(),
+            "kl": kl if size > 0 else 0.0, "step_size": size, "ls_tries": tries,
+            "grad_norm": g.norm().item(),
+        }

@@ -1,0 +1,112 @@
+"""The Fisher-vector product of the MAML meta-objective, from task-batched HVPs.
+
+MAML-TRPO (Finn et al. 2017, section 5.3) constrains ``mean_t KL(pi_{phi_t(theta_old)} ||
+pi_{phi_t(theta)})`` where ``phi_t(theta)`` is task t's policy after k inner policy-gradient
+steps ``phi_{i+1} = phi_i - alpha grad L_t(phi_i)``. At ``theta = theta_old`` the KL's gradient
+w.r.t. ``phi_t`` is zero, so the second-order term through ``d^2 phi / d theta^2`` vanishes and
+its Hessian is exactly
+
+    F_meta v = (1/T) sum_t J_t^T F_t J_t v,   J_t = (I - alpha H_{t,k-1}) ... (I - alpha H_{t,0})
+
+with ``H_{t,i}`` the inner-loss Hessian at iterate i (:func:`fastmeta.ops.task_hvp`, all tasks
+in one call) and ``F_t`` the analytic Gaussian Fisher of the adapted policy on task t's
+validation states (:meth:`GaussianMLPPolicy.fisher`). Each product is 2k batched HVPs plus one
+batched Fisher product; no per-task loop, no third-order graph. (Peers -- pytorch-maml-rl,
+learn2learn, garage -- double-backward through every task's inner graph per product.)
+
+The outer gradient has the same structure: ``grad = sum_t J_t^T grad_phi L_out,t``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastmeta.func import task_function, task_losses
+from fastmeta.ops import inner_update, task_hvp
+from fastmeta.rl.policy import pg_loss
+
+
+def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, steps: int = 1,
+          create_graph: bool = False) -> list[dict[str, Tensor]]:
+    """The inner iterates ``[phi_0 = params, phi_1, ..., phi_steps]`` for T tasks at once.
+
+    ``params {name: [T, *shape]}``; ``x [T, N, obs_dim]`` train states; ``y [T, N, act_dim + 1]``
+    (actions, weights) as :func:`fastmeta.rl.policy.pg_loss` reads them; each step is one
+    batched backward of the summed per-task losses and one :func:`fastmeta.ops.inner_update`.
+    With ``create_graph`` the iterates stay differentiable (second-order MAML by autograd);
+    otherwise they are detached (what the structured product needs).
+    """
+    fn = task_function(policy)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    names = list(fn.names)
+    cur = dict(params) if create_graph else {k: params[k].detach() for k in names}
+    out = [cur]
+    for _ in range(steps):
+        with torch.enable_grad():
+            p = cur if create_graph else {k: v.detach().requires_grad_() for k, v in cur.items()}
+            loss = task_losses(pg_loss, fn(p, x), y).sum()
+            g = torch.autograd.grad(loss, [p[k] for k in names], create_graph=create_graph)
+        nxt = inner_update({k: p[k] for k in names}, list(g), lr)
+        cur = nxt if create_graph else {k: v.detach() for k, v in nxt.items()}
+        out.append(cur)
+    return out
+
+
+class MetaFisher:
+    """``F_meta`` at ``theta_old`` as a product operator, built once per TRPO step.
+
+    Args:
+        policy: a :class:`fastmeta.rl.policy.GaussianMLPPolicy`.
+        iterates: :func:`adapt`'s list at ``theta_old`` (detached), ``[phi_0, ..., phi_k]``.
+        x, y: the train batch the iterates were adapted on (see :func:`adapt`).
+        lr: the inner step size alpha.
+        x_valid ``[T, M, obs_dim]``, weights ``[T, M]``: the validation states and the KL
+            average's weights (each task's summing to 1).
+        damping: added as ``damping * v`` (Tikhonov), as TRPO implementations do.
+
+    ``fvp(v)``: ``v`` a flat vector over the policy's parameters (``fn.names`` order) ->
+    ``F_meta v + damping v``. ``vjp(u)``: per-task ``{name: [T, *shape]}`` -> ``J_t^T u_t``.
+    """
+
+    def __init__(self, policy, iterates, x, y, lr: float, x_valid: Tensor, weights: Tensor,
+                 damping: float = 0.0, hvp_backend: str | None = None):
+        self.fn = task_function(policy)
+        self.names = list(self.fn.names)
+        self.iterates = iterates
+        self.x, self.y, self.lr, self.damping = x, y, float(lr), float(damping)
+        self.T = x.shape[0]
+        self.hvp_backend = hvp_backend
+        self.fisher = policy.fisher(iterates[-1], x_valid, weights)
+        self.shapes = {k: tuple(iterates[0][k].shape[1:]) for k in self.names}
+
+    def _step(self, i: int, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``(I - alpha H_i) v`` for every task (H_i symmetric: serves J and J^T)."""
+        hv = task_hvp(self.fn, self.iterates[i], self.x, self.y, v, loss_fn=pg_loss, backend=self.hvp_backend)
+        return inner_update(v, hv, self.lr)
+
+    def jvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        for i in range(len(self.iterates) - 1):
+            v = self._step(i, v)
+        return v
+
+    def vjp(self, u: dict[str, Tensor]) -> dict[str, Tensor]:
+        for i in range(len(self.iterates) - 2, -1, -1):
+            u = self._step(i, u)
+        return u
+
+    def per_task(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``J_t^T F_t J_t v_t`` for per-task ``v {name: [T, *shape]}``."""
+        return self.vjp(self.fisher(self.jvp(v)))
+
+    def fvp(self, v: Tensor) -> Tensor:
+        shared, i = {}, 0
+        for k in self.names:
+            n = 1
+            for s in self.shapes[k]:
+                n *= s
+            shared[k] = v[i : i + n].view(self.shapes[k]).expand(self.T, *self.shapes[k]).contiguous()
+            i += n
+        out = self.per_task(shared)
+        return torch.cat([out[k].mean(0).reshape(-1) for k in self.names]) + self.damping * v

@@ -1,0 +1,203 @@
+"""MAML-TRPO: the structured meta-Fisher product against per-task double backward (float64),
+the analytic Gaussian Fisher, conjugate gradient, the TRPO step and bad input."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastmeta.func import task_function, task_losses
+from fastmeta.rl.maml_trpo import MAMLTRPO
+from fastmeta.rl.meta_fvp import MetaFisher, adapt
+from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob, pg_loss
+from fastmeta.rl.trpo import conjugate_gradient, flatten, line_search, trust_region_step
+
+D64 = torch.float64
+
+
+def rollout(T=3, E=2, H=5, obs_dim=3, act_dim=2, seed=0, dtype=torch.float32):
+    """Synthetic padded rollouts shaped as fastmeta.rl.Rollout (one early episode end)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(T, E, H, dtype=dtype)
+    mask[0, 1, H - 2:] = 0
+    return SimpleNamespace(
+        obs=torch.randn(T, E, H, obs_dim, generator=g, dtype=dtype) * mask.unsqueeze(-1),
+        actions=torch.randn(T, E, H, act_dim, generator=g, dtype=dtype) * mask.unsqueeze(-1),
+        rewards=torch.randn(T, E, H, generator=g, dtype=dtype) * mask,
+        mask=mask,
+    )
+
+
+def make(obs_dim=3, act_dim=2, hidden=(8, 8), seed=0):
+    torch.manual_seed(seed)
+    pol = GaussianMLPPolicy(obs_dim, act_dim, hidden=hidden, init_std=0.7).to(D64)
+    with torch.no_grad():
+        pol.log_std.add_(0.1 * torch.randn(act_dim, dtype=D64))
+    return pol
+
+
+def per_task_fvp(policy, agent, train, valid, v, steps):
+    """The peers' recipe: per task, the KL through a create_graph inner loop, double backward."""
+    fn = task_function(policy)
+    obs, actions, adv, w = agent.batch(train)
+    x, y = agent._inner(obs, actions, adv, w)
+    xv, _, _, wv = agent.batch(valid)
+    theta = {k: t.detach() for k, t in fn.params().items()}
+    total = {k: torch.zeros_like(t) for k, t in theta.items()}
+    T = x.shape[0]
+    for t in range(T):
+        th = {k: p.clone().requires_grad_() for k, p in theta.items()}
+        phi = {k: p.unsqueeze(0) for k, p in th.items()}
+        for _ in range(steps):
+            loss = task_losses(pg_loss, fn(phi, x[t:t + 1]), y[t:t + 1]).sum()
+            g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {k: p - agent.fast_lr * gk for (k, p), gk in zip(phi.items(), g)}
+        out = fn(phi, xv[t:t + 1])
+        kl = (gaussian_kl(out, out.detach()) * wv[t:t + 1]).sum()
+        gk = torch.autograd.grad(kl, list(th.values()), create_graph=True)
+        hv = torch.autograd.grad(sum((a * v[k]).sum() for a, k in zip(gk, th)), list(th.values()))
+        for k, h in zip(th, hv):
+            total[k] += h / T
+    return total
+
+
+def test_gaussian_fisher_equals_kl_hessian():
+    pol = make()
+    fn = task_function(pol)
+    T, N = 3, 7
+    g = torch.Generator().manual_seed(1)
+    params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
+    x = torch.randn(T, N, 3, generator=g, dtype=D64)
+    w = torch.rand(T, N, generator=g, dtype=D64)
+    w = w / w.sum(1, keepdim=True)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    fast = pol.fisher(params, x, w)(v)
+    p = {k: t.clone().requires_grad_() for k, t in params.items()}
+    kl = (gaussian_kl(fn(p, x), fn(params, x).detach()) * w).sum()
+    gk = torch.autograd.grad(kl, list(p.values()), create_graph=True)
+    ref = torch.autograd.grad(sum((a * v[k]).sum() for a, k in zip(gk, p)), list(p.values()))
+    for k, r in zip(p, ref):
+        torch.testing.assert_close(fast[k], r, rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_meta_fvp_equals_per_task_double_backward(steps):
+    pol = make()
+    agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=steps, cg_damping=0.0)
+    train, valid = rollout(seed=1), rollout(seed=2)
+    fn = task_function(pol)
+    obs, actions, adv, w = agent.batch(train)
+    x, y = agent._inner(obs, actions, adv, w)
+    xv, _, _, wv = agent.batch(valid)
+    theta = {k: t.detach() for k, t in fn.params().items()}
+    iters = adapt(pol, fn.expand(x.shape[0], theta), x, y, agent.fast_lr, steps)
+    mf = MetaFisher(pol, iters, x, y, agent.fast_lr, xv, wv)
+    g = torch.Generator().manual_seed(3)
+    v = {k: torch.randn(t.shape, generator=g, dtype=D64) for k, t in theta.items()}
+    fast = mf.fvp(flatten(v))
+    ref = flatten(per_task_fvp(pol, agent, train, valid, v, steps))
+    err = (fast - ref).norm() / ref.norm()
+    assert err < 1e-10, f"relative error {err:.3e}"
+
+
+def test_meta_gradient_equals_autograd():
+    pol = make()
+    agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=2)
+    train, valid = rollout(seed=4), rollout(seed=5)
+    fn = task_function(pol)
+    obs, actions, adv, w = agent.batch(train)
+    x, y = agent._inner(obs, actions, adv, w)
+    xv, av, advv, wv = agent.batch(valid)
+    theta = {k: t.detach().requires_grad_() for k, t in fn.params().items()}
+    T = x.shape[0]
+    phi = adapt(pol, fn.expand(T, theta), x, y, agent.fast_lr, 2, create_graph=True)[-1]
+    # at theta_old the surrogate -mean(ratio * adv) has the gradient of -mean(log pi * adv)
+    loss = -(gaussian_log_prob(fn(phi, xv), av) * advv * wv).sum(1).mean()
+    ref = torch.autograd.grad(loss, list(theta.values()))
+    iters = adapt(pol, fn.expand(T, {k: t.detach() for k, t in theta.items()}), x, y, agent.fast_lr, 2)
+    p = {k: t.clone().requires_grad_() for k, t in iters[-1].items()}
+    l2 = -(gaussian_log_prob(fn(p, xv), av) * advv * wv).sum(1).mean()
+    g_phi = dict(zip(p, torch.autograd.grad(l2, list(p.values()))))
+    mf = MetaFisher(pol, iters, x, y, agent.fast_lr, xv, wv)
+    fast = {k: t.sum(0) for k, t in mf.vjp(g_phi).items()}
+    for k, r in zip(theta, ref):
+        torch.testing.assert_close(fast[k], r, rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_conjugate_gradient_solves_spd_system():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(12, 12, generator=g, dtype=D64)
+    A = M @ M.T + 12 * torch.eye(12, dtype=D64)
+    b = torch.randn(12, generator=g, dtype=D64)
+    x = conjugate_gradient(lambda v: A @ v, b, iters=12, residual_tol=1e-30)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="positive definite"):
+        conjugate_gradient(lambda v: -v, b)
+    with pytest.raises(ValueError, match="1-D"):
+        conjugate_gradient(lambda v: v, b.view(3, 4))
+
+
+def test_trust_region_and_line_search():
+    A = torch.diag(torch.tensor([1.0, 4.0], dtype=D64))
+    step, _ = trust_region_step(torch.tensor([1.0, 1.0], dtype=D64), lambda v: A @ v, 0.01)
+    assert abs(0.5 * step @ A @ step - 0.01) < 1e-12
+    size, tries, loss, kl = line_search(lambda s: (1.0 - s + s * s, s * s), 1.0, 0.3, steps=15, backtrack=0.5)
+    assert (size, tries) == (0.5, 2) and loss < 1.0 and kl < 0.3
+    assert line_search(lambda s: (2.0, 0.0), 1.0, 0.1, steps=3)[0] == 0.0
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_trpo_step_improves_surrogate_within_kl(steps):
+    pol = make(hidden=(16, 16))
+    agent = MAMLTRPO(pol, fast_lr=0.1, inner_steps=steps, max_kl=1e-3)
+    train, valid = rollout(T=4, E=3, H=10, seed=6), rollout(T=4, E=3, H=10, seed=7)
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    m = agent.step(train, valid)
+    assert m["step_size"] > 0 and m["loss_after"] < m["loss_before"]
+    assert 0 < m["kl"] < 1e-3
+    assert any(not torch.equal(before[k], v) for k, v in pol.state_dict().items())
+    # the reported KL is the measured one: recompute it from the new parameters
+    fn = task_function(pol)
+    xv, _, _, wv = agent.batch(valid)
+    obs, actions, adv, w = agent.batch(train)
+    x, y = agent._inner(obs, actions, adv, w)
+    new = adapt(pol, fn.expand(4), x, y, 0.1, steps)[-1]
+    old = adapt(pol, fn.expand(4, {k: before[k] for k in fn.names}), x, y, 0.1, steps)[-1]
+    kl = (gaussian_kl(fn(new, xv), fn(old, xv)) * wv).sum(1).mean().item()
+    assert abs(kl - m["kl"]) < 1e-12
+    assert m["pre_return"] == pytest.approx(float((train.rewards * train.mask).sum(-1).mean()))
+
+
+def test_bad_input_is_named():
+    agent = MAMLTRPO(make())
+    good = rollout()
+    bad = rollout()
+    bad.rewards[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"train.rewards has a non-finite value .* task 1, episode 0, step 2"):
+        agent.step(bad, good)
+    bad = rollout(obs_dim=4)
+    with pytest.raises(ValueError, match=r"valid.obs must have shape \[T, E, H, 3\]"):
+        agent.step(good, bad)
+    with pytest.raises(ValueError, match="T=3 tasks but valid has T=2"):
+        agent.step(good, rollout(T=2))
+    with pytest.raises(TypeError, match="Rollout"):
+        agent.step(good, object())
+    with pytest.raises(ValueError, match="fast_lr"):
+        MAMLTRPO(make(), fast_lr=-1.0)
+    with pytest.raises(ValueError, match="obs_dim"):
+        GaussianMLPPolicy(0, 2)
+
+
+def test_actor_samples_from_the_per_task_policy():
+    pol = make()
+    fn = task_function(pol)
+    params = {k: v.detach().clone() for k, v in fn.expand(2).items()}
+    params["log_std"][1] = -20.0  # task 1: deterministic mean action
+    obs = torch.randn(2, 5, 3, dtype=D64)
+    a = pol.actor(params, torch.Generator().manual_seed(0))(obs)
+    b = pol.actor(params, torch.Generator().manual_seed(0))(obs)
+    assert a.shape == (2, 5, 2) and a.dtype == torch.float32 and torch.equal(a, b)
+    mu = fn(params, obs)[..., :2]
+    torch.testing.assert_close(a[1], mu[1].float(), rtol=1e-5, atol=1e-6)
