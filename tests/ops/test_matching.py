@@ -235,12 +235,15 @@ def test_opcheck_registered_ops(backend):
     torch.library.opcheck(m._loss_bwd, (g, q, s, slabels, qlabels, loss, lse, 3, 0.5, 1e-8, backend))
 
 
+# aot_eager traces the custom ops' fake and autograd registrations; inductor (torch.compile's
+# default) also generates and compiles code around them, as a user's torch.compile does
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton" or not ON_CPU])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, compiler):
     query, support, slabels, qlabels = make(2, 6, 6, 3, 8, torch.float32)
     q = query.requires_grad_()
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compiler)
     def step(q, s, sy, y):
         loss, acc = matching_loss(q * 2.0, s, sy, 3, y, 5.0, backend=backend)
         logp = matching_attention(q, s, sy, 3, 5.0, backend=backend)

@@ -203,12 +203,15 @@ def test_opcheck_registered_ops(backend):
         )
 
 
+# aot_eager traces the custom ops' fake and autograd registrations; inductor (torch.compile's
+# default) also generates and compiles code around them, as a user's torch.compile does
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton" or not ON_CPU])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, compiler):
     query, protos, labels = make(2, 6, 3, 8, torch.float32)
     q = query.requires_grad_()
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compiler)
     def step(q, p, y):
         loss, acc = proto_loss(q * 2.0, p, y, backend=backend)
         return loss, acc
@@ -223,13 +226,39 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(acc, ref_acc)
 
 
-def test_backend_env_override(monkeypatch):
+def _ops_run(fn):
+    """Names of the operators ``fn()`` dispatched (torch's profiler records every op call)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_backend_env_override_unknown_name(monkeypatch):
     query, protos, labels = make(1, 2, 2, 2, torch.float32)
     monkeypatch.setenv("FASTMETA_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FASTMETA_BACKEND"):
         proto_loss(query, protos, labels)
-    monkeypatch.setenv("FASTMETA_BACKEND", "reference")
-    proto_loss(query, protos, labels)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the cpp/reference split is the CPU's")
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_backend_env_override_runs_that_backend(monkeypatch, backend):
+    """FASTMETA_BACKEND=<name> makes that backend run: the fused op (``fastmeta::proto_loss_fwd``)
+    and, for cpp, the compiled kernel (``fastmeta_cpp::proto_loss_fwd``) appear among the ops
+    dispatched; for reference neither does."""
+    query, protos, labels = make(1, 3, 2, 4, torch.float32)
+    monkeypatch.setenv("FASTMETA_BACKEND", backend)
+    out = {}
+    ran = _ops_run(lambda: out.setdefault("r", proto_loss(query, protos, labels)))
+    fused = "fastmeta::proto_loss_fwd" in ran
+    compiled = "fastmeta_cpp::proto_loss_fwd" in ran
+    assert (fused, compiled) == {"reference": (False, False), "cpp": (True, True),
+                                 "triton": (True, False)}[backend], sorted(n for n in ran if "fastmeta" in n)
+    # the profiler saw the call's ops (else the check above would pass vacuously for reference)
+    assert any(n.startswith("aten::") for n in ran), sorted(ran)
+    ref, ref_acc = proto_loss_ref(query.double(), protos.double(), labels)
+    torch.testing.assert_close(out["r"][0].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["r"][1].double(), ref_acc.double())
 
 
 # ---- bad inputs ------------------------------------------------------------------------

@@ -84,12 +84,15 @@ def test_reference_gradgradcheck():
                                  (support.requires_grad_(),))
 
 
+# aot_eager traces the custom ops' fake and autograd registrations; inductor (torch.compile's
+# default) also generates and compiles code around them, as a user's torch.compile does
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton" or not ON_CPU])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, compiler):
     support, labels = make(2, 10, 5, 8, torch.float32)
     x = support.requires_grad_()
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compiler)
     def f(t, y):
         return prototypes(t.relu(), y, 5, backend=backend).square().sum()
 
