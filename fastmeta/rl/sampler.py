@@ -61,7 +61,10 @@ class Rollout:
 
 
 def _check_finite(dist: TaskDistribution, field: str, value: Tensor, valid: Tensor, h: int):
-    bad = ~torch.isfinite(value)
+    finite = torch.isfinite(value)
+    if bool(finite.all()):
+        return
+    bad = ~finite
     if value.dim() > valid.dim():
         bad = bad.flatten(valid.dim()).any(-1)
     bad &= valid
@@ -108,24 +111,29 @@ def sample(dist: TaskDistribution, policy: Callable[[Tensor], Tensor],
         obs = dist.reset(tasks, episodes, seed)
         T, E, H = dist.T, dist.E, dist.horizon
         act_shape = (T, E, H) if dist.discrete else (T, E, H, dist.act_dim)
-        buf_obs = torch.zeros(T, E, H, dist.obs_dim)
-        buf_act = torch.zeros(act_shape, dtype=torch.long if dist.discrete else torch.float32)
-        buf_rew = torch.zeros(T, E, H)
-        mask = torch.zeros(T, E, H)
+        # empty, not zeros: the common fixed-horizon rollout writes every entry, and one fewer
+        # multi-threaded fill matters at 2 threads on a busy 2-core machine
+        buf_obs = torch.empty(T, E, H, dist.obs_dim)
+        buf_act = torch.empty(act_shape, dtype=torch.long if dist.discrete else torch.float32)
+        buf_rew = torch.empty(T, E, H)
+        live = torch.zeros(T, E, H, dtype=torch.bool)
         alive = torch.ones(T, E, dtype=torch.bool)
         for h in range(H):
             _check_finite(dist, "observation", obs, alive, h)
             actions = policy(obs)
-            next_obs, rew, done, _ = dist.step(actions)
+            next_obs, rew, done, _ = dist.step(actions)  # checks the actions
             _check_finite(dist, "reward", rew, alive, h)
-            act = actions.detach().to("cpu", buf_act.dtype)
-            live = alive.view(T, E, *([1] * (act.dim() - 2)))
-            buf_obs[:, :, h] = torch.where(alive[..., None], obs, 0.0)
-            buf_act[:, :, h] = torch.where(live, act, torch.zeros((), dtype=act.dtype))
-            buf_rew[:, :, h] = torch.where(alive, rew, 0.0)
-            mask[:, :, h] = alive.float()
+            buf_obs[:, :, h] = obs
+            buf_act[:, :, h] = actions.detach()
+            buf_rew[:, :, h] = rew
+            live[:, :, h] = alive
             alive = alive & ~done
             if not bool(alive.any()):
                 break
             obs = next_obs
-    return Rollout(buf_obs, buf_act, buf_rew, mask)
+        if not bool(live.all()):  # padding (and steps never taken) are zeros, not env output
+            pad = ~live
+            buf_obs.masked_fill_(pad[..., None], 0.0)
+            buf_act.masked_fill_(pad if dist.discrete else pad[..., None], 0)
+            buf_rew.masked_fill_(pad, 0.0)
+    return Rollout(buf_obs, buf_act, buf_rew, live.float())

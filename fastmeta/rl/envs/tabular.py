@@ -74,7 +74,10 @@ class TabularMDP(TaskDistribution):
         mean = self._R[self._rows, s, actions]  # [T, E]
         reward = mean + torch.randn(mean.shape, generator=self._gen)
         probs = self._P[self._rows, s, actions]  # [T, E, S]
-        nxt = torch.multinomial(probs.reshape(-1, self.obs_dim), 1, generator=self._gen)
-        self._state = nxt.view(s.shape)
+        # inverse-CDF draw (about 10x cheaper than torch.multinomial on [T*E, S] rows); the
+        # clamp catches a u above a last cumulative sum that float rounding left below 1
+        u = torch.rand(*s.shape, 1, generator=self._gen)
+        nxt = (probs.cumsum(-1) < u).sum(-1)
+        self._state = nxt.clamp_(max=self.obs_dim - 1)
         done = torch.zeros(s.shape, dtype=torch.bool)
         return self._one_hot(), reward, done, {"state": s}
