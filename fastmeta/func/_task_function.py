@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastmeta.func._call import call_with, param_slots
 from fastmeta.nn.task import (
     _TN,
     TaskActivation,
@@ -112,10 +113,17 @@ class TaskFunction:
     Call: ``fn(params, x)`` with ``params`` a dict ``name -> [T, *shape]`` (or None: the
     module's own parameters for every task) and ``x [T, N, *in]``.
 
-    Equivalent PyTorch code::
+    Equivalent PyTorch code (for a module without shared submodules, see below)::
 
         torch.stack([torch.func.functional_call(module, {n: p[t] for n, p in params.items()}, (x[t],))
                      for t in range(T)])
+
+    Tied weights: a Parameter held by several submodules, or reached through a submodule
+    registered under two names (learn2learn's ``OmniglotCNN``), is ONE key of ``params`` (its
+    first name in ``named_parameters()``) and is substituted everywhere it is held; the module
+    holds its own Parameters again after every call, also when the call raises.
+    ``torch.func.functional_call`` would leave such a module holding the per-task tensors. The
+    batched path refuses tied weights, so such modules take the vmap or loop path.
 
     Path choice is cached (:func:`task_function`); each call compares a cheap fingerprint of
     the module tree (submodules, training flags, parameter/buffer identities, requires_grad)
@@ -146,6 +154,7 @@ class TaskFunction:
         named = dict(module.named_parameters())
         self.names = tuple(n for n, p in named.items() if p.requires_grad)
         self._shapes = {n: tuple(p.shape) for n, p in named.items()}
+        self._slots = param_slots(module)
         self._task = None
         self.mlp = None
         self._probed = False
@@ -224,25 +233,22 @@ class TaskFunction:
             return out
         return self._loop(module, params, x)
 
-    @staticmethod
-    def _vmap(module, params, x):
-        from torch.func import functional_call, vmap
+    def _vmap(self, module, params, x):
+        from torch.func import vmap
 
         if params is None:
             return vmap(lambda xt: module(xt), randomness="different")(x)
+        slots = self._slots
         # randomness="different": dropout etc. draw independently per task, as in the loop
-        return vmap(lambda p, xt: functional_call(module, p, (xt,)), in_dims=(0, 0),
+        return vmap(lambda p, xt: call_with(module, slots, p, xt), in_dims=(0, 0),
                     randomness="different")(dict(params), x)
 
-    @staticmethod
-    def _loop(module, params, x):
-        from torch.func import functional_call
-
+    def _loop(self, module, params, x):
         if params is None:
             return torch.stack([module(x[t]) for t in range(x.shape[0])])
         items = list(params.items())
         return torch.stack(
-            [functional_call(module, {n: v[t] for n, v in items}, (x[t],)) for t in range(x.shape[0])]
+            [call_with(module, self._slots, {n: v[t] for n, v in items}, x[t]) for t in range(x.shape[0])]
         )
 
     def __repr__(self) -> str:

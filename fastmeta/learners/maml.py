@@ -139,6 +139,22 @@ def _replace_parameters(module: nn.Module, new: dict[int, Tensor]) -> None:
         _refresh_rnn(m)
 
 
+def _adaptable(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` for what ``adapt`` steps: ``module.parameters()`` -- the module's
+    own method, which research code overrides to leave out parameters that are state (the
+    MAML-PyTorch ``Learner`` returns its ``vars`` list, not its BatchNorm running statistics
+    kept as non-trainable Parameters), as learn2learn's ``maml_update`` does -- each tensor once,
+    named as in ``named_parameters()``. A tensor the module does not register is skipped: the
+    update could not be put back into the module."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    out, seen = [], set()
+    for p in module.parameters():
+        if id(p) in names and id(p) not in seen:
+            seen.add(id(p))
+            out.append((names[id(p)], p))
+    return out
+
+
 def _adapt_module(module: nn.Module, loss: Tensor, lr_of: Callable[[str, Tensor], object], first_order: bool,
                   allow_unused: bool, allow_nograd: bool, who: str) -> None:
     """One learn2learn-style adaptation step of ``module`` in place: ``p <- p - lr * dloss/dp``
@@ -148,7 +164,7 @@ def _adapt_module(module: nn.Module, loss: Tensor, lr_of: Callable[[str, Tensor]
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"{who}.adapt: loss must be a scalar tensor, got {type(loss).__name__}")
     second_order = not first_order
-    named = list(module.named_parameters())
+    named = _adaptable(module)
     if allow_nograd:
         named = [(n, p) for n, p in named if p.requires_grad]
     if not named:
@@ -418,8 +434,10 @@ class MAML(_GradientLearner):
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
         """One gradient step on ``loss``, in place: ``p <- p - lr * dloss/dp`` for every
-        parameter (``create_graph=not first_order``, so second-order MAML differentiates
-        through it)."""
+        parameter in ``model.parameters()`` (the model's own method, as learn2learn: an
+        override that leaves out state kept as Parameters is respected) with
+        ``create_graph=not first_order``, so second-order MAML differentiates through it.
+        A parameter there with ``requires_grad=False`` needs ``allow_nograd=True``."""
         _adapt_module(self.module, loss, lambda n, p: self.lr,
                       **_flags(self, first_order, allow_unused, allow_nograd), who="MAML")
 
@@ -475,8 +493,11 @@ class MetaSGD(MAML):
         if isinstance(lr, torch.Tensor):
             raise TypeError("MetaSGD lr is the initial value of the learned rates: pass a float")
         super().__init__(model, lr, first_order, allow_unused, allow_nograd)
+        # one rate per parameter that adapt() or meta_loss() can step (learn2learn: one per
+        # model.parameters()); none for state kept as a non-trainable Parameter outside it
+        steppable = {n for n, _ in _adaptable(model)}
         self.lrs = nn.ParameterDict({self.lr_key(n): nn.Parameter(torch.full_like(p.detach(), lr))
-                                     for n, p in model.named_parameters()})
+                                     for n, p in model.named_parameters() if p.requires_grad or n in steppable})
 
     @staticmethod
     def lr_key(name: str) -> str:

@@ -47,7 +47,10 @@ def _update(theta: list, grads: list, lrs: list) -> list:
 def _module_state(fn):
     """Snapshot of the module's buffers (BatchNorm running statistics) so that the backward's
     recomputation does not update them a second time."""
-    return [(b, b.detach().clone()) for b in fn.module.buffers()]
+    module = fn.module
+    # running statistics kept as non-trainable Parameters (MAML-PyTorch's Learner) count too
+    state = [*module.buffers(), *(p for _, p in module.named_parameters() if not p.requires_grad)]
+    return [(b, b.detach().clone()) for b in state]
 
 
 def _restore(state):
