@@ -50,7 +50,7 @@ def throughput(device, ds, batch: int, shots: int, budget: float) -> list[dict]:
         spec = cli.LEARNERS[name]
         args = cli.build_parser().parse_args(["train", name, "--ways", "5", "--shots", str(shots),
                                               "--batch", str(batch), "--device", str(device)])
-        cli._resolve_defaults(args, spec)  # the learner's own defaults, as `fastmeta train` fills them
+        cli.resolve_defaults(args, spec)  # the learner's own defaults, as `fastmeta train` fills them
         torch.manual_seed(0)
         learner = spec.build(args, ds.image_shape[0]).to(device)
         opt = torch.optim.Adam(learner.parameters(), 1e-3)

@@ -430,7 +430,7 @@ def test_cli_rejects_sinusoid_for_classifiers():
 def test_cli_builds_the_maml_family_for_images():
     for name in ("maml", "metasgd", "anil"):
         args = cli.build_parser().parse_args(["train", name, "--hidden", "4", "--first-order", "--task-chunk", "2"])
-        cli._resolve_defaults(args, cli.LEARNERS[name])
+        cli.resolve_defaults(args, cli.LEARNERS[name])
         assert (args.batch, args.inner_lr, args.test_inner_steps) == (32, 0.4, 3)
         learner = cli.LEARNERS[name].build(args, 1)
         x = torch.rand(2, 5, 1, 28, 28)

@@ -1,0 +1,106 @@
+"""``python -m fastmeta demo``: every learner trained briefly on glyphs next to a pixel
+nearest-neighbour baseline, MAML on sinusoid, and where the time went."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fastmeta import data
+from fastmeta.cli.recipes import DEMO_SKIP, LEARNERS, MAML_SINUSOID_DEMO, train_parser
+from fastmeta.cli.run import run_training
+from fastmeta.learners import PixelNN
+
+
+def demo(argv: list[str]) -> int:
+    """Train every learner that exists briefly on glyphs (5-way 1-shot) and print its test
+    accuracy +- 95% CI next to a pixel nearest-neighbour baseline, on the same episodes; then
+    MAML on sinusoid regression (test MSE +- 95% CI and Finn et al.'s adaptation figure)."""
+    p = argparse.ArgumentParser(prog="python -m fastmeta demo")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training minutes per learner (default: 3 minutes shared by all glyph learners, "
+                        "at most 3 each; train longer: --minutes 30)")
+    p.add_argument("--sinusoid-minutes", type=float, default=None,
+                   help="training minutes of MAML on sinusoid (default 0.5, or --minutes when given)")
+    p.add_argument("--shots", type=int, default=1)
+    # 300 test episodes per glyph learner: each 600 cost 16-97 s on 2 cores (4 of the demo's
+    # 10 minutes); the 95% CI is about 1.4x wider than with 600 and printed with every result
+    p.add_argument("--episodes", type=int, default=300, help="test episodes per glyph learner")
+    p.add_argument("--sinusoid-tasks", type=int, default=600, help="test tasks of MAML on sinusoid")
+    p.add_argument("--learners", default=",".join(n for n in LEARNERS if n not in DEMO_SKIP),
+                   help="comma-separated subset (maml also runs on sinusoid)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--phases", default=None,
+                   help="append 'phase<TAB>seconds<TAB>note' rows here (make demo prints them last)")
+    a = p.parse_args(argv)
+
+    phases = []
+
+    def phase(name, seconds, note=""):
+        phases.append(f"{name}\t{seconds:.0f}\t{note}")
+
+    names = [n for n in a.learners.split(",") if n]
+    unknown = set(names) - set(LEARNERS)
+    if unknown:
+        raise SystemExit(f"unknown learners {sorted(unknown)}; choose from {sorted(LEARNERS)}")
+    minutes = a.minutes if a.minutes is not None else min(3.0, 3.0 / max(1, len(names)))
+    print(f"fastmeta demo: {', '.join(names)} train {minutes:g} min each on glyphs, 5-way {a.shots}-shot "
+          f"(train longer: `make demo DEMO_MINUTES=30` or `python -m fastmeta demo --minutes 30`)")
+    t0 = time.perf_counter()
+    ds = data.load_dataset("glyphs")
+    print(ds.summary())
+    phase("glyph dataset (built or loaded)", time.perf_counter() - t0)
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        args = train_parser().parse_args([
+            name, "--dataset", "glyphs", "--ways", "5", "--shots", str(a.shots),
+            "--steps", "1000000", "--minutes", str(minutes), "--val-every", "250", "--val-episodes", "100",
+            "--ckpt-every", "250", "--test-episodes", str(a.episodes), "--device", a.device,
+            "--run-dir", f"runs/demo-{name}-glyphs-5w{a.shots}s", *LEARNERS[name].demo_args,
+        ])
+        res = run_training(args)
+        _training_phases(phase, f"{name} glyphs", res, time.perf_counter() - t0)
+        rows.append((f"{name} ({res['steps']} steps, {res['train_seconds']:.0f} s)",
+                     f"{100 * res['test_accuracy']:.2f} +- {100 * res['test_ci95']:.2f}"))
+    t0 = time.perf_counter()
+    test = data.episodes(ds, "test", 5, a.shots, 15, batch_size=16, num_batches=-(-a.episodes // 16),
+                         seed=20_000, device=a.device)
+    nn_res = PixelNN().evaluate(test, episodes=a.episodes)
+    phase("pixel nearest neighbour: test", time.perf_counter() - t0, f"{a.episodes} episodes")
+    rows.append(("pixel nearest neighbour (no training)", f"{100 * nn_res.accuracy:.2f} +- {100 * nn_res.ci95:.2f}"))
+    sin = None
+    if "maml" in names:
+        sin_minutes = a.sinusoid_minutes if a.sinusoid_minutes is not None else (
+            a.minutes if a.minutes is not None else 0.5)
+        args = train_parser().parse_args([
+            "maml", "--dataset", "sinusoid", "--steps", "1000000", "--minutes", str(sin_minutes),
+            "--val-every", "500", "--val-episodes", "100", "--ckpt-every", "500",
+            "--test-episodes", str(a.sinusoid_tasks), "--device", a.device, "--run-dir", "runs/demo-maml-sinusoid-10s",
+            *MAML_SINUSOID_DEMO,
+        ])
+        t0 = time.perf_counter()
+        sin = run_training(args)
+        _training_phases(phase, "maml sinusoid", sin, time.perf_counter() - t0)
+    print(f"\nglyphs 5-way {a.shots}-shot on the held-out test scripts {ds.groups('test')}: "
+          f"accuracy % +- 95% CI over {a.episodes} episodes")
+    w = max(len(r[0]) for r in rows)
+    for r in rows:
+        print(f"  {r[0]:<{w}}  {r[1]}")
+    if sin is not None:
+        print(f"\nsinusoid regression (Finn et al. 2017), K={sin['shots']}, held-out tasks: MSE after "
+              f"{sin['test_inner_steps']} inner steps +- 95% CI over {sin['test_episodes']} tasks")
+        print(f"  maml ({sin['steps']} steps, {sin['train_seconds']:.0f} s)  "
+              f"{sin['test_mse']:.3f} +- {sin['test_ci95']:.3f}   adapted curves: {sin['figure']}")
+    if a.phases:
+        with open(a.phases, "a") as f:
+            f.write("".join(row + "\n" for row in phases))
+    return 0
+
+
+def _training_phases(phase, name: str, res: dict, total: float) -> None:
+    phase(f"{name}: train + validation", res["train_seconds"], f"{res['steps']} steps")
+    phase(f"{name}: test", res["test_seconds"], f"{res['test_episodes']} episodes")
+    phase(f"{name}: setup, checkpoint, plots", total - res["train_seconds"] - res["test_seconds"])

@@ -1,0 +1,104 @@
+"""``python -m fastmeta train``: train one learner through the shared trainer, evaluate it on
+the test split, write ``results.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastmeta import data
+from fastmeta.cli.recipes import LEARNERS, LearnerSpec, resolve_defaults
+from fastmeta.cli.sinusoid import sinusoid_figure, sinusoid_loader
+from fastmeta.train import Trainer, TrainConfig
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    """Train ``args.learner`` and evaluate it on the test split; returns the results dict."""
+    spec = LEARNERS[args.learner]
+    resolve_defaults(args, spec)
+    # sinusoid's 40-unit MLP is far too small for intra-op threads: they only add
+    # synchronisation (and on a shared CPU a descheduled thread stalls every op)
+    threads = args.threads if args.threads is not None else (1 if args.dataset == "sinusoid" else None)
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_training(args, spec)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    regression = args.dataset == "sinusoid"
+    ds = None if regression else data.load_dataset(args.dataset, args.data_root)
+    train_ways = args.train_ways or args.ways
+    default_dir = (f"runs/{args.learner}-sinusoid-{args.shots}s" if regression
+                   else f"runs/{args.learner}-{args.dataset}-{args.ways}w{args.shots}s")
+    run_dir = Path(args.run_dir or default_dir)
+    learner = spec.build(args, 1 if regression else ds.image_shape[0]).to(device)
+    opt = torch.optim.Adam(learner.parameters(), lr=args.lr)
+    sched = (torch.optim.lr_scheduler.StepLR(opt, args.lr_halve_every, gamma=0.5)
+             if args.lr_halve_every > 0 else None)
+
+    def episode_loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch, queries=None):
+        queries = args.queries if queries is None else queries
+        return data.episodes(ds, split, ways, args.shots, queries, batch_size=batch,
+                             num_batches=n_batches, start=start, seed=seed, shuffle=spec.shuffle,
+                             num_workers=args.workers, device=device)
+
+    loader = sinusoid_loader(args, device) if regression else episode_loader
+
+    def batches(start_step):
+        return iter(loader("train", train_ways, start=start_step, queries=args.train_queries))
+
+    def step_fn(batch):
+        sx, sy, qx, qy, _ = batch
+        return learner(sx, sy, qx, qy, n_way=train_ways)
+
+    # validation and test episodes use their own fixed seeds so every evaluation sees the
+    # same episodes (comparable across steps and across runs)
+    eval_batch = 16
+
+    def validate():
+        n = args.val_episodes
+        return learner.evaluate(loader("val", args.ways, -(-n // eval_batch), seed=10_000 + args.seed,
+                                       batch=eval_batch), episodes=n)
+
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, val_every=args.val_every,
+                      ckpt_every=args.ckpt_every, episodes_per_step=args.batch, run_dir=run_dir,
+                      resume=args.resume, progress=not args.no_progress, metric="mse" if regression else "acc")
+    trainer = Trainer(learner, opt, batches, step_fn, validate if args.val_episodes > 0 else None, cfg,
+                      scheduler=sched, extra_state={"args": {k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (str, int, float, bool, type(None)))}})
+    t0 = time.perf_counter()
+    trainer.fit()
+    train_s = time.perf_counter() - t0
+
+    n = args.test_episodes
+    t0 = time.perf_counter()
+    test = loader("test", args.ways, -(-n // eval_batch), seed=20_000 + args.seed, batch=eval_batch)
+    result = learner.evaluate(test, episodes=n)
+    test_s = time.perf_counter() - t0
+    out = dict(learner=args.learner, dataset=args.dataset, ways=args.ways, shots=args.shots,
+               steps=trainer.step, train_seconds=round(train_s, 1), test_seconds=round(test_s, 1),
+               test_accuracy=result.accuracy, test_ci95=result.ci95, test_episodes=result.episodes,
+               run_dir=str(run_dir))
+    files = "checkpoint.pt, metrics.csv, learning_curve.png, results.json"
+    if regression:
+        del out["ways"], out["test_accuracy"]
+        out.update(test_mse=result.accuracy, test_inner_steps=args.test_inner_steps)
+        out["figure"] = str(sinusoid_figure(learner, run_dir / "adaptation.png", k=args.shots))
+        files += ", adaptation.png"
+        print(f"{args.learner} on sinusoid, K={args.shots}, {args.test_inner_steps} inner steps, held-out tasks: "
+              f"{result}")
+    else:
+        print(f"{args.learner} on {args.dataset} {args.ways}-way {args.shots}-shot, test scripts/classes: {result}")
+    (run_dir / "results.json").write_text(json.dumps(out, indent=2))
+    print(f"run folder: {run_dir} ({files})")
+    return out
