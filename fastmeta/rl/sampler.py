@@ -111,29 +111,36 @@ def sample(dist: TaskDistribution, policy: Callable[[Tensor], Tensor],
         obs = dist.reset(tasks, episodes, seed)
         T, E, H = dist.T, dist.E, dist.horizon
         act_shape = (T, E, H) if dist.discrete else (T, E, H, dist.act_dim)
-        # empty, not zeros: the common fixed-horizon rollout writes every entry, and one fewer
-        # multi-threaded fill matters at 2 threads on a busy 2-core machine
+        # Only per-step slices are touched in the loop: an op over the whole [T, E, H] buffer
+        # is multi-threaded, and at 2 threads on a busy 2-core machine each such op cost
+        # ~15 ms (a thread waiting for a descheduled partner), more than the whole rollout.
         buf_obs = torch.empty(T, E, H, dist.obs_dim)
         buf_act = torch.empty(act_shape, dtype=torch.long if dist.discrete else torch.float32)
         buf_rew = torch.empty(T, E, H)
-        live = torch.zeros(T, E, H, dtype=torch.bool)
+        mask = torch.empty(T, E, H)
         alive = torch.ones(T, E, dtype=torch.bool)
+        all_alive, steps = True, H
         for h in range(H):
             _check_finite(dist, "observation", obs, alive, h)
             actions = policy(obs)
             next_obs, rew, done, _ = dist.step(actions)  # checks the actions
             _check_finite(dist, "reward", rew, alive, h)
+            act = actions.detach()
+            if not all_alive:  # what an env returns after an episode ended is not data
+                live = alive.view(T, E, *([1] * (act.dim() - 2)))
+                obs = torch.where(alive[..., None], obs, 0.0)
+                act = torch.where(live.to(act.device), act, torch.zeros((), dtype=act.dtype))
+                rew = torch.where(alive, rew, 0.0)
             buf_obs[:, :, h] = obs
-            buf_act[:, :, h] = actions.detach()
+            buf_act[:, :, h] = act
             buf_rew[:, :, h] = rew
-            live[:, :, h] = alive
+            mask[:, :, h] = alive
             alive = alive & ~done
             if not bool(alive.any()):
+                steps = h + 1
                 break
+            all_alive = all_alive and bool(alive.all())
             obs = next_obs
-        if not bool(live.all()):  # padding (and steps never taken) are zeros, not env output
-            pad = ~live
-            buf_obs.masked_fill_(pad[..., None], 0.0)
-            buf_act.masked_fill_(pad if dist.discrete else pad[..., None], 0)
-            buf_rew.masked_fill_(pad, 0.0)
-    return Rollout(buf_obs, buf_act, buf_rew, live.float())
+        for buf in (buf_obs, buf_act, buf_rew, mask):  # steps never taken
+            buf[:, :, steps:] = 0
+    return Rollout(buf_obs, buf_act, buf_rew, mask)

@@ -58,11 +58,12 @@ class TabularMDP(TaskDistribution):
         return {"transitions": transitions, "reward_means": means}
 
     def _reset(self, tasks: dict[str, Tensor], episodes: int, seed: int) -> Tensor:
-        self._P = tasks["transitions"].float()
-        self._R = tasks["reward_means"].float()
-        T = self._P.shape[0]
+        S, A = self.obs_dim, self.act_dim
+        self._P = tasks["transitions"].float().reshape(-1, S)  # row (t, s, a)
+        self._R = tasks["reward_means"].float().reshape(-1)
+        T = tasks["transitions"].shape[0]
         self._gen = seeded_generator(seed)
-        self._rows = torch.arange(T)[:, None].expand(T, episodes)
+        self._row0 = (torch.arange(T) * (S * A))[:, None]  # first row of task t
         self._state = torch.zeros(T, episodes, dtype=torch.long)
         return self._one_hot()
 
@@ -71,9 +72,12 @@ class TabularMDP(TaskDistribution):
 
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
         s = self._state
-        mean = self._R[self._rows, s, actions]  # [T, E]
+        # index_select on flat rows: advanced indexing P[t, s, a] went multi-threaded and cost
+        # milliseconds per step at 2 threads on a busy machine
+        row = (self._row0 + s * self.act_dim + actions).reshape(-1)
+        mean = self._R.index_select(0, row).view(s.shape)  # [T, E]
         reward = mean + torch.randn(mean.shape, generator=self._gen)
-        probs = self._P[self._rows, s, actions]  # [T, E, S]
+        probs = self._P.index_select(0, row).view(*s.shape, self.obs_dim)  # [T, E, S]
         # inverse-CDF draw (about 10x cheaper than torch.multinomial on [T*E, S] rows); the
         # clamp catches a u above a last cumulative sum that float rounding left below 1
         u = torch.rand(*s.shape, 1, generator=self._gen)
