@@ -2,23 +2,32 @@
 
 >>> import fastmeta
 >>> fastmeta.backends()          # what is built, what is available, why not
+
+The layers, each a subpackage (data flows down: ``learners -> func -> nn -> ops``):
+
+* ``fastmeta.ops``: the fused ops (``prototypes``, ``proto_loss``, ``matching_loss``,
+  ``inner_update``, ...) and the backend registry;
+* ``fastmeta.nn``: backbones, task-batched layers and the losses as modules (``ProtoLoss``,
+  ``MatchingLoss``);
+* ``fastmeta.func``: model-level transforms (``task_function``: any module over T tasks);
+* ``fastmeta.data``: few-shot datasets and episode loaders;
+* ``fastmeta.learners``: the meta-learners, also available here at the top level
+  (``fastmeta.MAML``, ``fastmeta.ProtoNet``, ...).
 """
 
-from fastmeta import compat, ops
-from fastmeta.ops import BackendError
-from fastmeta.learners.maml import ANIL, MAML, MetaSGD
+from fastmeta import compat, data, func, learners, nn, ops
+from fastmeta.learners import ANIL, MAML, MANN, SNAIL, MatchingNet, MetaLSTM, MetaSGD, PixelNN, ProtoNet
+from fastmeta.ops import BackendError, _registry
 
 __version__ = "0.1.0"
 
 
 def backends(print_table: bool = True) -> list[dict]:
     """Print (and return as rows) which backend serves which op here, and why others do not."""
-    from fastmeta.ops import _registry
-
     if print_table:
         print(_registry.format_table())
     return _registry.table()
 
 
-__all__ = ["BackendError", "backends", "compat", "ops", "__version__"]
-__all__ += ["ANIL", "MAML", "MetaSGD"]
+__all__ = ["BackendError", "backends", "compat", "data", "func", "learners", "nn", "ops", "__version__"]
+__all__ += ["ANIL", "MAML", "MANN", "MatchingNet", "MetaLSTM", "MetaSGD", "PixelNN", "ProtoNet", "SNAIL"]

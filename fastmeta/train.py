@@ -258,10 +258,10 @@ class Trainer:
                     self.model.train()
                     row = row or {"step": self.step, "loss": "", self.metric: "", "episodes_per_s": "",
                                   "elapsed_s": time.perf_counter() - start}
-                    row.update({f"val_{self.metric}": res.accuracy, "val_ci95": res.ci95})
+                    row.update({f"val_{self.metric}": res.mean, "val_ci95": res.ci95})
                     bar.write(f"step {self.step}: val {'acc ' if self.metric == 'acc' else ''}{res}")
                     better = min if self.lower_is_better else max
-                    self.best_val = better(self.best_val, res.accuracy)
+                    self.best_val = better(self.best_val, res.mean)
                 if row is not None:
                     self._write_csv([row])
                 if self.step % cfg.ckpt_every == 0:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fastmeta
 from fastmeta import _ext
@@ -80,3 +81,32 @@ def test_extension_built_when_required():
 def test_import_never_fails_and_reports():
     assert fastmeta.__version__
     assert isinstance(_ext.reason(), str)
+
+
+_SURFACE = r"""
+import fastmeta
+print(fastmeta.func.task_function.__name__, fastmeta.data.episodes.__name__,
+      fastmeta.nn.ProtoLoss.__name__, fastmeta.learners.ProtoNet.__name__)
+"""
+
+
+def test_public_surface_in_a_fresh_process(tmp_path):
+    """``import fastmeta`` alone gives the subpackages (a docstring's
+    ``fastmeta.func.task_function`` must not raise AttributeError in a fresh process)."""
+    out = subprocess.run([sys.executable, "-I", "-c", _SURFACE], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["task_function", "episodes", "ProtoLoss", "ProtoNet"]
+
+
+def test_every_learner_is_top_level():
+    learners = {name for name in fastmeta.learners.__all__
+                if isinstance(getattr(fastmeta.learners, name), type)
+                and issubclass(getattr(fastmeta.learners, name), torch.nn.Module)
+                and name not in ("FewShotLearner", "EpisodicLearner")}  # bases, not learners
+    assert {"MAML", "ProtoNet", "MatchingNet", "SNAIL", "MANN", "MetaLSTM"} <= learners
+    for name in learners:
+        assert getattr(fastmeta, name) is getattr(fastmeta.learners, name), name
+        assert name in fastmeta.__all__, name
+    for sub in ("data", "func", "learners", "nn", "ops"):
+        assert sub in fastmeta.__all__ and getattr(fastmeta, sub).__name__ == f"fastmeta.{sub}"

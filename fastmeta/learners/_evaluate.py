@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,24 +14,37 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """Mean accuracy over ``episodes`` test episodes and the half-width of its 95% CI.
+    """The mean of a per-episode metric over ``episodes`` test episodes and the half-width of
+    its 95% CI.
 
-    For regression learners ``metric == "mse"`` and ``accuracy`` holds the mean squared
-    error (lower is better); ``mean`` names it neutrally."""
+    Attributes:
+        mean: the mean of the metric named by ``metric``.
+        ci95: half-width of the 95% normal-approximation confidence interval of ``mean``.
+        episodes: how many episodes were scored.
+        metric: what was averaged: ``"accuracy"`` (fraction of queries right, in ``[0, 1]``,
+            higher is better) or ``"mse"`` (regression: mean squared error, lower is better).
 
-    accuracy: float
+    ``accuracy`` is ``mean`` for an accuracy result; reading it from a result of another
+    metric is deprecated (it warns and returns ``mean``): read ``mean`` and ``metric``.
+    """
+
+    mean: float
     ci95: float
     episodes: int
     metric: str = "accuracy"
 
     @property
-    def mean(self) -> float:
-        return self.accuracy
+    def accuracy(self) -> float:
+        if self.metric != "accuracy":
+            warnings.warn(f"EvalResult.accuracy read from a {self.metric!r} result: it holds the "
+                          f"mean {self.metric}; read .mean (and .metric) instead",
+                          DeprecationWarning, stacklevel=2)
+        return self.mean
 
     def __str__(self) -> str:
         if self.metric != "accuracy":
-            return f"{self.metric} {self.accuracy:.4g} +- {self.ci95:.2g} ({self.episodes} episodes)"
-        return f"{100 * self.accuracy:.2f} +- {100 * self.ci95:.2f} % ({self.episodes} episodes)"
+            return f"{self.metric} {self.mean:.4g} +- {self.ci95:.2g} ({self.episodes} episodes)"
+        return f"{100 * self.mean:.2f} +- {100 * self.ci95:.2f} % ({self.episodes} episodes)"
 
 
 def confidence_interval(per_episode: torch.Tensor, metric: str = "accuracy") -> EvalResult:

@@ -1,7 +1,9 @@
-"""Models: the standard few-shot backbones and the task-batched layers (params ``[T, *shape]``)."""
+"""Models: the standard few-shot backbones, the task-batched layers (params ``[T, *shape]``) and
+the few-shot losses as modules (:class:`ProtoLoss`, :class:`MatchingLoss`)."""
 
 from fastmeta.nn import task as _task
 from fastmeta.nn.backbones import Conv4, ResNet12
+from fastmeta.nn.losses import MatchingLoss, ProtoLoss
 from fastmeta.nn.task import (
     TaskActivation,
     TaskAvgPool2d,
@@ -19,4 +21,5 @@ from fastmeta.nn.task import (
     to_task_batched,
 )
 
-__all__ = ["Conv4", "ResNet12", *(n for n in _task.__all__ if n != "UnsupportedModuleError")]
+__all__ = ["Conv4", "MatchingLoss", "ProtoLoss", "ResNet12",
+           *(n for n in _task.__all__ if n != "UnsupportedModuleError")]
