@@ -1,5 +1,6 @@
 """``python -m fastmeta demo``: every learner trained briefly on glyphs next to a pixel
-nearest-neighbour baseline, MAML on sinusoid, and where the time went."""
+nearest-neighbour baseline, MAML on sinusoid, MAML-TRPO on 2D navigation, and where the time
+went."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from fastmeta import data
 from fastmeta.cli.recipes import DEMO_SKIP, LEARNERS, MAML_SINUSOID_DEMO, train_parser
+from fastmeta.cli.rl import rl_parser, run_rl
 from fastmeta.cli.run import run_training
 from fastmeta.learners import PixelNN
 
@@ -17,7 +19,8 @@ from fastmeta.learners import PixelNN
 def demo(argv: list[str]) -> int:
     """Train every learner that exists briefly on glyphs (5-way 1-shot) and print its test
     accuracy +- 95% CI next to a pixel nearest-neighbour baseline, on the same episodes; then
-    MAML on sinusoid regression (test MSE +- 95% CI and Finn et al.'s adaptation figure)."""
+    MAML on sinusoid regression (test MSE +- 95% CI and Finn et al.'s adaptation figure) and
+    MAML-TRPO on 2D navigation (held-out return before and after one inner step)."""
     p = argparse.ArgumentParser(prog="python -m fastmeta demo")
     p.add_argument("--minutes", type=float, default=None,
                    help="training minutes per learner (default: 3 minutes shared by all glyph learners, "
@@ -29,6 +32,9 @@ def demo(argv: list[str]) -> int:
     # 10 minutes); the 95% CI is about 1.4x wider than with 600 and printed with every result
     p.add_argument("--episodes", type=int, default=300, help="test episodes per glyph learner")
     p.add_argument("--sinusoid-tasks", type=int, default=600, help="test tasks of MAML on sinusoid")
+    p.add_argument("--rl-minutes", type=float, default=None,
+                   help="training minutes of MAML-TRPO on 2D navigation (default 0.5, or --minutes when given; "
+                        "0: skip it)")
     p.add_argument("--learners", default=",".join(n for n in LEARNERS if n not in DEMO_SKIP),
                    help="comma-separated subset (maml also runs on sinusoid)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +90,18 @@ def demo(argv: list[str]) -> int:
         t0 = time.perf_counter()
         sin = run_training(args)
         _training_phases(phase, "maml sinusoid", sin, time.perf_counter() - t0)
+    rl_minutes = a.rl_minutes if a.rl_minutes is not None else (a.minutes if a.minutes is not None else 0.5)
+    nav = None
+    if rl_minutes > 0:
+        t0 = time.perf_counter()
+        nav = run_rl(rl_parser().parse_args([
+            "maml-trpo", "--env", "nav2d", "--minutes", str(rl_minutes), "--eval-every", "0",
+            "--eval-tasks", "40", "--run-dir", "runs/demo-maml-trpo-nav2d",
+        ]))
+        phase("maml-trpo nav2d: train", nav["train_seconds"], f"{nav['iterations']} iterations")
+        phase("maml-trpo nav2d: test", nav["test_seconds"], f"{nav['eval_tasks']} held-out tasks")
+        phase("maml-trpo nav2d: setup, checkpoint, plots",
+              time.perf_counter() - t0 - nav["train_seconds"] - nav["test_seconds"])
     print(f"\nglyphs 5-way {a.shots}-shot on the held-out test scripts {ds.groups('test')}: "
           f"accuracy % +- 95% CI over {a.episodes} episodes")
     w = max(len(r[0]) for r in rows)
@@ -94,6 +112,12 @@ def demo(argv: list[str]) -> int:
               f"{sin['test_inner_steps']} inner steps +- 95% CI over {sin['test_episodes']} tasks")
         print(f"  maml ({sin['steps']} steps, {sin['train_seconds']:.0f} s)  "
               f"{sin['test_mse']:.3f} +- {sin['test_ci95']:.3f}   adapted curves: {sin['figure']}")
+    if nav is not None:
+        print(f"\n2D navigation (Finn et al. 2017, section 5.3), {nav['eval_tasks']} held-out goals: mean episode "
+              f"return +- 95% CI (higher is better; the gap is what one inner step learned)")
+        print(f"  maml-trpo ({nav['iterations']} iterations, {nav['train_seconds']:.0f} s)  before adaptation "
+              f"{nav['pre_return']:.1f} +- {nav['pre_return_ci95']:.1f}, after one step "
+              f"{nav['post_return']:.1f} +- {nav['post_return_ci95']:.1f}")
     if a.phases:
         with open(a.phases, "a") as f:
             f.write("".join(row + "\n" for row in phases))
