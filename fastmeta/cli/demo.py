@@ -76,7 +76,7 @@ def demo(argv: list[str]) -> int:
                          seed=20_000, device=a.device)
     nn_res = PixelNN().evaluate(test, episodes=a.episodes)
     phase("pixel nearest neighbour: test", time.perf_counter() - t0, f"{a.episodes} episodes")
-    rows.append(("pixel nearest neighbour (no training)", f"{100 * nn_res.accuracy:.2f} +- {100 * nn_res.ci95:.2f}"))
+    rows.append(("pixel nearest neighbour (no training)", f"{100 * nn_res.mean:.2f} +- {100 * nn_res.ci95:.2f}"))
     sin = None
     if "maml" in names:
         sin_minutes = a.sinusoid_minutes if a.sinusoid_minutes is not None else (

@@ -87,12 +87,12 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     test_s = time.perf_counter() - t0
     out = dict(learner=args.learner, dataset=args.dataset, ways=args.ways, shots=args.shots,
                steps=trainer.step, train_seconds=round(train_s, 1), test_seconds=round(test_s, 1),
-               test_accuracy=result.accuracy, test_ci95=result.ci95, test_episodes=result.episodes,
+               test_accuracy=result.mean, test_ci95=result.ci95, test_episodes=result.episodes,
                run_dir=str(run_dir))
     files = "checkpoint.pt, metrics.csv, learning_curve.png, results.json"
     if regression:
         del out["ways"], out["test_accuracy"]
-        out.update(test_mse=result.accuracy, test_inner_steps=args.test_inner_steps)
+        out.update(test_mse=result.mean, test_inner_steps=args.test_inner_steps)
         out["figure"] = str(sinusoid_figure(learner, run_dir / "adaptation.png", k=args.shots))
         files += ", adaptation.png"
         print(f"{args.learner} on sinusoid, K={args.shots}, {args.test_inner_steps} inner steps, held-out tasks: "
