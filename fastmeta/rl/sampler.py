@@ -46,7 +46,8 @@ class Rollout:
 
     def to(self, device) -> "Rollout":
         """A copy with every tensor on ``device``."""
-        return Rollout(*(t.to(device) for t in dataclasses.astuple(self)))
+        # not dataclasses.astuple: it deep-copies every tensor first
+        return Rollout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     def flat(self) -> "Rollout":
         """The same data as views ``[T, E*H, ...]`` (episodes and steps merged per task)."""
