@@ -50,6 +50,8 @@ class TaskDistribution:
     Attributes: ``name`` (the registry name), ``obs_dim``, ``act_dim`` (action size when
     continuous, number of actions when ``discrete``), ``discrete``, ``horizon``, and
     ``task_shapes``: for each task key, the shape of one task's value (``()`` for a scalar).
+    After ``reset``, ``T`` and ``E`` hold the batch being stepped. ``close()`` releases
+    whatever the distribution holds (the cheetah's MuJoCo envs); a no-op for the torch ones.
     """
 
     name: str = "base"
@@ -131,6 +133,9 @@ class TaskDistribution:
             done = torch.ones_like(done)
         self._done = done
         return obs, reward, done.clone(), info
+
+    def close(self) -> None:
+        """Release external resources (none here; subclasses holding simulators override)."""
 
     # -- helpers ---------------------------------------------------------------------------
 
