@@ -99,3 +99,8 @@ def build_info() -> dict:
     prefix = info.get("namespace", "fastmeta_cpp") + "::"
     info["ops"] = sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
     return info
+
+
+# Load at import, not on the first op call: that call may be inside a torch.compile'd function,
+# and Dynamo cannot trace the lock above ("Unsupported context manager"); loading costs 1-5 ms.
+load()

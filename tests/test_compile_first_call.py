@@ -1,11 +1,11 @@
 """torch.compile(fullgraph=True) must work when a compiled function is the process's FIRST use of
-a fastmeta op. The op tests compile after eager calls have loaded ``fastmeta._C``, so they cannot
-see this; here a fresh interpreter compiles first."""
+a fastmeta op (it failed while ``fastmeta._C`` was loaded lazily under a lock on the first call:
+Dynamo cannot trace the lock). The op tests compile after eager calls, so they cannot see this;
+here a fresh interpreter compiles first."""
 
 import subprocess
 import sys
 
-import pytest
 
 _FIRST_CALL = r"""
 import torch
@@ -26,10 +26,6 @@ print("ok")
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: fastmeta._ext.load() enters a threading.Lock on its first call, which Dynamo "
-    "cannot trace ('Unsupported context manager: lock'); fix: load fastmeta._C at import "
-    "(1-5 ms here) or keep the lock out of traced code, then drop this xfail"))
 def test_compile_as_first_call_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", _FIRST_CALL], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
