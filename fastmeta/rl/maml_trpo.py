@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fastmeta.func import task_function
 from fastmeta.rl.meta_fvp import MetaFisher, adapt
-from fastmeta.rl.policy import gaussian_kl, gaussian_log_prob
+from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob
 from fastmeta.rl.returns import check_padded, discounted_returns, gae, linear_baseline, normalize
 from fastmeta.rl.trpo import conjugate_gradient, flatten, line_search, trust_region_step, unflatten
 
@@ -53,7 +53,7 @@ class MAMLTRPO:
     def __init__(self, policy, fast_lr: float = 0.1, inner_steps: int = 1, gamma: float = 0.99,
                  gae_lambda: float = 1.0, max_kl: float = 1e-2, cg_iters: int = 10, cg_damping: float = 1e-5,
                  ls_steps: int = 15, ls_backtrack: float = 0.8, baseline_reg: float = 1e-5):
-        if not hasattr(policy, "fisher") or not hasattr(policy, "actor"):
+        if not isinstance(policy, GaussianMLPPolicy):
             raise TypeError(f"policy must be a fastmeta.rl.GaussianMLPPolicy, got {type(policy).__name__}")
         if not fast_lr > 0:
             raise ValueError(f"fast_lr must be > 0, got {fast_lr!r}")

@@ -8,10 +8,12 @@ its Hessian is exactly
 
     F_meta v = (1/T) sum_t J_t^T F_t J_t v,   J_t = (I - alpha H_{t,k-1}) ... (I - alpha H_{t,0})
 
-with ``H_{t,i}`` the inner-loss Hessian at iterate i (:func:`fastmeta.ops.task_hvp`, all tasks
-in one call) and ``F_t`` the analytic Gaussian Fisher of the adapted policy on task t's
-validation states (:meth:`GaussianMLPPolicy.fisher`). Each product is 2k batched HVPs plus one
-batched Fisher product; no per-task loop, no third-order graph. (Peers -- pytorch-maml-rl,
+with ``H_{t,i}`` the inner-loss Hessian at iterate i and ``F_t`` the analytic Gaussian Fisher
+of the adapted policy on task t's validation states (fastmeta.rl.curvature). Each product is 2k
+batched HVPs plus one batched Fisher product, all tasks at once; no per-task loop, no
+third-order graph. The HVPs are ``hvp="analytic"`` (default: fastmeta.rl.curvature.pg_hvp,
+activations cached once per operator) or ``hvp="task_hvp"`` (:func:`fastmeta.ops.task_hvp`,
+double backward of the batched loss, recomputed per product); both are exact. (Peers -- pytorch-maml-rl,
 learn2learn, garage -- double-backward through every task's inner graph per product.)
 
 The outer gradient has the same structure: ``grad = sum_t J_t^T grad_phi L_out,t``.
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from fastmeta.func import task_function, task_losses
 from fastmeta.ops import inner_update, task_hvp
+from fastmeta.rl.curvature import gaussian_fisher, pg_hvp
 from fastmeta.rl.policy import pg_loss
 
 
@@ -65,25 +68,32 @@ class MetaFisher:
         x_valid ``[T, M, obs_dim]``, weights ``[T, M]``: the validation states and the KL
             average's weights (each task's summing to 1).
         damping: added as ``damping * v`` (Tikhonov), as TRPO implementations do.
+        hvp: ``"analytic"`` or ``"task_hvp"`` (see the module docstring).
 
     ``fvp(v)``: ``v`` a flat vector over the policy's parameters (``fn.names`` order) ->
     ``F_meta v + damping v``. ``vjp(u)``: per-task ``{name: [T, *shape]}`` -> ``J_t^T u_t``.
     """
 
     def __init__(self, policy, iterates, x, y, lr: float, x_valid: Tensor, weights: Tensor,
-                 damping: float = 0.0, hvp_backend: str | None = None):
+                 damping: float = 0.0, hvp: str = "analytic"):
+        if hvp not in ("analytic", "task_hvp"):
+            raise ValueError(f"hvp must be 'analytic' or 'task_hvp', got {hvp!r}")
         self.fn = task_function(policy)
         self.names = list(self.fn.names)
         self.iterates = iterates
         self.x, self.y, self.lr, self.damping = x, y, float(lr), float(damping)
         self.T = x.shape[0]
-        self.hvp_backend = hvp_backend
-        self.fisher = policy.fisher(iterates[-1], x_valid, weights)
+        self.hvp = hvp
+        self.hvps = [pg_hvp(it, x, y) for it in iterates[:-1]] if hvp == "analytic" else None
+        self.fisher = gaussian_fisher(iterates[-1], x_valid, weights)
         self.shapes = {k: tuple(iterates[0][k].shape[1:]) for k in self.names}
 
     def _step(self, i: int, v: dict[str, Tensor]) -> dict[str, Tensor]:
         """``(I - alpha H_i) v`` for every task (H_i symmetric: serves J and J^T)."""
-        hv = task_hvp(self.fn, self.iterates[i], self.x, self.y, v, loss_fn=pg_loss, backend=self.hvp_backend)
+        if self.hvps is not None:
+            hv = self.hvps[i](v)
+        else:
+            hv = task_hvp(self.fn, self.iterates[i], self.x, self.y, v, loss_fn=pg_loss)
         return inner_update(v, hv, self.lr)
 
     def jvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:

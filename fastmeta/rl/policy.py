@@ -8,12 +8,7 @@ parameters ``{name: [T, *shape]}`` and ``fastmeta.ops.task_hvp`` gives its per-t
 Output of the task-batched call: ``[T, N, 2 * act_dim]`` = ``cat(mu, log_std)`` (the log-std
 repeated over N), which the losses below read.
 
-:meth:`GaussianMLPPolicy.fisher` gives the analytic Fisher-vector product of the policy on a
-batch of states: with ``J`` the Jacobian of ``mu`` w.r.t. the mean network's parameters,
-``F v = mean_n J_n^T diag(exp(-2 log_std)) J_n v`` for the mean block and ``F v = 2 v`` for the
-log-std block (the Hessian of ``KL(N(mu', s') || N(mu, s))`` at ``(mu', s') = (mu, s)``:
-``d^2/dmu'^2 = 1/s^2``, ``d^2/dlog s'^2 = 2``, no cross term), via one forward-mode and one
-reverse-mode pass through the saved activations.
+Its analytic curvature products (Fisher, inner-loss Hessian) are in fastmeta.rl.curvature.
 """
 
 from __future__ import annotations
@@ -83,49 +78,6 @@ class GaussianMLPPolicy(TaskModule):
                 return (mu + log_std.exp() * noise).to(torch.float32)
 
         return act
-
-    # ---- analytic Fisher --------------------------------------------------------------------
-
-    def fisher(self, params: dict[str, Tensor], obs: Tensor, weights: Tensor):
-        """The per-task Fisher-vector product at ``params`` on states ``obs [T, N, obs_dim]``.
-
-        ``weights [T, N]`` are the per-state weights of the KL average (e.g. ``mask / mask.sum``
-        per task; each task's weights should sum to 1 for the log-std block ``2 v`` to be the
-        exact Hessian of the weighted-mean KL). Returns ``fvp(v: dict [T, *shape]) -> dict``:
-        ``F_t v_t`` for every task, no autograd graph. The activations are computed once here.
-        """
-        spec_w = [k for k in params if k.startswith("mean.") and k.endswith(".weight")]
-        spec_w.sort(key=lambda k: int(k.split(".")[1]))
-        Ws = [params[k].detach() for k in spec_w]
-        bs = [params[k[: -len("weight")] + "bias"].detach() for k in spec_w]
-        with torch.no_grad():
-            acts, h = [obs], obs
-            for i, (W, b) in enumerate(zip(Ws, bs)):
-                h = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))
-                if i < len(Ws) - 1:
-                    h = torch.tanh(h)
-                    acts.append(h)
-            c = weights.unsqueeze(-1) * torch.exp(-2.0 * params["log_std"].detach()).unsqueeze(1)
-        dsig = [1.0 - a * a for a in acts[1:]]
-
-        def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            with torch.no_grad():
-                t = None  # forward-mode tangent of the mean network
-                for i, (W, a) in enumerate(zip(Ws, acts)):
-                    z = torch.baddbmm(v[spec_w[i][:-6] + "bias"].unsqueeze(1), a, v[spec_w[i]].transpose(1, 2))
-                    if t is not None:
-                        z = z + torch.bmm(t, W.transpose(1, 2))
-                    t = z * dsig[i] if i < len(Ws) - 1 else z
-                g = t * c  # reverse mode of the weighted quadratic form
-                out = {"log_std": 2.0 * v["log_std"]}
-                for i in range(len(Ws) - 1, -1, -1):
-                    out[spec_w[i]] = torch.bmm(g.transpose(1, 2), acts[i])
-                    out[spec_w[i][:-6] + "bias"] = g.sum(1)
-                    if i:
-                        g = torch.bmm(g, Ws[i]) * dsig[i - 1]
-                return {k: out[k] for k in v}
-
-        return fvp
 
 
 def gaussian_log_prob(out: Tensor, actions: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fastmeta.func import task_function, task_losses
+from fastmeta.ops import task_hvp
+from fastmeta.rl.curvature import gaussian_fisher, pg_hvp
 from fastmeta.rl.maml_trpo import MAMLTRPO
 from fastmeta.rl.meta_fvp import MetaFisher, adapt
 from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob, pg_loss
@@ -73,7 +75,7 @@ def test_gaussian_fisher_equals_kl_hessian():
     w = torch.rand(T, N, generator=g, dtype=D64)
     w = w / w.sum(1, keepdim=True)
     v = {k: torch.randn_like(p) for k, p in params.items()}
-    fast = pol.fisher(params, x, w)(v)
+    fast = gaussian_fisher(params, x, w)(v)
     p = {k: t.clone().requires_grad_() for k, t in params.items()}
     kl = (gaussian_kl(fn(p, x), fn(params, x).detach()) * w).sum()
     gk = torch.autograd.grad(kl, list(p.values()), create_graph=True)
@@ -82,8 +84,26 @@ def test_gaussian_fisher_equals_kl_hessian():
         torch.testing.assert_close(fast[k], r, rtol=1e-10, atol=1e-12, msg=k)
 
 
+def test_pg_hvp_and_grad_equal_autograd():
+    pol = make(hidden=(8, 7, 6))
+    fn = task_function(pol)
+    T, N = 3, 11
+    g = torch.Generator().manual_seed(2)
+    params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
+    x = torch.randn(T, N, 3, generator=g, dtype=D64)
+    y = torch.randn(T, N, 3, generator=g, dtype=D64)  # actions (2) and signed weights
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    op = pg_hvp(params, x, y)
+    losses, grads, ref = task_hvp(fn, params, x, y, v, loss_fn=pg_loss, backend="reference", return_grad=True)
+    fast = op(v)
+    for k in params:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-10, atol=1e-12, msg=k)
+        torch.testing.assert_close(op.grad[k], grads[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("hvp", ["analytic", "task_hvp"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_meta_fvp_equals_per_task_double_backward(steps):
+def test_meta_fvp_equals_per_task_double_backward(steps, hvp):
     pol = make()
     agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=steps, cg_damping=0.0)
     train, valid = rollout(seed=1), rollout(seed=2)
@@ -93,7 +113,7 @@ def test_meta_fvp_equals_per_task_double_backward(steps):
     xv, _, _, wv = agent.batch(valid)
     theta = {k: t.detach() for k, t in fn.params().items()}
     iters = adapt(pol, fn.expand(x.shape[0], theta), x, y, agent.fast_lr, steps)
-    mf = MetaFisher(pol, iters, x, y, agent.fast_lr, xv, wv)
+    mf = MetaFisher(pol, iters, x, y, agent.fast_lr, xv, wv, hvp=hvp)
     g = torch.Generator().manual_seed(3)
     v = {k: torch.randn(t.shape, generator=g, dtype=D64) for k, t in theta.items()}
     fast = mf.fvp(flatten(v))

@@ -1,0 +1,155 @@
+"""Analytic curvature products of the task-batched Gaussian MLP policy, with cached activations.
+
+Both operators are built once per TRPO step (one forward, and for the HVP one backward, of the
+policy for all T tasks) and then give each product with a few batched matmuls over the cached
+activations -- no autograd graph, no recomputation. Exactness is tested against autograd double
+backward in float64 (tests/rl/test_maml_trpo.py).
+
+* :func:`gaussian_fisher` -- ``F_t v_t``, the Hessian of the weighted-mean
+  ``KL(pi_new || pi_t)`` at ``pi_new = pi_t``: ``sum_n w_n J_n^T diag(exp(-2 log_std)) J_n v``
+  for the mean network (``J_n = d mu(s_n) / d params``) and ``2 (sum_n w_n) v`` for the log-std
+  (``d^2 KL / d log_std'^2 = 2``, no mean/log-std cross term at equality).
+* :func:`pg_hvp` -- ``H_t v_t``, the Hessian of the inner policy-gradient loss
+  ``L_t = mean_n -c_n log pi(a_n | s_n)`` (:func:`fastmeta.rl.policy.pg_loss`), the same
+  products ``fastmeta.ops.task_hvp`` gives by double backward: Pearlmutter's R-operator
+  (Neural Computation 1994) through the tanh MLP -- forward tangents, then the backward
+  signals' tangents -- plus the exact log-std blocks
+  ``d^2 L / d mu d log_std = -2 dL/dmu``, ``d^2 L / d log_std^2 = mean_n 2 c_n (a - mu)^2 e^{-2 log_std}``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _layers(params: dict[str, Tensor]) -> list[tuple[str, str]]:
+    ws = sorted((k for k in params if k.startswith("mean.") and k.endswith(".weight")),
+                key=lambda k: int(k.split(".")[1]))
+    if not ws or "log_std" not in params:
+        raise ValueError(f"params must hold 'log_std' and 'mean.<i>.weight/bias', got {list(params)}")
+    return [(w, w[: -len("weight")] + "bias") for w in ws]
+
+
+def _cm(t: Tensor) -> Tensor:
+    """``t [T, a, b]`` with column-major matrices: as the right operand of ``bmm`` that is 2x
+    faster on the CPU than a row-major one (MKL, measured at [20, 2000, 64] x [20, 64, 64])."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _forward(layers, params, x):
+    """Activations ``[x, a_1, ..., a_{L-1}]`` (tanh outputs) and the mean ``mu``."""
+    acts, h = [x], x
+    for i, (w, b) in enumerate(layers):
+        h = torch.bmm(h, params[w].transpose(1, 2)).add_(params[b].unsqueeze(1))
+        if i < len(layers) - 1:
+            h = torch.tanh_(h)
+            acts.append(h)
+    return acts, h
+
+
+def _workspace(acts, mu) -> list[Tensor]:
+    """One reusable ``[T, N, width]`` buffer per layer output: every product writes its
+    tangents and backward signals there instead of allocating (fresh multi-MB tensors cost
+    page faults on every call; the buffers are reused across the CG iterations)."""
+    return [torch.empty_like(a) for a in acts[1:]] + [torch.empty_like(mu)]
+
+
+def _tangent(layers, params, acts, slopes, v, bufs):
+    """Forward-mode tangents ``(Ra [None, Ra_1, ..., Ra_{L-1}], Rmu)`` for direction ``v``,
+    written into ``bufs``."""
+    ra = [None]
+    for i, (w, b) in enumerate(layers):
+        z = torch.bmm(acts[i], v[w].transpose(1, 2), out=bufs[i])
+        if i:
+            z.baddbmm_(ra[i], params[w].transpose(1, 2))
+        z.add_(v[b].unsqueeze(1))
+        if i == len(layers) - 1:
+            return ra, z
+        ra.append(z.mul_(slopes[i]))
+
+
+def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
+    """``fvp(v) -> {name: F_t v_t}`` at per-task ``params {name: [T, *shape]}`` on states
+    ``obs [T, N, obs_dim]`` with KL weights ``weights [T, N]`` (e.g. mask / mask sum)."""
+    layers = _layers(params)
+    with torch.no_grad():
+        p = {k: t.detach() for k, t in params.items()}
+        acts, mu = _forward(layers, p, obs)
+        slopes = [1.0 - a * a for a in acts[1:]]
+        c = weights.unsqueeze(-1) * torch.exp(-2.0 * p["log_std"]).unsqueeze(1)
+        wsum = weights.sum(1, keepdim=True)
+        wcm = [_cm(p[w]) for w, _ in layers]
+        bufs, gbufs = _workspace(acts, mu), [torch.empty_like(a) for a in acts[1:]]
+
+    def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            _, rmu = _tangent(layers, p, acts, slopes, v, bufs)
+            out = {"log_std": 2.0 * wsum * v["log_std"]}
+            _backward(layers, wcm, acts, slopes, rmu.mul_(c), out, gbufs)
+            return {k: out[k] for k in v}
+
+    return fvp
+
+
+def _backward(layers, wcm, acts, slopes, g, out, gbufs):
+    """Reverse mode of the mean network for output cotangent ``g``, into ``out``."""
+    for i in range(len(layers) - 1, -1, -1):
+        w, b = layers[i]
+        out[w] = torch.bmm(g.transpose(1, 2), acts[i])
+        out[b] = g.sum(1)
+        if i:
+            g = torch.bmm(g, wcm[i], out=gbufs[i - 1]).mul_(slopes[i - 1])
+
+
+def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
+    """``hvp(v) -> {name: H_t v_t}`` for the inner loss ``pg_loss`` at per-task ``params`` on
+    ``x [T, N, obs_dim]``, ``y [T, N, act_dim + 1]`` (actions, weights); also returns the
+    per-task gradient ``{name: [T, *shape]}`` as ``hvp.grad``."""
+    layers = _layers(params)
+    L = len(layers)
+    with torch.no_grad():
+        p = {k: t.detach() for k, t in params.items()}
+        A = p["log_std"].shape[-1]
+        acts, mu = _forward(layers, p, x)
+        slopes = [1.0 - a * a for a in acts[1:]]
+        wcm = [_cm(p[w]) for w, _ in layers]
+        e = torch.exp(-2.0 * p["log_std"]).unsqueeze(1)          # [T, 1, A]
+        q = (y[..., A] / x.shape[1]).unsqueeze(-1)                # [T, N, 1]
+        diff = mu - y[..., :A]
+        r = q * diff * e                                          # dL/dmu
+        qe = q * e
+        h_ls = 2.0 * (q * diff * diff * e).sum(1)                 # d^2 L / d log_std^2 (diagonal)
+        # backward signals: pre-slope cotangents e_l and their slope-curvature factors
+        grad = {"log_std": (q * (1.0 - diff * diff * e)).sum(1)}
+        deltas, curv = [None] * L, [None] * L
+        d = r
+        for i in range(L - 1, -1, -1):
+            w, b = layers[i]
+            deltas[i] = d
+            grad[w], grad[b] = torch.bmm(d.transpose(1, 2), acts[i]), d.sum(1)
+            if i:
+                pre = torch.bmm(d, wcm[i])
+                curv[i - 1] = -2.0 * pre * acts[i]                # d(slope)/d a = -2 a, times e_l
+                d = pre * slopes[i - 1]
+        bufs, gbufs = _workspace(acts, mu), [torch.empty_like(a) for a in acts[1:]]
+
+    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            ra, rmu = _tangent(layers, p, acts, slopes, v, bufs)
+            vls = v["log_std"].unsqueeze(1)
+            out = {"log_std": -2.0 * (r * rmu).sum(1) + h_ls * v["log_std"]}
+            rd = rmu.mul_(qe).sub_(2.0 * r * vls)                 # R(dL/dmu)
+            for i in range(L - 1, -1, -1):
+                w, b = layers[i]
+                hw = torch.bmm(rd.transpose(1, 2), acts[i])
+                if i:
+                    hw.baddbmm_(deltas[i].transpose(1, 2), ra[i])
+                out[w], out[b] = hw, rd.sum(1)
+                if i:
+                    re = torch.bmm(rd, wcm[i], out=gbufs[i - 1]).baddbmm_(deltas[i], _cm(v[w]))
+                    rd = re.mul_(slopes[i - 1]).addcmul_(curv[i - 1], ra[i])
+            return {k: out[k] for k in v}
+
+    hvp.grad = grad
+    return hvp
