@@ -48,11 +48,14 @@ class MAMLTRPO:
             same train rollouts). gamma, gae_lambda: discount and GAE lambda.
         max_kl, cg_iters, cg_damping, ls_steps, ls_backtrack: the TRPO outer step.
         baseline_reg: ridge coefficient of the linear feature baseline.
+        hvp: inner-loss Hessian products for the meta-Fisher: ``"analytic"`` (cached R-operator,
+            fastmeta.rl.curvature) or ``"task_hvp"`` (fastmeta.ops.task_hvp); both exact.
     """
 
     def __init__(self, policy, fast_lr: float = 0.1, inner_steps: int = 1, gamma: float = 0.99,
                  gae_lambda: float = 1.0, max_kl: float = 1e-2, cg_iters: int = 10, cg_damping: float = 1e-5,
-                 ls_steps: int = 15, ls_backtrack: float = 0.8, baseline_reg: float = 1e-5):
+                 ls_steps: int = 15, ls_backtrack: float = 0.8, baseline_reg: float = 1e-5,
+                 hvp: str = "analytic"):
         if not isinstance(policy, GaussianMLPPolicy):
             raise TypeError(f"policy must be a fastmeta.rl.GaussianMLPPolicy, got {type(policy).__name__}")
         if not fast_lr > 0:
@@ -63,7 +66,7 @@ class MAMLTRPO:
         self.fast_lr, self.inner_steps = float(fast_lr), inner_steps
         self.gamma, self.gae_lambda, self.baseline_reg = gamma, gae_lambda, baseline_reg
         self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
-        self.ls_steps, self.ls_backtrack = ls_steps, ls_backtrack
+        self.ls_steps, self.ls_backtrack, self.hvp = ls_steps, ls_backtrack, hvp
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -151,7 +154,7 @@ class MAMLTRPO:
             phi = {k: v.detach().requires_grad_() for k, v in iters[-1].items()}
             loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old)
             g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
-        mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping)
+        mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping, self.hvp)
         g = flatten({k: t.sum(0) for k, t in mf.vjp(dict(zip(self.fn.names, g_phi))).items()})
         direction = conjugate_gradient(mf.fvp, g, self.cg_iters)
         step, _ = trust_region_step(direction, mf.fvp, self.max_kl)

@@ -60,7 +60,8 @@ class GaussianMLPPolicy(TaskModule):
         elif tuple(log_std.shape) != (T, self.act_dim):
             raise ValueError(f"params['log_std'] must have shape [T, {self.act_dim}] = {(T, self.act_dim)}, "
                              f"got {tuple(log_std.shape)}")
-        mu, layout = self.mean._task_forward(h, sub, T, layout, prefix + "mean.")
+        # the policy is a root module: ``h`` arrives as [T, N, obs_dim] (TaskModule's entry layout)
+        mu = self.mean(h, sub)
         return torch.cat([mu, log_std.unsqueeze(1).expand_as(mu)], dim=-1), layout
 
     # ---- sampling ---------------------------------------------------------------------------
