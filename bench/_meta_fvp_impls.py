@@ -94,6 +94,7 @@ def step_loop(d):
     """One whole TRPO meta-step the per-task way (pytorch-maml-rl): surrogate and KL built task
     by task, gradient, CG with double-backward products, line search re-adapting task by task."""
     a = d.agent
+    a.batch(d.train), a.batch(d.valid)  # advantages (baseline fit + GAE), as MAMLTRPO.step does
     theta = {k: p.detach().requires_grad_() for k, p in a.fn.params().items()}
     T = d.x.shape[0]
     olds, losses, kls = [], [], []

@@ -155,13 +155,15 @@ def main(argv=None):
     ap.add_argument("--threads", default="default,1", help="comma list: 'default' and/or integers")
     ap.add_argument("--tasks", default=None, help="comma list of T (default 10,20,40)")
     ap.add_argument("--samples", default=None, help="comma list of samples per task (default 200,2000)")
+    ap.add_argument("--dims", default=None, help="comma list of obs_dim x act_dim (default 2x2,17x6)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-step", action="store_true", help="skip the whole-TRPO-step timing")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--append", action="store_true", help="append to meta_fvp.md instead of replacing it")
     args = ap.parse_args(argv)
     Ts = [int(t) for t in (args.tasks or ("10,20" if args.quick else "10,20,40")).split(",")]
     Ns = [int(n) for n in (args.samples or ("200" if args.quick else "200,2000")).split(",")]
-    dims = [(2, 2)] if args.quick else [(2, 2), (17, 6)]
+    dims = [tuple(int(v) for v in d.split("x")) for d in (args.dims or ("2x2" if args.quick else "2x2,17x6")).split(",")]
     reps = args.reps or (2 if args.quick else 5)
     default_threads = torch.get_num_threads()
     warn = busy_warning()
@@ -189,7 +191,11 @@ def main(argv=None):
         info = env_info(torch.device("cpu"))
         cmd = "python bench/bench_meta_fvp.py " + " ".join(argv if argv is not None else sys.argv[1:])
         md = RESULTS_DIR / "meta_fvp.md"
-        md.write_text(_header(cmd, info, warn) + text + "\n")
+        if args.append and md.exists():
+            with open(md, "a") as f:
+                f.write(f"\nCommand: `{cmd}` (load {info['loadavg_1m']} at start)\n" + text + "\n")
+        else:
+            md.write_text(_header(cmd, info, warn) + text + "\n")
         with open(RESULTS_DIR / f"meta_fvp-{info['device_slug']}.jsonl", "a") as f:
             for r in records:
                 f.write(json.dumps({**r, **info}, default=str) + "\n")

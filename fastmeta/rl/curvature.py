@@ -55,18 +55,30 @@ def _workspace(acts, mu) -> list[Tensor]:
     return [torch.empty_like(a) for a in acts[1:]] + [torch.empty_like(mu)]
 
 
-def _tangent(layers, params, acts, slopes, v, bufs):
+def _tangent(layers, params, acts, slopes, v, bufs, x_aug):
     """Forward-mode tangents ``(Ra [None, Ra_1, ..., Ra_{L-1}], Rmu)`` for direction ``v``,
-    written into ``bufs``."""
+    written into ``bufs``. The first layer reads ``x_aug = [x, 1]`` so that its weight and bias
+    tangents are one matmul."""
     ra = [None]
     for i, (w, b) in enumerate(layers):
-        z = torch.bmm(acts[i], v[w].transpose(1, 2), out=bufs[i])
-        if i:
-            z.baddbmm_(ra[i], params[w].transpose(1, 2))
-        z.add_(v[b].unsqueeze(1))
+        if i == 0:
+            z = torch.bmm(x_aug, torch.cat([v[w], v[b].unsqueeze(-1)], -1).transpose(1, 2), out=bufs[0])
+        else:
+            z = torch.bmm(acts[i], v[w].transpose(1, 2), out=bufs[i])
+            z.baddbmm_(ra[i], params[w].transpose(1, 2)).add_(v[b].unsqueeze(1))
         if i == len(layers) - 1:
             return ra, z
         ra.append(z.mul_(slopes[i]))
+
+
+def _input_grads(g, x_aug, w, b, out):
+    """Weight and bias gradients of the first layer from one matmul over ``[x, 1]``."""
+    gw = torch.bmm(g.transpose(1, 2), x_aug)
+    out[w], out[b] = gw[..., :-1], gw[..., -1]
+
+
+def _augment(x):
+    return torch.cat([x, torch.ones_like(x[..., :1])], -1)
 
 
 def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
@@ -81,25 +93,28 @@ def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
         wsum = weights.sum(1, keepdim=True)
         wcm = [_cm(p[w]) for w, _ in layers]
         bufs, gbufs = _workspace(acts, mu), [torch.empty_like(a) for a in acts[1:]]
+        x_aug = _augment(obs)
 
     def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            _, rmu = _tangent(layers, p, acts, slopes, v, bufs)
+            _, rmu = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
             out = {"log_std": 2.0 * wsum * v["log_std"]}
-            _backward(layers, wcm, acts, slopes, rmu.mul_(c), out, gbufs)
+            _backward(layers, wcm, acts, slopes, rmu.mul_(c), out, gbufs, x_aug)
             return {k: out[k] for k in v}
 
     return fvp
 
 
-def _backward(layers, wcm, acts, slopes, g, out, gbufs):
+def _backward(layers, wcm, acts, slopes, g, out, gbufs, x_aug):
     """Reverse mode of the mean network for output cotangent ``g``, into ``out``."""
     for i in range(len(layers) - 1, -1, -1):
         w, b = layers[i]
+        if i == 0:
+            _input_grads(g, x_aug, w, b, out)
+            return
         out[w] = torch.bmm(g.transpose(1, 2), acts[i])
         out[b] = g.sum(1)
-        if i:
-            g = torch.bmm(g, wcm[i], out=gbufs[i - 1]).mul_(slopes[i - 1])
+        g = torch.bmm(g, wcm[i], out=gbufs[i - 1]).mul_(slopes[i - 1])
 
 
 def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
@@ -133,22 +148,29 @@ def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
                 curv[i - 1] = -2.0 * pre * acts[i]                # d(slope)/d a = -2 a, times e_l
                 d = pre * slopes[i - 1]
         bufs, gbufs = _workspace(acts, mu), [torch.empty_like(a) for a in acts[1:]]
+        x_aug = _augment(x)
+        # the output layer's backward (R(dL/dmu) W + dL/dmu dW) as one matmul over [rd, r]
+        out_cat = torch.cat([torch.empty_like(r), r], -1) if L > 1 else None
 
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            ra, rmu = _tangent(layers, p, acts, slopes, v, bufs)
+            ra, rmu = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
             vls = v["log_std"].unsqueeze(1)
             out = {"log_std": -2.0 * (r * rmu).sum(1) + h_ls * v["log_std"]}
             rd = rmu.mul_(qe).sub_(2.0 * r * vls)                 # R(dL/dmu)
             for i in range(L - 1, -1, -1):
                 w, b = layers[i]
+                if i == 0:
+                    _input_grads(rd, x_aug, w, b, out)
+                    break
                 hw = torch.bmm(rd.transpose(1, 2), acts[i])
-                if i:
-                    hw.baddbmm_(deltas[i].transpose(1, 2), ra[i])
-                out[w], out[b] = hw, rd.sum(1)
-                if i:
+                out[w], out[b] = hw.baddbmm_(deltas[i].transpose(1, 2), ra[i]), rd.sum(1)
+                if i == L - 1:
+                    out_cat[..., :A] = rd
+                    re = torch.bmm(out_cat, _cm(torch.cat([p[w], v[w]], 1)), out=gbufs[i - 1])
+                else:
                     re = torch.bmm(rd, wcm[i], out=gbufs[i - 1]).baddbmm_(deltas[i], _cm(v[w]))
-                    rd = re.mul_(slopes[i - 1]).addcmul_(curv[i - 1], ra[i])
+                rd = re.mul_(slopes[i - 1]).addcmul_(curv[i - 1], ra[i])
             return {k: out[k] for k in v}
 
     hvp.grad = grad
