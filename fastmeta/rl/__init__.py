@@ -7,7 +7,8 @@
 
 from fastmeta.rl.envs import TaskDistribution, make
 from fastmeta.rl.sampler import Rollout, sample
+from fastmeta.rl.categorical import CategoricalMLPPolicy
 from fastmeta.rl.maml_trpo import MAMLTRPO
 from fastmeta.rl.policy import GaussianMLPPolicy
 
-__all__ = ["GaussianMLPPolicy", "MAMLTRPO", "Rollout", "TaskDistribution", "make", "sample"]
+__all__ = ["CategoricalMLPPolicy", "GaussianMLPPolicy", "MAMLTRPO", "Rollout", "TaskDistribution", "make", "sample"]

@@ -9,6 +9,7 @@ backward in float64 (tests/rl/test_maml_trpo.py).
   ``KL(pi_new || pi_t)`` at ``pi_new = pi_t``: ``sum_n w_n J_n^T diag(exp(-2 log_std)) J_n v``
   for the mean network (``J_n = d mu(s_n) / d params``) and ``2 (sum_n w_n) v`` for the log-std
   (``d^2 KL / d log_std'^2 = 2``, no mean/log-std cross term at equality).
+* :func:`categorical_fisher` -- the same for a softmax policy: ``J^T (diag(p) - p p^T) J``.
 * :func:`pg_hvp` -- ``H_t v_t``, the Hessian of the inner policy-gradient loss
   ``L_t = mean_n -c_n log pi(a_n | s_n)`` (:func:`fastmeta.rl.policy.pg_loss`), the same
   products ``fastmeta.ops.task_hvp`` gives by double backward: Pearlmutter's R-operator
@@ -23,11 +24,12 @@ import torch
 from torch import Tensor
 
 
-def _layers(params: dict[str, Tensor]) -> list[tuple[str, str]]:
-    ws = sorted((k for k in params if k.startswith("mean.") and k.endswith(".weight")),
-                key=lambda k: int(k.split(".")[1]))
-    if not ws or "log_std" not in params:
-        raise ValueError(f"params must hold 'log_std' and 'mean.<i>.weight/bias', got {list(params)}")
+def _layers(params: dict[str, Tensor], prefix: str = "mean.") -> list[tuple[str, str]]:
+    ws = sorted((k for k in params if k.startswith(prefix) and k.endswith(".weight")),
+                key=lambda k: int(k[len(prefix):].split(".")[0]))
+    if not ws or (prefix == "mean." and "log_std" not in params):
+        need = "'log_std' and 'mean.<i>.weight/bias'" if prefix == "mean." else f"'{prefix}<i>.weight/bias'"
+        raise ValueError(f"params must hold {need}, got {list(params)}")
     return [(w, w[: -len("weight")] + "bias") for w in ws]
 
 
@@ -100,6 +102,33 @@ def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
             _, rmu = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
             out = {"log_std": 2.0 * wsum * v["log_std"]}
             _backward(layers, wcm, acts, slopes, rmu.mul_(c), out, gbufs, x_aug)
+            return {k: out[k] for k in v}
+
+    return fvp
+
+
+def categorical_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
+    """``fvp(v) -> {name: F_t v_t}`` for a softmax policy over the logits MLP ``"logits.*"``:
+    ``sum_n w_n J_n^T (diag(p_n) - p_n p_n^T) J_n v`` (the Hessian of the weighted-mean
+    categorical ``KL(pi_new || pi_t)`` at equality), ``J_n`` the logits' Jacobian."""
+    layers = _layers(params, "logits.")
+    with torch.no_grad():
+        p = {k: t.detach() for k, t in params.items()}
+        acts, logits = _forward(layers, p, obs)
+        prob = torch.softmax(logits, -1)
+        slopes = [1.0 - a * a for a in acts[1:]]
+        c = weights.unsqueeze(-1)
+        wcm = [_cm(p[w]) for w, _ in layers]
+        bufs, gbufs = _workspace(acts, logits), [torch.empty_like(a) for a in acts[1:]]
+        x_aug = _augment(obs)
+
+    def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            _, t = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
+            pt = prob * t
+            g = (pt - prob * pt.sum(-1, keepdim=True)) * c
+            out = {}
+            _backward(layers, wcm, acts, slopes, g, out, gbufs, x_aug)
             return {k: out[k] for k in v}
 
     return fvp

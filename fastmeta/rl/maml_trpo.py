@@ -34,7 +34,8 @@ from torch import Tensor
 
 from fastmeta.func import task_function
 from fastmeta.rl.meta_fvp import MetaFisher, adapt
-from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob
+from fastmeta.rl.categorical import CategoricalMLPPolicy
+from fastmeta.rl.policy import GaussianMLPPolicy
 from fastmeta.rl.returns import check_padded, discounted_returns, gae, linear_baseline, normalize
 from fastmeta.rl.trpo import conjugate_gradient, flatten, line_search, trust_region_step, unflatten
 
@@ -43,7 +44,8 @@ class MAMLTRPO:
     """The MAML-TRPO agent over a task-batched Gaussian policy (see the module docstring).
 
     Args:
-        policy: a :class:`fastmeta.rl.GaussianMLPPolicy` (updated in place by :meth:`step`).
+        policy: a :class:`fastmeta.rl.GaussianMLPPolicy` (continuous actions) or
+            :class:`fastmeta.rl.CategoricalMLPPolicy` (discrete); updated in place by :meth:`step`.
         fast_lr: inner step size alpha. inner_steps: k inner policy-gradient steps (all on the
             same train rollouts). gamma, gae_lambda: discount and GAE lambda.
         max_kl, cg_iters, cg_damping, ls_steps, ls_backtrack: the TRPO outer step.
@@ -56,8 +58,9 @@ class MAMLTRPO:
                  gae_lambda: float = 1.0, max_kl: float = 1e-2, cg_iters: int = 10, cg_damping: float = 1e-5,
                  ls_steps: int = 15, ls_backtrack: float = 0.8, baseline_reg: float = 1e-5,
                  hvp: str = "analytic"):
-        if not isinstance(policy, GaussianMLPPolicy):
-            raise TypeError(f"policy must be a fastmeta.rl.GaussianMLPPolicy, got {type(policy).__name__}")
+        if not isinstance(policy, (GaussianMLPPolicy, CategoricalMLPPolicy)):
+            raise TypeError("policy must be a fastmeta.rl.GaussianMLPPolicy or CategoricalMLPPolicy, "
+                            f"got {type(policy).__name__}")
         if not fast_lr > 0:
             raise ValueError(f"fast_lr must be > 0, got {fast_lr!r}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -71,23 +74,31 @@ class MAMLTRPO:
     # ---- data ---------------------------------------------------------------------------------
 
     def batch(self, rollout, what: str = "rollout") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(obs [T, N, obs_dim], actions [T, N, act_dim], advantages [T, N], weights [T, N])``
-        with ``N = E * H``: standardised GAE advantages over the per-task linear baseline, and
-        ``weights = mask / (task's mask sum)`` (each task's masked mean). In the policy's dtype."""
+        """``(obs [T, N, obs_dim], actions, advantages [T, N], weights [T, N])`` with ``N = E * H``
+        (actions ``[T, N, act_dim]`` in the policy's dtype, or ``[T, N]`` int64 when discrete):
+        standardised GAE advantages over the per-task linear baseline, and ``weights = mask /
+        (task's mask sum)`` (each task's masked mean)."""
         for f in ("obs", "actions", "rewards", "mask"):
             if not hasattr(rollout, f):
                 raise TypeError(f"{what} must have .obs/.actions/.rewards/.mask (a fastmeta.rl.Rollout), "
                                 f"got {type(rollout).__name__}")
-        dtype = self.policy.log_std.dtype
+        p = self.policy
+        dtype = next(p.parameters()).dtype
         rewards, mask = rollout.rewards.to(dtype), rollout.mask.to(dtype)
         T, E, H = check_padded(rewards, mask, f"{what}.rewards")
-        p = self.policy
-        for f, dim in (("obs", p.obs_dim), ("actions", p.act_dim)):
+        shape = (T, E, H) if p.discrete else (T, E, H, p.act_dim)
+        for f, want in (("obs", (T, E, H, p.obs_dim)), ("actions", shape)):
             t = getattr(rollout, f)
-            if t.shape != (T, E, H, dim):
-                raise ValueError(f"{what}.{f} must have shape [T, E, H, {dim}] = {(T, E, H, dim)}, got {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
+            if tuple(t.shape) != want:
+                dims = ", ".join(["T", "E", "H"] + [str(d) for d in want[3:]])
+                raise ValueError(f"{what}.{f} must have shape [{dims}] = {want}, got {tuple(t.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"{what}.{f} has non-finite values")
+        if p.discrete:
+            a = rollout.actions
+            if a.is_floating_point() or bool(((a < 0) | (a >= p.act_dim)).any()):
+                raise ValueError(f"{what}.actions must be integer indices in [0, {p.act_dim}), got {a.dtype} "
+                                 f"in [{a.min().item()}, {a.max().item()}]")
         if (mask.sum((1, 2)) <= 0).any():
             raise ValueError(f"{what}.mask has a task with no steps")
         obs = rollout.obs.to(dtype)
@@ -96,13 +107,13 @@ class MAMLTRPO:
         adv = normalize(gae(rewards, values, mask, self.gamma, self.gae_lambda), mask)
         weights = mask / mask.sum((1, 2), keepdim=True)
         N = E * H
-        return (obs.reshape(T, N, -1), rollout.actions.to(dtype).reshape(T, N, -1), adv.reshape(T, N),
-                weights.reshape(T, N))
+        actions = rollout.actions.reshape(T, N) if p.discrete else rollout.actions.to(dtype).reshape(T, N, -1)
+        return obs.reshape(T, N, -1), actions, adv.reshape(T, N), weights.reshape(T, N)
 
     def _inner(self, obs, actions, adv, weights):
-        """``(x, y)`` for the inner loss (see fastmeta.rl.policy.pg_loss)."""
-        y = torch.cat([actions, (adv * weights * weights.shape[1]).unsqueeze(-1)], dim=-1)
-        return obs, y
+        """``(x, y)`` for the inner loss ``policy.loss`` (weights scaled so that the per-task mean
+        over the N states is the masked mean)."""
+        return obs, self.policy.pack(actions, adv * weights * weights.shape[1])
 
     # ---- acting --------------------------------------------------------------------------------
 
@@ -118,16 +129,17 @@ class MAMLTRPO:
         return adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps)[-1]
 
     def actor(self, params: dict[str, Tensor] | None = None, generator: torch.Generator | None = None):
-        """``callable(obs [T, E, obs_dim]) -> actions [T, E, act_dim]`` for the sampler."""
+        """``callable(obs [T, E, obs_dim]) -> actions`` for the sampler (``[T, E, act_dim]`` float32,
+        or ``[T, E]`` int64 for a categorical policy)."""
         return self.policy.actor(params, generator)
 
     # ---- the meta-step ------------------------------------------------------------------------
 
     def _surrogate(self, phi, xv, av, advv, wv, logp_old, out_old):
         out = self.fn(phi, xv)
-        ratio = torch.exp(gaussian_log_prob(out, av) - logp_old)
+        ratio = torch.exp(self.policy.log_prob(out, av) - logp_old)
         loss = -(ratio * advv * wv).sum(1).mean()
-        kl = (gaussian_kl(out, out_old) * wv).sum(1).mean()
+        kl = (self.policy.kl(out, out_old) * wv).sum(1).mean()
         return loss, kl
 
     def step(self, train, valid) -> dict[str, float]:
@@ -149,7 +161,7 @@ class MAMLTRPO:
         iters = adapt(self.policy, self.fn.expand(T, theta), x, y, self.fast_lr, self.inner_steps)
         with torch.no_grad():
             out_old = self.fn(iters[-1], xv)
-            logp_old = gaussian_log_prob(out_old, av)
+            logp_old = self.policy.log_prob(out_old, av)
         with torch.enable_grad():
             phi = {k: v.detach().requires_grad_() for k, v in iters[-1].items()}
             loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old)

@@ -9,7 +9,7 @@ its Hessian is exactly
     F_meta v = (1/T) sum_t J_t^T F_t J_t v,   J_t = (I - alpha H_{t,k-1}) ... (I - alpha H_{t,0})
 
 with ``H_{t,i}`` the inner-loss Hessian at iterate i and ``F_t`` the analytic Gaussian Fisher
-of the adapted policy on task t's validation states (fastmeta.rl.curvature). Each product is 2k
+of the adapted policy on task t's validation states (fastmeta.rl.curvature; the categorical policy's ``J^T (diag p - p p^T) J``). Each product is 2k
 batched HVPs plus one batched Fisher product, all tasks at once; no per-task loop, no
 third-order graph. The HVPs are ``hvp="analytic"`` (default: fastmeta.rl.curvature.pg_hvp,
 activations cached once per operator) or ``hvp="task_hvp"`` (:func:`fastmeta.ops.task_hvp`,
@@ -26,16 +26,14 @@ from torch import Tensor
 
 from fastmeta.func import task_function, task_losses
 from fastmeta.ops import inner_update, task_hvp
-from fastmeta.rl.curvature import gaussian_fisher, pg_hvp
-from fastmeta.rl.policy import pg_loss
 
 
 def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, steps: int = 1,
           create_graph: bool = False) -> list[dict[str, Tensor]]:
     """The inner iterates ``[phi_0 = params, phi_1, ..., phi_steps]`` for T tasks at once.
 
-    ``params {name: [T, *shape]}``; ``x [T, N, obs_dim]`` train states; ``y [T, N, act_dim + 1]``
-    (actions, weights) as :func:`fastmeta.rl.policy.pg_loss` reads them; each step is one
+    ``params {name: [T, *shape]}``; ``x [T, N, obs_dim]`` train states; ``y`` the targets
+    ``policy.pack(actions, weights)`` of the inner loss ``policy.loss``; each step is one
     batched backward of the summed per-task losses and one :func:`fastmeta.ops.inner_update`.
     With ``create_graph`` the iterates stay differentiable (second-order MAML by autograd);
     otherwise they are detached (what the structured product needs).
@@ -49,7 +47,7 @@ def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, st
     for _ in range(steps):
         with torch.enable_grad():
             p = cur if create_graph else {k: v.detach().requires_grad_() for k, v in cur.items()}
-            loss = task_losses(pg_loss, fn(p, x), y).sum()
+            loss = task_losses(policy.loss, fn(p, x), y).sum()
             g = torch.autograd.grad(loss, [p[k] for k in names], create_graph=create_graph)
         nxt = inner_update({k: p[k] for k in names}, list(g), lr)
         cur = nxt if create_graph else {k: v.detach() for k, v in nxt.items()}
@@ -61,14 +59,16 @@ class MetaFisher:
     """``F_meta`` at ``theta_old`` as a product operator, built once per TRPO step.
 
     Args:
-        policy: a :class:`fastmeta.rl.policy.GaussianMLPPolicy`.
+        policy: a :class:`fastmeta.rl.GaussianMLPPolicy` or :class:`fastmeta.rl.CategoricalMLPPolicy`
+            (the policy protocol of fastmeta.rl.policy).
         iterates: :func:`adapt`'s list at ``theta_old`` (detached), ``[phi_0, ..., phi_k]``.
         x, y: the train batch the iterates were adapted on (see :func:`adapt`).
         lr: the inner step size alpha.
         x_valid ``[T, M, obs_dim]``, weights ``[T, M]``: the validation states and the KL
             average's weights (each task's summing to 1).
         damping: added as ``damping * v`` (Tikhonov), as TRPO implementations do.
-        hvp: ``"analytic"`` or ``"task_hvp"`` (see the module docstring).
+        hvp: ``"analytic"`` or ``"task_hvp"`` (see the module docstring); a policy without an
+            analytic inner Hessian (categorical) always uses task_hvp.
 
     ``fvp(v)``: ``v`` a flat vector over the policy's parameters (``fn.names`` order) ->
     ``F_meta v + damping v``. ``vjp(u)``: per-task ``{name: [T, *shape]}`` -> ``J_t^T u_t``.
@@ -84,8 +84,11 @@ class MetaFisher:
         self.x, self.y, self.lr, self.damping = x, y, float(lr), float(damping)
         self.T = x.shape[0]
         self.hvp = hvp
-        self.hvps = [pg_hvp(it, x, y) for it in iterates[:-1]] if hvp == "analytic" else None
-        self.fisher = gaussian_fisher(iterates[-1], x_valid, weights)
+        self.loss = policy.loss
+        self.hvps = [policy.hvp(it, x, y) for it in iterates[:-1]] if hvp == "analytic" else None
+        if self.hvps is not None and any(h is None for h in self.hvps):
+            self.hvps = None  # no analytic inner Hessian for this policy: task_hvp serves
+        self.fisher = policy.fisher(iterates[-1], x_valid, weights)
         self.shapes = {k: tuple(iterates[0][k].shape[1:]) for k in self.names}
 
     def _step(self, i: int, v: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -93,7 +96,7 @@ class MetaFisher:
         if self.hvps is not None:
             hv = self.hvps[i](v)
         else:
-            hv = task_hvp(self.fn, self.iterates[i], self.x, self.y, v, loss_fn=pg_loss)
+            hv = task_hvp(self.fn, self.iterates[i], self.x, self.y, v, loss_fn=self.loss)
         return inner_update(v, hv, self.lr)
 
     def jvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:

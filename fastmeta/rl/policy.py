@@ -9,6 +9,12 @@ Output of the task-batched call: ``[T, N, 2 * act_dim]`` = ``cat(mu, log_std)`` 
 repeated over N), which the losses below read.
 
 Its analytic curvature products (Fisher, inner-loss Hessian) are in fastmeta.rl.curvature.
+
+The policy protocol MAML-TRPO uses (shared with :class:`fastmeta.rl.categorical.CategoricalMLPPolicy`):
+``discrete``, ``log_prob(out, actions)``, ``kl(out_new, out_old)``, ``loss(out, target,
+reduction)`` (the inner policy-gradient loss), ``pack(actions, weights) -> target``,
+``fisher(params, obs, weights)`` and ``hvp(params, x, target)`` (analytic curvature operators;
+``hvp`` may return None: then fastmeta.ops.task_hvp serves), ``actor(params, generator)``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta.nn import TaskMLP, TaskModule
+from fastmeta.rl.curvature import gaussian_fisher, pg_hvp
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -63,6 +70,35 @@ class GaussianMLPPolicy(TaskModule):
         # the policy is a root module: ``h`` arrives as [T, N, obs_dim] (TaskModule's entry layout)
         mu = self.mean(h, sub)
         return torch.cat([mu, log_std.unsqueeze(1).expand_as(mu)], dim=-1), layout
+
+    # ---- the policy protocol (see the module docstring) ------------------------------------
+
+    discrete = False
+
+    @staticmethod
+    def log_prob(out: Tensor, actions: Tensor) -> Tensor:
+        return gaussian_log_prob(out, actions)
+
+    @staticmethod
+    def kl(out_new: Tensor, out_old: Tensor) -> Tensor:
+        return gaussian_kl(out_new, out_old)
+
+    @staticmethod
+    def loss(out: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        return pg_loss(out, target, reduction)
+
+    @staticmethod
+    def pack(actions: Tensor, weights: Tensor) -> Tensor:
+        """``[T, N, act_dim + 1]``: actions and per-state loss weights, as :func:`pg_loss` reads."""
+        return torch.cat([actions, weights.unsqueeze(-1)], dim=-1)
+
+    @staticmethod
+    def fisher(params, obs, weights):
+        return gaussian_fisher(params, obs, weights)
+
+    @staticmethod
+    def hvp(params, x, target):
+        return pg_hvp(params, x, target)
 
     # ---- sampling ---------------------------------------------------------------------------
 

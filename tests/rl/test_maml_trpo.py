@@ -10,30 +10,35 @@ import torch
 
 from fastmeta.func import task_function, task_losses
 from fastmeta.ops import task_hvp
-from fastmeta.rl.curvature import gaussian_fisher, pg_hvp
+from fastmeta.rl.curvature import categorical_fisher, gaussian_fisher, pg_hvp
+from fastmeta.rl.categorical import CategoricalMLPPolicy
 from fastmeta.rl.maml_trpo import MAMLTRPO
 from fastmeta.rl.meta_fvp import MetaFisher, adapt
-from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob, pg_loss
+from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_log_prob, pg_loss
 from fastmeta.rl.trpo import conjugate_gradient, flatten, line_search, trust_region_step
 
 D64 = torch.float64
 
 
-def rollout(T=3, E=2, H=5, obs_dim=3, act_dim=2, seed=0, dtype=torch.float32):
+def rollout(T=3, E=2, H=5, obs_dim=3, act_dim=2, seed=0, dtype=torch.float32, discrete=False):
     """Synthetic padded rollouts shaped as fastmeta.rl.Rollout (one early episode end)."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(T, E, H, dtype=dtype)
     mask[0, 1, H - 2:] = 0
+    if discrete:
+        actions = torch.randint(0, act_dim, (T, E, H), generator=g) * mask.long()
+    else:
+        actions = torch.randn(T, E, H, act_dim, generator=g, dtype=dtype) * mask.unsqueeze(-1)
     return SimpleNamespace(
         obs=torch.randn(T, E, H, obs_dim, generator=g, dtype=dtype) * mask.unsqueeze(-1),
-        actions=torch.randn(T, E, H, act_dim, generator=g, dtype=dtype) * mask.unsqueeze(-1),
-        rewards=torch.randn(T, E, H, generator=g, dtype=dtype) * mask,
-        mask=mask,
+        actions=actions, rewards=torch.randn(T, E, H, generator=g, dtype=dtype) * mask, mask=mask,
     )
 
 
-def make(obs_dim=3, act_dim=2, hidden=(8, 8), seed=0):
+def make(obs_dim=3, act_dim=2, hidden=(8, 8), seed=0, discrete=False):
     torch.manual_seed(seed)
+    if discrete:
+        return CategoricalMLPPolicy(obs_dim, act_dim, hidden=hidden).to(D64)
     pol = GaussianMLPPolicy(obs_dim, act_dim, hidden=hidden, init_std=0.7).to(D64)
     with torch.no_grad():
         pol.log_std.add_(0.1 * torch.randn(act_dim, dtype=D64))
@@ -53,11 +58,11 @@ def per_task_fvp(policy, agent, train, valid, v, steps):
         th = {k: p.clone().requires_grad_() for k, p in theta.items()}
         phi = {k: p.unsqueeze(0) for k, p in th.items()}
         for _ in range(steps):
-            loss = task_losses(pg_loss, fn(phi, x[t:t + 1]), y[t:t + 1]).sum()
+            loss = task_losses(policy.loss, fn(phi, x[t:t + 1]), y[t:t + 1]).sum()
             g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
             phi = {k: p - agent.fast_lr * gk for (k, p), gk in zip(phi.items(), g)}
         out = fn(phi, xv[t:t + 1])
-        kl = (gaussian_kl(out, out.detach()) * wv[t:t + 1]).sum()
+        kl = (policy.kl(out, out.detach()) * wv[t:t + 1]).sum()
         gk = torch.autograd.grad(kl, list(th.values()), create_graph=True)
         hv = torch.autograd.grad(sum((a * v[k]).sum() for a, k in zip(gk, th)), list(th.values()))
         for k, h in zip(th, hv):
@@ -65,8 +70,9 @@ def per_task_fvp(policy, agent, train, valid, v, steps):
     return total
 
 
-def test_gaussian_fisher_equals_kl_hessian():
-    pol = make()
+@pytest.mark.parametrize("discrete", [False, True])
+def test_fisher_equals_kl_hessian(discrete):
+    pol = make(discrete=discrete, act_dim=4 if discrete else 2)
     fn = task_function(pol)
     T, N = 3, 7
     g = torch.Generator().manual_seed(1)
@@ -75,9 +81,9 @@ def test_gaussian_fisher_equals_kl_hessian():
     w = torch.rand(T, N, generator=g, dtype=D64)
     w = w / w.sum(1, keepdim=True)
     v = {k: torch.randn_like(p) for k, p in params.items()}
-    fast = gaussian_fisher(params, x, w)(v)
+    fast = (categorical_fisher if discrete else gaussian_fisher)(params, x, w)(v)
     p = {k: t.clone().requires_grad_() for k, t in params.items()}
-    kl = (gaussian_kl(fn(p, x), fn(params, x).detach()) * w).sum()
+    kl = (pol.kl(fn(p, x), fn(params, x).detach()) * w).sum()
     gk = torch.autograd.grad(kl, list(p.values()), create_graph=True)
     ref = torch.autograd.grad(sum((a * v[k]).sum() for a, k in zip(gk, p)), list(p.values()))
     for k, r in zip(p, ref):
@@ -101,12 +107,13 @@ def test_pg_hvp_and_grad_equal_autograd():
         torch.testing.assert_close(op.grad[k], grads[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
-@pytest.mark.parametrize("hvp", ["analytic", "task_hvp"])
+@pytest.mark.parametrize("hvp,discrete", [("analytic", False), ("task_hvp", False), ("analytic", True)])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_meta_fvp_equals_per_task_double_backward(steps, hvp):
-    pol = make()
+def test_meta_fvp_equals_per_task_double_backward(steps, hvp, discrete):
+    A = 4 if discrete else 2
+    pol = make(discrete=discrete, act_dim=A)
     agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=steps, cg_damping=0.0)
-    train, valid = rollout(seed=1), rollout(seed=2)
+    train, valid = rollout(seed=1, discrete=discrete, act_dim=A), rollout(seed=2, discrete=discrete, act_dim=A)
     fn = task_function(pol)
     obs, actions, adv, w = agent.batch(train)
     x, y = agent._inner(obs, actions, adv, w)
@@ -168,11 +175,13 @@ def test_trust_region_and_line_search():
     assert line_search(lambda s: (2.0, 0.0), 1.0, 0.1, steps=3)[0] == 0.0
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_trpo_step_improves_surrogate_within_kl(steps):
-    pol = make(hidden=(16, 16))
+@pytest.mark.parametrize("steps,discrete", [(1, False), (2, False), (1, True)])
+def test_trpo_step_improves_surrogate_within_kl(steps, discrete):
+    A = 3 if discrete else 2
+    pol = make(hidden=(16, 16), discrete=discrete, act_dim=A)
     agent = MAMLTRPO(pol, fast_lr=0.1, inner_steps=steps, max_kl=1e-3)
-    train, valid = rollout(T=4, E=3, H=10, seed=6), rollout(T=4, E=3, H=10, seed=7)
+    train = rollout(T=4, E=3, H=10, seed=6, discrete=discrete, act_dim=A)
+    valid = rollout(T=4, E=3, H=10, seed=7, discrete=discrete, act_dim=A)
     before = {k: v.clone() for k, v in pol.state_dict().items()}
     m = agent.step(train, valid)
     assert m["step_size"] > 0 and m["loss_after"] < m["loss_before"]
@@ -185,7 +194,7 @@ def test_trpo_step_improves_surrogate_within_kl(steps):
     x, y = agent._inner(obs, actions, adv, w)
     new = adapt(pol, fn.expand(4), x, y, 0.1, steps)[-1]
     old = adapt(pol, fn.expand(4, {k: before[k] for k in fn.names}), x, y, 0.1, steps)[-1]
-    kl = (gaussian_kl(fn(new, xv), fn(old, xv)) * wv).sum(1).mean().item()
+    kl = (pol.kl(fn(new, xv), fn(old, xv)) * wv).sum(1).mean().item()
     assert abs(kl - m["kl"]) < 1e-12
     assert m["pre_return"] == pytest.approx(float((train.rewards * train.mask).sum(-1).mean()))
 
@@ -204,10 +213,27 @@ def test_bad_input_is_named():
         agent.step(good, rollout(T=2))
     with pytest.raises(TypeError, match="Rollout"):
         agent.step(good, object())
+    disc = MAMLTRPO(make(discrete=True, act_dim=3))
+    bad = rollout(discrete=True, act_dim=3)
+    bad.actions[0, 0, 0] = 3
+    with pytest.raises(ValueError, match=r"train.actions must be integer indices in \[0, 3\)"):
+        disc.step(bad, rollout(discrete=True, act_dim=3))
+    with pytest.raises(ValueError, match=r"valid.actions must have shape \[T, E, H\]"):
+        disc.step(rollout(discrete=True, act_dim=3), rollout(act_dim=3))
     with pytest.raises(ValueError, match="fast_lr"):
         MAMLTRPO(make(), fast_lr=-1.0)
     with pytest.raises(ValueError, match="obs_dim"):
         GaussianMLPPolicy(0, 2)
+
+
+def test_categorical_actor_samples_per_task():
+    pol = make(discrete=True, act_dim=3)
+    fn = task_function(pol)
+    params = {k: v.detach().clone() for k, v in fn.expand(2).items()}
+    last = max((k for k in params if k.endswith(".bias")), key=lambda k: int(k.split(".")[1]))
+    params[last][1] = torch.tensor([0.0, 50.0, 0.0], dtype=D64)  # task 1 always picks action 1
+    a = pol.actor(params, torch.Generator().manual_seed(0))(torch.zeros(2, 6, 3, dtype=D64))
+    assert a.shape == (2, 6) and a.dtype == torch.int64 and (a[1] == 1).all()
 
 
 def test_actor_samples_from_the_per_task_policy():
