@@ -168,6 +168,8 @@ class MAMLTRPO:
             g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
         mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping, self.hvp)
         g = flatten({k: t.sum(0) for k, t in mf.vjp(dict(zip(self.fn.names, g_phi))).items()})
+        if not bool(g.any()):  # e.g. every advantage is 0: no direction, keep theta
+            return self._metrics(train, valid, loss.item(), loss.item(), 0.0, 0.0, 0, 0.0)
         direction = conjugate_gradient(mf.fvp, g, self.cg_iters)
         step, _ = trust_region_step(direction, mf.fvp, self.max_kl)
         step = unflatten(step, theta)
@@ -184,10 +186,14 @@ class MAMLTRPO:
             with torch.no_grad():
                 for k, p in self.fn.params().items():
                     p.sub_(size * step[k])
+        return self._metrics(train, valid, loss.item(), loss_after if size > 0 else loss.item(),
+                             kl if size > 0 else 0.0, size, tries, g.norm().item())
+
+    @staticmethod
+    def _metrics(train, valid, loss_before, loss_after, kl, size, tries, grad_norm) -> dict[str, float]:
         return {
             "pre_return": float((train.rewards * train.mask).sum(-1).mean()),
             "post_return": float((valid.rewards * valid.mask).sum(-1).mean()),
-            "loss_before": loss.item(), "loss_after": loss_after if size > 0 else loss.item(),
-            "kl": kl if size > 0 else 0.0, "step_size": size, "ls_tries": tries,
-            "grad_norm": g.norm().item(),
+            "loss_before": loss_before, "loss_after": loss_after, "kl": kl, "step_size": size,
+            "ls_tries": tries, "grad_norm": grad_norm,
         }

@@ -199,6 +199,17 @@ def test_trpo_step_improves_surrogate_within_kl(steps, discrete):
     assert m["pre_return"] == pytest.approx(float((train.rewards * train.mask).sum(-1).mean()))
 
 
+def test_zero_advantages_keep_theta():
+    pol = make()
+    agent = MAMLTRPO(pol)
+    train, valid = rollout(seed=8), rollout(seed=9)
+    valid.rewards.zero_()  # every validation advantage is 0: no meta-gradient
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    m = agent.step(train, valid)
+    assert m["step_size"] == 0 and m["grad_norm"] == 0
+    assert all(torch.equal(before[k], v) for k, v in pol.state_dict().items())
+
+
 def test_bad_input_is_named():
     agent = MAMLTRPO(make())
     good = rollout()
