@@ -12,7 +12,12 @@ Backends:
   when forced (it is ~1000x slower than PyTorch), which is how the tests exercise them.
 * ``cuda`` -- CUDA C++ kernels in ``fastmeta._C`` (only for ops CUDA C++ serves best).
 * ``cpp`` -- C++ CPU kernels in ``fastmeta._C`` (``at::parallel_for``).
-* ``reference`` -- plain PyTorch; always available, any device, twice differentiable.
+* ``composite`` -- plain ATen ops arranged for speed (fewest ops and autograd nodes), for the
+  shapes where a fused kernel's fixed costs (custom-op dispatch, a kernel that does not use
+  BLAS) make it slower than the PyTorch code it replaces; any device, twice differentiable;
+  checked against the same float64 oracle as every other backend.
+* ``reference`` -- plain PyTorch; always available, any device, twice differentiable: the
+  oracle (used automatically only when nothing before it serves the call).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from fastmeta import _ext
 
 # kernel backends, then the model-level strategies of task_hvp (analytic R-op, torch.func)
-BACKEND_NAMES = ("triton", "cuda", "cpp", "reference", "analytic", "func")
+BACKEND_NAMES = ("triton", "cuda", "cpp", "composite", "reference", "analytic", "func")
 _ENV_VAR = "FASTMETA_BACKEND"
 
 
@@ -63,7 +68,8 @@ class Backend:
     served; ``available``: returns '' when the backend's code is present on this machine,
     else the reason; ``limits``: extra per-call checks returning reasons (shape limits).
     ``interpreter_cpu``: a Triton backend that may run CPU tensors under TRITON_INTERPRET=1
-    when forced.
+    when forced. ``slower``: returns '' or why a later backend is faster for this call (a
+    measured shape rule); consulted by automatic selection only, never when forced.
     """
 
     name: str
@@ -72,6 +78,7 @@ class Backend:
     available: Callable[[], str]
     limits: Callable[..., list[str]] | None = None
     interpreter_cpu: bool = False
+    slower: Callable[..., str] | None = None
 
     def not_supported_reasons(
         self, tensors: Sequence[torch.Tensor], forced: bool = False, **shape_info
@@ -124,12 +131,16 @@ def triton_backend(limits=None) -> Backend:
     )
 
 
-def cpp_backend(limits=None) -> Backend:
-    return Backend("cpp", frozenset({"cpu"}), FLOAT32_64, _cpp_available, limits)
+def cpp_backend(limits=None, slower=None) -> Backend:
+    return Backend("cpp", frozenset({"cpu"}), FLOAT32_64, _cpp_available, limits, slower=slower)
 
 
 def cuda_backend(limits=None) -> Backend:
     return Backend("cuda", frozenset({"cuda"}), ALL_FLOATS, _cuda_ext_available, limits)
+
+
+def composite_backend(limits=None) -> Backend:
+    return Backend("composite", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), ALL_FLOATS, _always, limits)
 
 
 def reference_backend() -> Backend:
@@ -196,6 +207,9 @@ def select(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None,
     all_reasons = []
     for b in entries:
         reasons = b.not_supported_reasons(tensors, **shape_info)
+        if not reasons and b.slower is not None:
+            why = b.slower(*tensors, **shape_info)
+            reasons = [why] if why else []
         if not reasons:
             return b.name
         all_reasons.append(f"  {b.name}: " + "; ".join(reasons))

@@ -17,9 +17,33 @@ from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
 
-_BACKENDS = [_registry.triton_backend(), _registry.cpp_backend(), _registry.reference_backend()]
-_registry.register("proto_logits", _BACKENDS)
-_registry.register("proto_loss", _BACKENDS)
+# Where the C++ kernel loses to the composite ATen path on the CPU (squared Euclidean): it
+# streams each query against each prototype without BLAS, so a short D (fixed costs per call
+# dominate: custom-op dispatch, the Python autograd hop) or many prototypes (a GEMM's tiles win)
+# favour the composite path; few prototypes with long features favour the kernel. Cosine keeps
+# the kernel (its composite form, two normalisations more, measured slower in fwd+bwd). Measured
+# with fwd+bwd on 1 thread: bench/results/proto_composite.md.
+_CPP_MIN_D = 128
+_CPP_MAX_N = 12
+
+
+def _cpp_slower(query, protos=None, metric: str = "sqeuclidean", **_) -> str:
+    if metric != "sqeuclidean":
+        return ""
+    d = query.shape[-1]
+    n = protos.shape[1] if protos is not None and protos.dim() == 3 else 1
+    if d < _CPP_MIN_D or n > _CPP_MAX_N:
+        return (f"composite ATen is faster for sqeuclidean at D={d}, N={n} (the kernel wins at "
+                f"D >= {_CPP_MIN_D} with N <= {_CPP_MAX_N}); force backend='cpp' to use it")
+    return ""
+
+
+# proto_logits keeps the kernel at every shape (its composite form is the reference, slower in
+# fwd+bwd at every shape measured); only the loss has a fewer-op composite form.
+_registry.register("proto_logits", [_registry.triton_backend(), _registry.cpp_backend(),
+                                    _registry.composite_backend(), _registry.reference_backend()])
+_registry.register("proto_loss", [_registry.triton_backend(), _registry.cpp_backend(slower=_cpp_slower),
+                                  _registry.composite_backend(), _registry.reference_backend()])
 
 
 # ---- reference (oracle; always-available backend; twice differentiable) ------------------
@@ -47,6 +71,25 @@ def proto_loss_ref(
     """Plain-PyTorch ``(loss, acc)`` with the same contract as :func:`proto_loss`."""
     logits = proto_logits_ref(query, protos, metric, scale, eps)
     return nll_accuracy(logits, query_labels, reduction)
+
+
+def _proto_loss_composite(query, protos, labels, metric, scale, reduction):
+    """The ``composite`` backend: :func:`proto_loss_ref` in the fewest ATen ops. Squared
+    Euclidean leaves each query's own ``||q||^2`` out of its logits (``2 scale q.p - scale
+    ||p||^2``, one ``baddbmm``): log-softmax and argmax do not change under a per-row constant,
+    so loss and accuracy are the reference's, and float32 loses no digits to cancellation
+    against ``||q||^2``."""
+    if metric == "cosine":
+        logits = proto_logits_ref(query, protos, metric, scale)
+    else:
+        pp = (protos * protos).sum(-1).unsqueeze(1)  # [B,1,N]
+        logits = torch.baddbmm(pp, query, protos.transpose(1, 2), beta=-scale, alpha=2.0 * scale)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
+    # max().indices is the first maximum, like argmax, and faster for a short last dimension
+    correct = (logits.detach().max(-1).indices == labels).to(query.dtype)
+    if reduction == "none":
+        return loss.view(labels.shape), correct
+    return loss, correct.mean()
 
 
 # ---- registered ops ------------------------------------------------------------------------
@@ -177,7 +220,8 @@ def proto_logits(
             ``max(||x||, 1e-8)`` so a zero vector has similarity 0).
         scale: temperature multiplying the logits; a float, or a scalar tensor that may
             require grad (a learned temperature; then the scaling runs outside the kernel).
-        backend: force ``"triton"``, ``"cpp"`` or ``"reference"``.
+        backend: force ``"triton"``, ``"cpp"``, ``"composite"`` or ``"reference"`` (default:
+            the fastest for the device and shape, ``fastmeta.backends()``).
 
     Returns:
         ``[B, Q, N]`` logits in the dtype of ``query``, differentiable w.r.t. ``query``
@@ -198,8 +242,8 @@ def proto_logits(
     if _learnable(scale):
         return scale * proto_logits(query, protos, metric, 1.0, backend=backend)
     scale = _checks.scalar("scale", scale)
-    name = _registry.select("proto_logits", [query, protos], backend)
-    if name == "reference":
+    name = _registry.select("proto_logits", [query, protos], backend, metric=metric)
+    if name in ("reference", "composite"):  # the reference is already the fewest-op form
         return proto_logits_ref(query, protos, metric, scale)
     return _logits_fwd(query, protos, code, scale, EPS, name)
 
@@ -227,7 +271,8 @@ def proto_loss(
         metric: ``"sqeuclidean"`` or ``"cosine"`` (see :func:`proto_logits`).
         scale: logit temperature (float, or a scalar tensor that may require grad).
         reduction: ``"mean"`` (over all B*Q queries), ``"sum"`` or ``"none"``.
-        backend: force ``"triton"``, ``"cpp"`` or ``"reference"``.
+        backend: force ``"triton"``, ``"cpp"``, ``"composite"`` or ``"reference"`` (default:
+            the fastest for the device and shape, ``fastmeta.backends()``).
 
     Returns:
         ``(loss, acc)``: ``loss`` a scalar (``[B, Q]`` for ``reduction="none"``) in the
@@ -255,7 +300,9 @@ def proto_loss(
         logits = proto_logits(query, protos, metric, scale, backend=backend)
         return nll_accuracy(logits, labels, reduction)
     scale = _checks.scalar("scale", scale)
-    name = _registry.select("proto_loss", [query, protos], backend)
+    name = _registry.select("proto_loss", [query, protos], backend, metric=metric)
+    if name == "composite":
+        return _proto_loss_composite(query, protos, labels, metric, scale, reduction)
     if name == "reference":
         return proto_loss_ref(query, protos, labels, metric, scale, reduction)
     rows, _lse, pred = _loss_fwd(query, protos, labels.contiguous(), code, scale, EPS, name)

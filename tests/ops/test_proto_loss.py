@@ -13,6 +13,9 @@ from fastmeta.ops import BackendError, proto_logits, proto_logits_ref, proto_los
 proto_loss_mod = importlib.import_module("fastmeta.ops.proto_loss")
 
 METRICS = ["sqeuclidean", "cosine"]
+# composite: plain ATen arranged for speed (chosen automatically where it beats the kernels)
+BACKENDS = [*ALL_BACKENDS, "composite"]
+FAST = [*FAST_BACKENDS, "composite"]
 # (B, Q, N, D): singletons, block boundaries (15, 16, 17, 33), one odd everything.
 SMALL = [(1, 1, 1, 1), (2, 5, 3, 7), (1, 17, 16, 33), (2, 16, 17, 15)]
 LARGER = [(3, 33, 5, 65), (2, 70, 40, 130)]
@@ -56,7 +59,7 @@ def _cases(backends):
     ]
 
 
-@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(ALL_BACKENDS), ids=case_id)
+@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(BACKENDS), ids=case_id)
 def test_loss_matches_float64_oracle(backend, metric, dtype, shape):
     query, protos, labels = make(*shape, dtype)
     weights = torch.rand(shape[0], shape[1], device=DEVICE, dtype=torch.float64)
@@ -74,7 +77,7 @@ def test_loss_matches_float64_oracle(backend, metric, dtype, shape):
     torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(ALL_BACKENDS), ids=case_id)
+@pytest.mark.parametrize("backend,metric,dtype,shape", _cases(BACKENDS), ids=case_id)
 def test_logits_match_float64_oracle(backend, metric, dtype, shape):
     query, protos, _ = make(*shape, dtype)
     weights = torch.randn(shape[0], shape[1], shape[2], device=DEVICE, dtype=torch.float64)
@@ -90,7 +93,7 @@ def test_logits_match_float64_oracle(backend, metric, dtype, shape):
             assert_close_measured(fast[i], same[i], oracle[i], atol=1e-5, name=what)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_agree(backend, reduction):
     query, protos, labels = make(2, 9, 4, 6, torch.float64)
@@ -103,7 +106,7 @@ def test_reductions_agree(backend, reduction):
         assert_close64(acc, correct.mean())
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_magnitudes_stay_finite_and_accurate(backend, metric, dtype):
@@ -121,7 +124,7 @@ def test_large_magnitudes_stay_finite_and_accurate(backend, metric, dtype):
             assert_close_measured(fast[i], same[i], oracle[i], atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_class_gives_zero_loss_and_gradient(backend):
     query, protos, labels = make(2, 5, 1, 4, torch.float64)
     weights = torch.ones(2, 5, device=DEVICE, dtype=torch.float64)
@@ -130,7 +133,7 @@ def test_one_class_gives_zero_loss_and_gradient(backend):
     assert gq.abs().max() < 1e-12 and gp.abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     base_q = torch.randn(7, 2, 2 * 5, device=DEVICE, dtype=torch.float64)
     query = base_q.transpose(0, 1)[..., ::2]  # [2,7,5], strided in every dim
@@ -144,14 +147,14 @@ def test_non_contiguous_inputs(backend):
         assert_close64(fast[i], oracle[i])
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_vector_cosine_is_zero_similarity(backend):
     query = torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE)
     protos = torch.randn(1, 4, 3, dtype=torch.float64, device=DEVICE)
     assert (proto_logits(query, protos, "cosine", backend=backend) == 0).all()
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("metric", METRICS)
 def test_gradcheck(backend, metric):
     query, protos, labels = make(2, 3, 2, 3, torch.float64)
@@ -162,13 +165,14 @@ def test_gradcheck(backend, metric):
     torch.autograd.gradcheck(lambda a, b: proto_logits(a, b, metric, 0.9, backend=backend), (q, p))
 
 
+@pytest.mark.parametrize("backend", ["reference", "composite"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_reference_gradgradcheck(metric):
-    # Proto-MAML differentiates through the head twice: the reference path supports it.
+def test_reference_gradgradcheck(metric, backend):
+    # Proto-MAML differentiates through the head twice: the plain-ATen paths support it.
     query, protos, labels = make(1, 3, 2, 3, torch.float64)
     q, p = query.requires_grad_(), protos.requires_grad_()
     torch.autograd.gradgradcheck(
-        lambda a, b: proto_loss(a, b, labels, metric, reduction="none", backend="reference")[0], (q, p)
+        lambda a, b: proto_loss(a, b, labels, metric, reduction="none", backend=backend)[0], (q, p)
     )
 
 
@@ -206,7 +210,7 @@ def test_opcheck_registered_ops(backend):
 # aot_eager traces the custom ops' fake and autograd registrations; inductor (torch.compile's
 # default) also generates and compiles code around them, as a user's torch.compile does
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton" or not ON_CPU])
+@pytest.mark.parametrize("backend", [b for b in FAST if b != "triton" or not ON_CPU])
 def test_torch_compile_fullgraph(backend, compiler):
     query, protos, labels = make(2, 6, 3, 8, torch.float32)
     q = query.requires_grad_()
@@ -241,7 +245,7 @@ def test_backend_env_override_unknown_name(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_CPU, reason="the cpp/reference split is the CPU's")
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_env_override_runs_that_backend(monkeypatch, backend):
     """FASTMETA_BACKEND=<name> makes that backend run: the fused op (``fastmeta::proto_loss_fwd``)
     and, for cpp, the compiled kernel (``fastmeta_cpp::proto_loss_fwd``) appear among the ops
@@ -252,7 +256,7 @@ def test_backend_env_override_runs_that_backend(monkeypatch, backend):
     ran = _ops_run(lambda: out.setdefault("r", proto_loss(query, protos, labels)))
     fused = "fastmeta::proto_loss_fwd" in ran
     compiled = "fastmeta_cpp::proto_loss_fwd" in ran
-    assert (fused, compiled) == {"reference": (False, False), "cpp": (True, True),
+    assert (fused, compiled) == {"reference": (False, False), "composite": (False, False), "cpp": (True, True),
                                  "triton": (True, False)}[backend], sorted(n for n in ran if "fastmeta" in n)
     # the profiler saw the call's ops (else the check above would pass vacuously for reference)
     assert any(n.startswith("aten::") for n in ran), sorted(ran)
