@@ -323,3 +323,20 @@ def test_call_with_restores_on_error():
         call_with(m, slots, {"lin.weight": torch.zeros(2, 2)}, torch.randn(1, 2))
     assert_intact(m, before)
     assert m.alias.weight is before[0]
+
+
+@pytest.mark.parametrize("track", [False, True], ids=["vmap", "loop"])
+def test_task_chunks_on_tied_model_match_one_chunk(track):
+    """task_chunk computes each chunk's gradients inside its forward: same as one chunk."""
+    model = OmniglotCNN(track=track).to(DT)
+    before = list(model.parameters())
+    maml = fastmeta.MAML(model, lr=0.3)
+    data = batch(T=3, seed=6)
+    with pytest.warns(UserWarning) if track else _no_warning():
+        g_one = grads(maml.meta_loss(*data, steps=1).loss, before)
+    g_chunked = grads(maml.meta_loss(*data, steps=1, task_chunk=2).loss, before)
+    assert_intact(model, before)
+    ref = naive_meta_loss(omniglot_reference, dict(model.named_parameters()), data, 1, 0.3, False)
+    for a, b, c in zip(g_chunked, g_one, grads(ref, before)):
+        torch.testing.assert_close(a, c, **TOL)
+        torch.testing.assert_close(b, c, **TOL)
