@@ -38,7 +38,8 @@ def csv_fields(metric: str = "acc", extra: tuple[str, ...] = ()) -> list[str]:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """How long and how often. ``minutes`` (optional) stops early on wall-clock time.
+    """How long and how often (``*_every <= 0``: never; a checkpoint is still written at the
+    end). ``minutes`` (optional) stops early on wall-clock time.
     ``metric``: what the step function's second value and validation measure: ``"acc"``
     (higher is better), ``"mse"`` (regression; lower is better) or ``"return"`` (RL agents;
     higher is better). ``extra_fields``: further CSV columns, averaged over each log window
@@ -243,7 +244,7 @@ class Trainer:
                     window_extra[k] += float(extras[0][k])
                 bar.update(1)
                 row = None
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.steps:
                     now = time.perf_counter()
                     m = self.metric
                     row = {"step": self.step, "loss": window_loss / window_n, m: window_acc / window_n,
@@ -253,7 +254,7 @@ class Trainer:
                     bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"}, refresh=False)
                     window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
                     window_extra = dict.fromkeys(cfg.extra_fields, 0.0)
-                if self.validate is not None and self.step % cfg.val_every == 0:
+                if self.validate is not None and cfg.val_every > 0 and self.step % cfg.val_every == 0:
                     res = self.validate()
                     self.model.train()
                     row = row or {"step": self.step, "loss": "", self.metric: "", "episodes_per_s": "",
@@ -264,7 +265,7 @@ class Trainer:
                     self.best_val = better(self.best_val, res.mean)
                 if row is not None:
                     self._write_csv([row])
-                if self.step % cfg.ckpt_every == 0:
+                if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     self.save()
         except KeyboardInterrupt:
             if consistent:

@@ -124,3 +124,18 @@ def test_agent_without_optimizer_logs_extra_columns_and_resumes(tmp_path):
 def test_unknown_metric_is_refused(tmp_path):
     with pytest.raises(ValueError, match="metric must be one of"):
         Trainer(_SelfUpdating(), None, iter, None, None, TrainConfig(metric="reward", run_dir=tmp_path))
+
+
+def test_every_zero_means_never(tmp_path):
+    agent = _SelfUpdating()
+    calls = []
+
+    def validate():
+        calls.append(1)
+        raise AssertionError("validation ran with val_every=0")
+
+    cfg = TrainConfig(steps=3, log_every=0, val_every=0, ckpt_every=0, run_dir=tmp_path, progress=False,
+                      metric="return", extra_fields=("pre_return", "post_return"))
+    Trainer(agent, None, lambda s: (torch.ones(3) for _ in range(10**6)), agent.step, validate, cfg).fit()
+    assert not calls and (tmp_path / "checkpoint.pt").exists()
+    assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "metrics.csv", newline=""))] == [3]
