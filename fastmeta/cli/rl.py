@@ -36,7 +36,8 @@ def _seed(seed: int, stream: int, i: int) -> int:
 
 def add_rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("agent", choices=AGENTS)
-    p.add_argument("--env", default="nav2d", help="task distribution: nav2d, cheetah-vel, cheetah-dir")
+    p.add_argument("--env", default="nav2d", help="task distribution: nav2d, cheetah-vel, cheetah-dir (Gaussian "
+                   "policy), bandit-k{K}-n{N}, tabular-mdp (categorical policy)")
     p.add_argument("--iterations", type=int, default=500, help="meta-iterations (train longer: raise this)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much wall-clock time")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per iteration (default 20; cheetah 40)")
@@ -75,11 +76,9 @@ class _Runner:
             self.dist = rl.make(args.env)
         except ValueError as e:
             raise SystemExit(f"--env: {e}") from None
-        if self.dist.discrete:
-            raise SystemExit(f"{args.agent} needs continuous actions (a Gaussian policy); {args.env} has "
-                             f"{self.dist.act_dim} discrete actions")
         hidden = tuple(int(h) for h in args.hidden.split(",") if h)
-        self.policy = rl.GaussianMLPPolicy(self.dist.obs_dim, self.dist.act_dim, hidden=hidden)
+        policy = rl.CategoricalMLPPolicy if self.dist.discrete else rl.GaussianMLPPolicy
+        self.policy = policy(self.dist.obs_dim, self.dist.act_dim, hidden=hidden)
         self.agent = rl.MAMLTRPO(self.policy, fast_lr=args.fast_lr, inner_steps=args.inner_steps,
                                  max_kl=args.max_kl, cg_iters=args.cg_iters)
 
