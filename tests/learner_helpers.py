@@ -1,6 +1,7 @@
 """A tiny class-structured image dataset for learner tests (no build, no download)."""
 
 import torch
+import torch.nn.functional as F
 
 from fastmeta.data import FewShotDataset
 
@@ -20,3 +21,16 @@ def blob_dataset(classes_per_split=12, per_class=8, size=12, seed=0) -> FewShotD
     c = classes_per_split
     splits = {"train": list(range(c)), "val": list(range(c, 2 * c)), "test": list(range(2 * c, 3 * c))}
     return FewShotDataset(imgs, labels, names, groups, splits, name="blobs")
+
+
+def clone_adapt_loss(meta, data, steps):
+    """Mean query loss of a learn2learn-style loop: per task ``clone()``, ``steps`` x ``adapt()`` on
+    the support set, cross-entropy on the query set (``data = (sx, sy, qx, qy)``, ``[T, ...]``)."""
+    sx, sy, qx, qy = data
+    total = 0
+    for t in range(sx.shape[0]):
+        learner = meta.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
+        total = total + F.cross_entropy(learner(qx[t]), qy[t])
+    return total / sx.shape[0]

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from learner_helpers import clone_adapt_loss
 from torch import nn
 
 import fastmeta
@@ -96,17 +97,6 @@ def maml_pytorch_loss(net, data, steps, lr, lrs=None):
             g = torch.autograd.grad(F.cross_entropy(net(sx[t], fast), sy[t]), fast, create_graph=True)
             fast = [p - (lr if lrs is None else a) * gi for p, gi, a in zip(fast, g, lrs or g)]
         total = total + F.cross_entropy(net(qx[t], fast), qy[t])
-    return total / sx.shape[0]
-
-
-def clone_adapt_loss(meta, data, steps):
-    sx, sy, qx, qy = data
-    total = 0
-    for t in range(sx.shape[0]):
-        learner = meta.clone()
-        for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
-        total = total + F.cross_entropy(learner(qx[t]), qy[t])
     return total / sx.shape[0]
 
 

@@ -9,6 +9,7 @@ Parameters in place and update every one of them."""
 import pytest
 import torch
 import torch.nn.functional as F
+from learner_helpers import clone_adapt_loss
 from torch import nn
 
 import fastmeta
@@ -94,17 +95,6 @@ def naive_meta_loss(forward, params, data, steps, lr, first_order, lrs=None):
                                     create_graph=not first_order)
             p = {k: v - (lr if lrs is None else lrs[k]) * gk for (k, v), gk in zip(p.items(), g)}
         total = total + F.cross_entropy(forward(p, qx[t]), qy[t])
-    return total / sx.shape[0]
-
-
-def clone_adapt_loss(learner, data, steps):
-    sx, sy, qx, qy = data
-    total = 0
-    for t in range(sx.shape[0]):
-        c = learner.clone()
-        for _ in range(steps):
-            c.adapt(F.cross_entropy(c(sx[t]), sy[t]))
-        total = total + F.cross_entropy(c(qx[t]), qy[t])
     return total / sx.shape[0]
 
 
