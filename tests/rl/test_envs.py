@@ -246,3 +246,18 @@ def test_cheetah_vector_env_reused_and_episodes_clean():
     dist.reset(dist.sample_tasks(3, 0), 1, seed=0)
     assert dist.vector_env(3) is not venv
 
+
+
+def test_nav2d_goal_box_ends_an_episode_at_the_goal():
+    dist = rl.make("nav2d", goal_box=0.01)
+    tasks = {"goal": torch.tensor([[0.25, -0.15], [0.5 - 1e-3, 0.5 - 1e-3]])}
+
+    def toward_goal(obs):  # full-speed steps toward the goal (clipped to 0.1 by the env)
+        return (tasks["goal"][:, None, :] - obs).clamp(-0.1, 0.1)
+
+    ro = rl.sample(dist, toward_goal, tasks, episodes=2, seed=0)
+    # task 0 is 3 steps away (0.25 needs 3 steps of <= 0.1), task 1 five steps
+    assert ro.mask.sum(-1).tolist() == [[3.0, 3.0], [5.0, 5.0]]
+    assert torch.equal(ro.rewards[0, 0, 3:], torch.zeros(97))
+    with pytest.raises(ValueError, match="goal_box"):
+        rl.make("nav2d", goal_box=-0.1)

@@ -6,8 +6,9 @@ A point starts at the origin and must move to a goal drawn uniformly from [-0.5,
 * observation: the point's position ``[T, E, 2]`` (zeros after ``reset``)
 * action: ``[T, E, 2]`` float, the displacement, clipped to [-0.1, 0.1] per coordinate
 * reward: ``-||position - goal||`` measured after the move
-* horizon: 100 steps, every episode runs the full horizon (pytorch-maml-rl also ends an
-  episode within 0.01 of the goal; this fixed-horizon version does not)
+* horizon: 100 steps; with ``goal_box > 0`` an episode also ends once the point is within
+  ``goal_box`` of the goal in both coordinates (pytorch-maml-rl: 0.01), else every episode
+  runs the full horizon
 
 All T x E episodes move in one batched tensor operation; the dynamics are deterministic,
 so the reset seed has no effect.
@@ -30,10 +31,13 @@ class Navigation2D(TaskDistribution):
     max_action = 0.1
     goal_range = 0.5
 
-    def __init__(self, horizon: int = 100) -> None:
+    def __init__(self, horizon: int = 100, goal_box: float = 0.0) -> None:
         super().__init__()
         self.name = "nav2d"
         self.horizon = positive_int(horizon, "horizon")
+        if not (isinstance(goal_box, (int, float)) and 0 <= goal_box < self.goal_range):
+            raise ValueError(f"nav2d: goal_box must be a number in [0, {self.goal_range}), got {goal_box!r}")
+        self.goal_box = float(goal_box)
         self.task_shapes = {"goal": (2,)}
         self._pos: Tensor | None = None
 
@@ -50,5 +54,5 @@ class Navigation2D(TaskDistribution):
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
         self._pos = self._pos + actions.clamp(-self.max_action, self.max_action)
         reward = -torch.linalg.vector_norm(self._pos - self._goal, dim=-1)
-        done = torch.zeros(reward.shape, dtype=torch.bool)
+        done = ((self._pos - self._goal).abs() < self.goal_box).all(-1)
         return self._pos, reward, done, {}
