@@ -112,8 +112,12 @@ def test_meta_loss_gradients_match_naive_loop(name, steps, first_order):
     torch.testing.assert_close(res.loss, ref_loss, **TOL)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, **TOL)
-    assert res.kind == ("mse" if kind == "reg" else "accuracy")
+    assert res.metric_name == ("mse" if kind == "reg" else "accuracy")
+    assert (res.mse if kind == "reg" else res.accuracy) is res.metric
+    assert (res.accuracy if kind == "reg" else res.mse) is None
     assert res.task_loss.shape == (batch[0].shape[0],) and not res.metric.requires_grad
+    with pytest.raises(TypeError):  # fields are read by name: not a (loss, metric) tuple
+        _loss, _metric = res
 
 
 def test_generic_module_takes_the_generic_path():

@@ -201,30 +201,30 @@ class MetaLossResult:
             targets), averaged over tasks.
         task_loss: ``[T]`` per-task query losses (no grad).
         task_metric: ``[T]`` per-task accuracy or MSE (no grad).
-        kind: ``"accuracy"`` or ``"mse"``.
+        metric_name: what ``metric`` and ``task_metric`` hold: ``"accuracy"`` or ``"mse"``
+            (the names :attr:`EvalResult.metric <fastmeta.learners.EvalResult.metric>` uses).
 
-    ``loss, metric = result`` unpacks the first two (the shared trainer's ``(loss, acc)``).
+    Not a tuple: read ``result.loss`` and ``result.metric`` by name.
     """
 
     loss: Tensor
     metric: Tensor
     task_loss: Tensor
     task_metric: Tensor
-    kind: str
+    metric_name: str
 
     @property
     def accuracy(self) -> Tensor | None:
-        return self.metric if self.kind == "accuracy" else None
+        """``metric`` when it is the query accuracy, else None."""
+        return self.metric if self.metric_name == "accuracy" else None
 
     @property
     def mse(self) -> Tensor | None:
-        return self.metric if self.kind == "mse" else None
-
-    def __iter__(self):
-        return iter((self.loss, self.metric))
+        """``metric`` when it is the query MSE, else None."""
+        return self.metric if self.metric_name == "mse" else None
 
 
-def _metric_kind(y: Tensor) -> str:
+def _metric_name(y: Tensor) -> str:
     return "mse" if y.is_floating_point() else "accuracy"
 
 
@@ -281,13 +281,13 @@ class _ChunkedMetaLoss(torch.autograd.Function):
 
 
 def _run_meta_loss(tasks_fn, data: Sequence[Tensor], params: Sequence[Tensor], task_chunk: int | None,
-                   kind: str) -> MetaLossResult:
+                   metric_name: str) -> MetaLossResult:
     """``tasks_fn(*data_slice) -> (task_loss [t] differentiable, task_metric [t])`` over all
     tasks at once, or ``task_chunk`` tasks at a time (see :class:`_ChunkedMetaLoss`)."""
     T = data[0].shape[0]
     if task_chunk is None or task_chunk >= T:
         loss_t, metric_t = tasks_fn(*data)
-        return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t.detach(), metric_t, kind)
+        return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t.detach(), metric_t, metric_name)
     spans = [(a, min(a + task_chunk, T)) for a in range(0, T, task_chunk)]
     params = [p for p in params if p.requires_grad]
     wants_grad = torch.is_grad_enabled() and (params or any(d.requires_grad for d in data))
@@ -295,9 +295,9 @@ def _run_meta_loss(tasks_fn, data: Sequence[Tensor], params: Sequence[Tensor], t
         pieces = [tasks_fn(*(d[a:b] for d in data)) for a, b in spans]
         loss_t = torch.cat([p[0].detach() for p in pieces])
         metric_t = torch.cat([p[1] for p in pieces])
-        return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t, metric_t, kind)
+        return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t, metric_t, metric_name)
     loss, loss_t, metric_t = _ChunkedMetaLoss.apply(tasks_fn, spans, len(data), *data, *params)
-    return MetaLossResult(loss, metric_t.mean(), loss_t, metric_t, kind)
+    return MetaLossResult(loss, metric_t.mean(), loss_t, metric_t, metric_name)
 
 
 def _detached(params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -357,7 +357,7 @@ class _GradientLearner(nn.Module):
         steps = _checks.steps_value(steps)
         task_chunk = _check_chunk(task_chunk)
         return _run_meta_loss(self._tasks(steps, loss_fn), (support_x, support_y, query_x, query_y),
-                              list(self.parameters()), task_chunk, _metric_kind(query_y))
+                              list(self.parameters()), task_chunk, _metric_name(query_y))
 
 
 def _inner_loop(fn, params, sx, sy, steps, lr, first_order, loss_fn):
