@@ -4,7 +4,7 @@
 
 | name | class | keyword arguments |
 |---|---|---|
-| ``nav2d`` | :class:`Navigation2D` | ``horizon=100`` |
+| ``nav2d`` | :class:`Navigation2D` | ``horizon=100, goal_box=0.01`` |
 | ``cheetah-vel`` / ``cheetah-dir`` | :class:`HalfCheetahTasks` | ``horizon=100`` |
 | ``bandit-k{K}-n{N}`` (e.g. ``bandit-k5-n10``) | :class:`BernoulliBandit` | -- |
 | ``tabular-mdp`` | :class:`TabularMDP` | ``states=10, actions=5, horizon=10`` |
