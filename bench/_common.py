@@ -53,6 +53,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -381,7 +382,6 @@ def time_fn(
     is used as given (``reps`` still at least 1).
     """
     device = torch.device(device)
-    is_cuda = device.type == "cuda"
     # warm-up (run-time compilation, allocator growth, handle creation stay out of the numbers)
     est = []
     n_warm = 0
@@ -398,8 +398,30 @@ def time_fn(
     if reps is None:
         reps = int(max(min_reps, min(max_reps, budget_s / per_call_s)))
     reps = max(1, reps)
+    return summarize_ms(time_calls(fn, device=device, reps=reps, flush_l2=flush_l2)["times_ms"])
 
+
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str,
+    reps: int,
+    flush_l2: bool = True,
+    cpu_clock: bool = False,
+) -> dict:
+    """The timed part of :func:`time_fn`: ``reps`` calls of ``fn()`` (no warm-up), garbage
+    collection off. Returns ``dict(times_ms=[...], cpu_times_ms=[...])``, one entry per call.
+
+    ``times_ms``: CUDA events around each call (a cold L2 before each with ``flush_l2``), or
+    ``time.perf_counter`` on a CPU. ``cpu_times_ms``: with ``cpu_clock`` on a CPU device,
+    ``time.process_time`` around each call (the process's CPU time: with one thread, immune
+    to other processes on a shared machine); otherwise empty. ``reps`` 0: both empty.
+    """
+    device = torch.device(device)
+    is_cuda = device.type == "cuda"
     flush = _l2_flush_buffer(device) if (is_cuda and flush_l2) else None
+    times: list[float] = []
+    cpu_times: list[float] = []
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -416,8 +438,13 @@ def time_fn(
                 ends[i].record()
             torch.cuda.synchronize(device)
             times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        elif cpu_clock:
+            for _ in range(reps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+                cpu_times.append((time.process_time() - c0) * 1e3)
         else:
-            times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
                 fn()
@@ -425,7 +452,7 @@ def time_fn(
     finally:
         if gc_was_enabled:
             gc.enable()
-    return summarize_ms(times)
+    return dict(times_ms=times, cpu_times_ms=cpu_times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +513,46 @@ def warm_profiler() -> None:
     if not _PROFILER_WARMED:
         _cpu_peak_bytes(lambda: torch.empty(1))
         _PROFILER_WARMED = True
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark of this process to its current RSS
+    (``/proc/self/clear_refs``, Linux >= 4.0) and return the current RSS in bytes. Where that
+    is not possible, return the peak so far (``ru_maxrss``): growth measured with
+    :func:`peak_rss_bytes` is then counted above everything before it.
+
+    For the whole-process view (what ``top`` shows; includes memory outside the c10 allocator)
+    of one step, best in a fresh process: ``base = reset_peak_rss(); step();
+    peak_rss_bytes() - base``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss = _status_kb("VmRSS")
+        if rss is not None:
+            return rss * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's peak-RSS mark of this process (``VmHWM``, else ``ru_maxrss``), in bytes."""
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,9 +822,16 @@ def _free_device(device: torch.device) -> None:
 def fill_speedups(results: Sequence[Result]) -> None:
     """speedups[b] = median of baseline b / median of the row, within each (case, pass)."""
     for rows in _group(results).values():
-        base = {r.impl: r.median_ms for r in rows if r.baseline and r.ok}
-        for r in rows:
-            r.speedups = {b: (m / r.median_ms if r.ok else None) for b, m in base.items()}
+        fill_group_speedups(rows)
+
+
+def fill_group_speedups(rows: Sequence[Any]) -> None:
+    """``r.speedups[b]`` = median of baseline row ``b`` / median of ``r``, over rows compared
+    with each other (anything with ``impl``, ``baseline``, ``ok``, ``median_ms``, ``speedups``);
+    None for a row that did not run."""
+    base = {r.impl: r.median_ms for r in rows if r.baseline and r.ok}
+    for r in rows:
+        r.speedups = {b: (m / r.median_ms if r.ok else None) for b, m in base.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,6 +865,18 @@ def _fmt_ms(x: float | None) -> str:
     return f"{x:.4f}" if x < 1 else f"{x:.3f}" if x < 100 else f"{x:.1f}"
 
 
+def format_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a text table: the header, a rule, one line per body row; the first column
+    left-aligned, the others right-aligned, each as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header), "  ".join("-" * w for w in widths), *map(line, body)]
+
+
 def print_table(results: Sequence[Result], baseline_names: Sequence[str] | None = None,
                 file=None) -> str:
     """Print one table per (case, pass); returns the text. ``baseline_names``: the speedup
@@ -816,15 +902,8 @@ def print_table(results: Sequence[Result], baseline_names: Sequence[str] | None 
                 body.append([r.impl, r.status.upper() if r.status != "WRONG" else "WRONG",
                              *[""] * (len(header) - 2)])
                 notes.append(f"  {r.impl}: {r.status}: {r.message}")
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         out.append(f"\n== {case.label} | {pass_name} | {dev} ==")
-        def line(cells):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths)))
-
-        out.append(line(header))
-        out.append("  ".join("-" * w for w in widths))
-        out.extend(line(row) for row in body)
+        out.extend(format_table(header, body))
         out.extend(notes)
     text = "\n".join(out)
     print(text, file=file, flush=True)
@@ -837,24 +916,37 @@ def save_rows(results: Sequence[Result], stem: str, *, results_dir: str | Path |
     (default ``bench/results/``); returns the path."""
     if not results:
         return None
-    device = results[0].case.device
+    records = []
+    for r in results:
+        row = dict(
+            op=r.case.op, case=r.case.name, params=r.case.params,
+            dtype=dtype_name(r.case.dtype), pass_=r.pass_name, impl=r.impl, baseline=r.baseline,
+            status=r.status, message=r.message, median_ms=r.median_ms, p20_ms=r.p20_ms,
+            p80_ms=r.p80_ms, n=r.n,
+            peak_mb=(r.peak_bytes / 2**20 if r.peak_bytes is not None else None),
+            gbps=r.gbps, gflops=r.gflops, min_bytes=r.case.min_bytes.get(r.pass_name),
+            flops=r.case.flops.get(r.pass_name), rel_err=r.err,
+            speedup_vs={k: v for k, v in r.speedups.items()},
+        )
+        row["pass"] = row.pop("pass_")
+        records.append(row)
+    return append_jsonl(records, stem, results[0].case.device, results_dir=results_dir,
+                        extra=extra)
+
+
+def append_jsonl(records: Sequence[dict], stem: str, device: torch.device, *,
+                 results_dir: str | Path | None = None, extra: dict | None = None) -> Path:
+    """Append one JSON line per record to ``<results_dir>/<stem>-<device-slug>.jsonl``
+    (default ``bench/results/``), each ``{timestamp, bench: stem, **record, **env_info(device),
+    **extra}`` (one timestamp for the call); returns the path. A record or ``extra`` naming an
+    ``env_info`` key raises TypeError."""
     info = env_info(device)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}-{info['device_slug']}.jsonl"
     with open(path, "a") as f:
-        for r in results:
-            row = dict(
-                timestamp=stamp, bench=stem, op=r.case.op, case=r.case.name, params=r.case.params,
-                dtype=dtype_name(r.case.dtype), pass_=r.pass_name, impl=r.impl, baseline=r.baseline,
-                status=r.status, message=r.message, median_ms=r.median_ms, p20_ms=r.p20_ms,
-                p80_ms=r.p80_ms, n=r.n,
-                peak_mb=(r.peak_bytes / 2**20 if r.peak_bytes is not None else None),
-                gbps=r.gbps, gflops=r.gflops, min_bytes=r.case.min_bytes.get(r.pass_name),
-                flops=r.case.flops.get(r.pass_name), rel_err=r.err,
-                speedup_vs={k: v for k, v in r.speedups.items()}, **info, **(extra or {}),
-            )
-            row["pass"] = row.pop("pass_")
+        for rec in records:
+            row = dict(timestamp=stamp, bench=stem, **rec, **info, **(extra or {}))
             f.write(json.dumps(row, default=str) + "\n")
     return path
