@@ -17,8 +17,8 @@ install: $(VENV)/.installed
 test: install
 	FASTMETA_REQUIRE_EXT=$(REQUIRE_EXT) $(PY) -m pytest tests -q
 
-# Every learner on glyphs (by default 3 minutes of training shared by all) and MAML on
-# sinusoid (30 s); train longer: make demo DEMO_MINUTES=30 (minutes per learner). Test
+# Every learner on glyphs, MAML on sinusoid and MAML-TRPO on 2D navigation (by default 3.5 minutes of
+# training shared by all runs); train longer: make demo DEMO_MINUTES=30 (minutes per run). Test
 # accuracy next to a pixel nearest-neighbour baseline, then the op benchmark table.
 # tools/demo.sh ends with the time of every phase of the run (install included when it ran).
 DEMO_MINUTES ?=

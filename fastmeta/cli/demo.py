@@ -23,18 +23,20 @@ def demo(argv: list[str]) -> int:
     MAML-TRPO on 2D navigation (held-out return before and after one inner step)."""
     p = argparse.ArgumentParser(prog="python -m fastmeta demo")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training minutes per learner (default: 3 minutes shared by all glyph learners, "
-                        "at most 3 each; train longer: --minutes 30)")
+                   help="training minutes per run (default: 3.5 minutes shared by all runs -- the glyph "
+                        "learners, MAML on sinusoid, MAML-TRPO on 2D navigation -- at most 3 each; train "
+                        "longer: --minutes 30)")
     p.add_argument("--sinusoid-minutes", type=float, default=None,
-                   help="training minutes of MAML on sinusoid (default 0.5, or --minutes when given)")
+                   help="training minutes of MAML on sinusoid (default: its share, or --minutes when given)")
     p.add_argument("--shots", type=int, default=1)
-    # 300 test episodes per glyph learner: each 600 cost 16-97 s on 2 cores (4 of the demo's
-    # 10 minutes); the 95% CI is about 1.4x wider than with 600 and printed with every result
-    p.add_argument("--episodes", type=int, default=300, help="test episodes per glyph learner")
+    # 200 test episodes per glyph learner: each 600 cost 16-97 s on 2 cores (4 of the demo's
+    # 10 minutes); the 95% CI is about 1.7x wider than with 600 (about +-1 point at 90 %
+    # accuracy) and printed with every result
+    p.add_argument("--episodes", type=int, default=200, help="test episodes per glyph learner")
     p.add_argument("--sinusoid-tasks", type=int, default=600, help="test tasks of MAML on sinusoid")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="training minutes of MAML-TRPO on 2D navigation (default 0.5, or --minutes when given; "
-                        "0: skip it)")
+                   help="training minutes of MAML-TRPO on 2D navigation (default: its share, or --minutes when "
+                        "given; 0: skip it)")
     p.add_argument("--learners", default=",".join(n for n in LEARNERS if n not in DEMO_SKIP),
                    help="comma-separated subset (maml also runs on sinusoid)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,9 +53,14 @@ def demo(argv: list[str]) -> int:
     unknown = set(names) - set(LEARNERS)
     if unknown:
         raise SystemExit(f"unknown learners {sorted(unknown)}; choose from {sorted(LEARNERS)}")
-    minutes = a.minutes if a.minutes is not None else min(3.0, 3.0 / max(1, len(names)))
-    print(f"fastmeta demo: {', '.join(names)} train {minutes:g} min each on glyphs, 5-way {a.shots}-shot "
-          f"(train longer: `make demo DEMO_MINUTES=30` or `python -m fastmeta demo --minutes 30`)")
+    # one training budget shared by every run of the demo, so that adding a run (meta-RL did)
+    # does not lengthen it
+    runs = len(names) + ("maml" in names) + (a.rl_minutes != 0)
+    share = min(3.0, 3.5 / max(1, runs))
+    minutes = a.minutes if a.minutes is not None else share
+    print(f"fastmeta demo: {', '.join(names)} train {60 * minutes:.0f} s each on glyphs, 5-way {a.shots}-shot; "
+          f"then MAML on sinusoid and MAML-TRPO on 2D navigation (train longer: `make demo DEMO_MINUTES=30` "
+          f"or `python -m fastmeta demo --minutes 30`)")
     t0 = time.perf_counter()
     ds = data.load_dataset("glyphs")
     print(ds.summary())
@@ -79,8 +86,7 @@ def demo(argv: list[str]) -> int:
     rows.append(("pixel nearest neighbour (no training)", f"{100 * nn_res.mean:.2f} +- {100 * nn_res.ci95:.2f}"))
     sin = None
     if "maml" in names:
-        sin_minutes = a.sinusoid_minutes if a.sinusoid_minutes is not None else (
-            a.minutes if a.minutes is not None else 0.5)
+        sin_minutes = a.sinusoid_minutes if a.sinusoid_minutes is not None else minutes
         args = train_parser().parse_args([
             "maml", "--dataset", "sinusoid", "--steps", "1000000", "--minutes", str(sin_minutes),
             "--val-every", "500", "--val-episodes", "100", "--ckpt-every", "500",
@@ -90,7 +96,7 @@ def demo(argv: list[str]) -> int:
         t0 = time.perf_counter()
         sin = run_training(args)
         _training_phases(phase, "maml sinusoid", sin, time.perf_counter() - t0)
-    rl_minutes = a.rl_minutes if a.rl_minutes is not None else (a.minutes if a.minutes is not None else 0.5)
+    rl_minutes = a.rl_minutes if a.rl_minutes is not None else minutes
     nav = None
     if rl_minutes > 0:
         t0 = time.perf_counter()
