@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastmeta.func import _fx
 from fastmeta.func._call import call_with, param_slots
 from fastmeta.nn.task import (
     _TN,
@@ -103,9 +104,15 @@ class TaskFunction:
     Attributes:
         module: the user's module (its parameters are shared, never copied).
         path: "batched" (every submodule has a task-batched layer in ``fastmeta.nn``),
-            "vmap" (``torch.func.vmap`` of ``torch.func.functional_call`` over the tasks) or
-            "loop" (a per-task ``functional_call`` loop, when vmap failed on this module).
-        reason: why "vmap" or "loop" was chosen ("" for "batched").
+            "traced" (a module with its own forward, traced with ``torch.fx``: every leaf module
+            runs as its task-batched layer, the forward's own tensor operations on the
+            ``[T*N, ...]`` examples; see ``fastmeta/func/_fx.py``), "vmap"
+            (``torch.func.vmap`` of ``torch.func.functional_call`` over the tasks) or "loop"
+            (a per-task ``functional_call`` loop, when vmap failed on this module).
+        reason: why "vmap" or "loop" was chosen ("" for "batched" and "traced"). When tracing
+            itself fails (``torch.fx`` raises) a one-line warning says so at planning time.
+        mapping: on the "traced" path, one line per graph node (leaf -> task layer, or the
+            operation kept); see :func:`explain`.
         names: names of the ``requires_grad`` parameters, in ``named_parameters()`` order;
             the keys ``params`` must have.
         mlp: an :class:`MLPSpec` iff the module is a pure ``Linear (act Linear)*`` stack.
@@ -130,10 +137,11 @@ class TaskFunction:
     and re-plans when it changed. In-place edits of attributes that are not parameters or
     buffers (e.g. ``conv.stride = 2``) are not detected: call ``task_function(m, refresh=True)``.
 
-    Buffers (e.g. BatchNorm running statistics) are shared by the tasks. The batched path never
-    updates running statistics (see ``fastmeta.nn.task``); the vmap path fails on modules that
-    update buffers in place and such modules run on the loop path, which updates them once per
-    task.
+    Buffers (e.g. BatchNorm running statistics) are shared by the tasks. The batched and traced
+    paths never update running statistics (see ``fastmeta.nn.task``: in training mode each task
+    is normalised with its own batch statistics, the running buffers stay as they are); the
+    vmap path fails on modules that update buffers in place and such modules run on the loop
+    path, which updates them once per task.
     """
 
     def __init__(self, module: nn.Module):
@@ -156,13 +164,23 @@ class TaskFunction:
         self._shapes = {n: tuple(p.shape) for n, p in named.items()}
         self._slots = param_slots(module)
         self._task = None
+        self._traced = None
+        self.mapping = ()
         self.mlp = None
         self._probed = False
         try:
             self._task = to_task_batched(module)
         except UnsupportedModuleError as e:
+            traced, why, trace_failed = _fx.trace(module)
+            if traced is not None:
+                self._traced, self.mapping = traced, tuple(traced.mapping)
+                self.path, self.reason = "traced", ""
+                return
             self.path = "vmap"
-            self.reason = f"{type(module).__name__} is not task-batchable ({e}); using torch.func.vmap"
+            traced_why = "" if why == str(e) else f"; not on the traced path ({why})"
+            self.reason = f"{type(module).__name__} is not task-batchable ({e}){traced_why}; using torch.func.vmap"
+            if trace_failed:
+                warnings.warn(f"fastmeta.func: {self.reason}", stacklevel=4)
             return
         self.path, self.reason = "batched", ""
         self.mlp = _mlp_spec(self._task)
@@ -215,6 +233,8 @@ class TaskFunction:
             h, layout = task._task_forward(x, params, T, _TN, "")
             return _to_tn(h, layout, T)
         self._check_params(params, T)
+        if self.path == "traced":
+            return self._traced(params, x)
         if self.path == "vmap":
             if self._probed:
                 return self._vmap(module, params, x)
@@ -264,9 +284,12 @@ def task_function(module: nn.Module, refresh: bool = False) -> TaskFunction:
     """The :class:`TaskFunction` of ``module`` (cached per module; ``refresh=True`` re-plans).
 
     Path: "batched" if :func:`fastmeta.nn.to_task_batched` converts every submodule (task
-    modules are accepted as they are), otherwise "vmap" (``torch.func``), probed on the first
-    call; if vmap raises there, "loop" with a one-time warning saying why. ``fn.reason`` says
-    why vmap/loop was chosen.
+    modules are accepted as they are); otherwise "traced" if ``torch.fx`` traces the forward
+    and every leaf module and operation in it has a task-batched form (``fastmeta/func/_fx.py``;
+    tied weights are refused); otherwise "vmap" (``torch.func``), probed on the first call; if
+    vmap raises there, "loop" with a one-time warning saying why. ``fn.reason`` says why
+    vmap/loop was chosen (a warning too when ``torch.fx`` could not trace the module);
+    :func:`explain` prints it with the traced mapping.
 
     Example::
 
@@ -287,3 +310,19 @@ def task_function(module: nn.Module, refresh: bool = False) -> TaskFunction:
     elif refresh:
         fn.refresh()
     return fn
+
+
+def explain(module: nn.Module) -> str:
+    """How ``task_function(module)`` runs ``module`` on T tasks: the path, why (for vmap/loop),
+    and on the "traced" path the mapping of every graph node (leaf module -> task-batched
+    layer, or the tensor operation kept as it is). Print it: ``print(explain(model))``.
+
+    The vmap -> loop switch happens on the first call (see :class:`TaskFunction`); before it
+    the path reads "vmap".
+    """
+    fn = task_function(module)
+    lines = [f"{type(fn.module).__name__}: path={fn.path!r}"]
+    if fn.reason:
+        lines.append(f"  reason: {fn.reason}")
+    lines += [f"  {line}" for line in fn.mapping]
+    return "\n".join(lines)

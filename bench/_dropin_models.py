@@ -1,0 +1,142 @@
+"""learn2learn's vision models, written the way learn2learn defines them (custom ``forward``s,
+``Lambda``/``Flatten`` helpers, BatchNorm with running statistics, OmniglotCNN's body registered
+twice), for bench_dropin.py and tests/test_fx_batched.py. Sizes are arguments so tests can run
+them small; the defaults are learn2learn's."""
+
+from __future__ import annotations
+
+import itertools
+
+from torch import nn
+
+
+class Lambda(nn.Module):
+    """learn2learn.nn.Lambda."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class Flatten(nn.Module):
+    """learn2learn.nn.Flatten: ``x.view(x.size(0), -1)``."""
+
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class LinearBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.normalize = nn.BatchNorm1d(cout, affine=True, momentum=0.999, eps=1e-3, track_running_stats=False)
+        self.linear = nn.Linear(cin, cout)
+        nn.init.normal_(self.linear.weight, std=0.01)  # learn2learn's fc_init_ draws truncated normals
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.relu(self.normalize(self.linear(x)))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin, cout, max_pool=True, max_pool_factor=1.0):
+        super().__init__()
+        stride = (int(2 * max_pool_factor), int(2 * max_pool_factor))
+        if max_pool:
+            self.max_pool = nn.MaxPool2d(kernel_size=stride, stride=stride, ceil_mode=False)
+            stride = (1, 1)
+        else:
+            self.max_pool = lambda x: x
+        self.normalize = nn.BatchNorm2d(cout, affine=True)  # tracks running statistics
+        nn.init.uniform_(self.normalize.weight)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=True)
+        nn.init.xavier_uniform_(self.conv.weight, gain=1.0)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x):
+        return self.max_pool(self.relu(self.normalize(self.conv(x))))
+
+
+class ConvBase(nn.Sequential):
+    def __init__(self, hidden=64, channels=1, max_pool=False, layers=4, max_pool_factor=1.0):
+        core = [ConvBlock(channels if i == 0 else hidden, hidden, max_pool, max_pool_factor) for i in range(layers)]
+        super().__init__(*core)
+
+
+class OmniglotFC(nn.Module):
+    def __init__(self, input_size=28 * 28, output_size=5, sizes=(256, 128, 64, 64)):
+        super().__init__()
+        sizes = list(sizes)
+        blocks = [LinearBlock(input_size, sizes[0])] + [LinearBlock(a, b) for a, b in itertools.pairwise(sizes)]
+        self.features = nn.Sequential(Flatten(), nn.Sequential(*blocks))
+        self.classifier = nn.Linear(sizes[-1], output_size)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+        self.input_size = input_size
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class OmniglotCNN(nn.Module):
+    """``tied=True`` (learn2learn): the body is ``self.base`` AND ``self.features[1]``."""
+
+    def __init__(self, output_size=5, hidden_size=64, layers=4, size=28, tied=True):
+        super().__init__()
+        self.hidden_size, self.size = hidden_size, size
+        base = ConvBase(hidden=hidden_size, channels=1, max_pool=False, layers=layers)
+        if tied:
+            self.base = base
+        self.features = nn.Sequential(
+            Lambda(lambda x: x.view(-1, 1, self.size, self.size)),
+            base,
+            Lambda(lambda x: x.mean(dim=[2, 3])),
+            Flatten(),
+        )
+        self.classifier = nn.Linear(hidden_size, output_size, bias=True)
+        self.classifier.weight.data.normal_()
+        self.classifier.bias.data.mul_(0.0)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class CNN4Backbone(ConvBase):
+    def forward(self, x):
+        x = super().forward(x)
+        return x.reshape(x.size(0), -1)
+
+
+class MiniImagenetCNN(nn.Module):
+    """learn2learn's CNN4 (``MiniImagenetCNN``): 84x84 images give 5x5 maps (``embedding_size``
+    25 * hidden); smaller images need their own ``embedding_size``."""
+
+    def __init__(self, output_size=5, hidden_size=32, layers=4, channels=3, embedding_size=None):
+        super().__init__()
+        if embedding_size is None:
+            embedding_size = 25 * hidden_size
+        self.features = CNN4Backbone(hidden=hidden_size, channels=channels, max_pool=True, layers=layers,
+                                     max_pool_factor=4 // layers)
+        self.classifier = nn.Linear(embedding_size, output_size, bias=True)
+        nn.init.xavier_uniform_(self.classifier.weight, gain=1.0)
+        nn.init.zeros_(self.classifier.bias)
+        self.hidden_size = hidden_size
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def mini_embedding(hidden: int, image_size: int, layers: int = 4) -> int:
+    """CNN4's flattened feature size for ``image_size`` (conv pad 1 keeps the size, each 2x2
+    max-pool floors it)."""
+    s = image_size
+    for _ in range(layers):
+        s //= 2
+    return hidden * s * s
+
+
+__all__ = ["ConvBase", "Flatten", "Lambda", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "mini_embedding"]

@@ -1,0 +1,308 @@
+"""The traced task-batched path (fastmeta/func/_fx.py): learn2learn's vision models, with their
+own forwards, run as task-batched layers; meta-gradients equal a naive per-task loop (float64,
+1e-10 relative); refusals fall back with a reason."""
+
+import copy
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from learner_helpers import clone_adapt_loss
+from torch import nn
+from torch.func import functional_call
+
+import fastmeta
+from fastmeta.func import explain, task_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _dropin_models import MiniImagenetCNN, OmniglotCNN, OmniglotFC, mini_embedding
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small(name):
+    torch.manual_seed(0)
+    if name == "fc":
+        return OmniglotFC(input_size=16, output_size=3, sizes=(8, 6)).to(DT), (1, 4, 4)
+    if name == "cnn":
+        return OmniglotCNN(output_size=3, hidden_size=4, layers=2, size=8, tied=False).to(DT), (1, 8, 8)
+    return MiniImagenetCNN(output_size=3, hidden_size=4, layers=4, channels=3,
+                           embedding_size=mini_embedding(4, 16)).to(DT), (3, 16, 16)
+
+
+def batch(shape, T=3, n=3, Q=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(T, n, *shape, generator=g, dtype=DT)
+    qx = torch.randn(T, n * Q, *shape, generator=g, dtype=DT)
+    sy = torch.arange(n).repeat(T, 1)
+    qy = torch.arange(n).repeat_interleave(Q).repeat(T, 1)
+    return sx, sy, qx, qy
+
+
+def buffers(model):
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def naive_meta_loss(model, data, steps, lr, first_order):
+    """Per task: unrolled inner steps on functional_call of the model's own forward."""
+    sx, sy, qx, qy = data
+    runner = copy.deepcopy(model)  # its train-mode forwards update ITS running statistics
+    total = 0
+    for t in range(sx.shape[0]):
+        p = dict(model.named_parameters())
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(runner, p, (sx[t],)), sy[t])
+            g = torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
+            p = {k: v - lr * gk for (k, v), gk in zip(p.items(), g)}
+        total = total + F.cross_entropy(functional_call(runner, p, (qx[t],)), qy[t])
+    return total / sx.shape[0]
+
+
+@pytest.mark.parametrize("name", ["fc", "cnn", "mini"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_meta_loss_equals_naive_loop(name, first_order, steps):
+    model, shape = small(name)
+    before = list(model.parameters())
+    running = buffers(model)
+    maml = fastmeta.MAML(model, lr=0.3, first_order=first_order)
+    data = batch(shape, seed=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = maml.meta_loss(*data, steps=steps)
+    assert maml.task_function().path == "traced", maml.task_function().reason
+    g_fast = torch.autograd.grad(res.loss, before)
+    ref = naive_meta_loss(model, data, steps, 0.3, first_order)
+    torch.testing.assert_close(res.loss, ref, **TOL)
+    for n, a, b in zip(dict(model.named_parameters()), g_fast, torch.autograd.grad(ref, before)):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, n=n: f"{n}: {m}")
+    # semantics: running statistics are left as they were (never the tasks' average)
+    for b, b0 in zip(model.buffers(), running):
+        assert torch.equal(b, b0)
+    assert all(a is b for a, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["cnn", "mini"])
+def test_eval_mode_uses_running_statistics(name):
+    model, shape = small(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    fn = task_function(model)
+    assert fn.path == "traced"
+    x = batch(shape)[0]
+    params = {n: p.expand(3, *p.shape) + 0.01 * torch.randn(3, *p.shape, dtype=DT)
+              for n, p in model.named_parameters()}
+    ref = torch.stack([functional_call(model, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(3)])
+    torch.testing.assert_close(fn(params, x), ref, **TOL)
+    model.train()  # the fingerprint sees the flags: re-planned, batch statistics again
+    ref = torch.stack([functional_call(model, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(3)])
+    torch.testing.assert_close(fn(params, x), ref, **TOL)
+    torch.testing.assert_close(fn(None, x)[1], model(x[1]), **TOL)
+
+
+def test_training_step_updates_every_parameter():
+    model, shape = small("mini")
+    named = list(model.named_parameters())
+    opt = torch.optim.SGD([p for _, p in named], lr=0.1)
+    maml = fastmeta.MAML(model, lr=0.3)
+    for step in range(2):
+        values = [p.detach().clone() for _, p in named]
+        opt.zero_grad()
+        maml.meta_loss(*batch(shape, seed=step), steps=1).loss.backward()
+        opt.step()
+        for (n, p), v in zip(named, values):
+            assert isinstance(p, nn.Parameter) and p.is_leaf and p.grad is not None, n
+            if "conv.bias" not in n:  # a bias before BatchNorm cancels out
+                assert not torch.equal(p.detach(), v), f"step {step}: {n} did not change"
+
+
+def test_tied_body_falls_back_and_is_right():
+    torch.manual_seed(0)
+    model = OmniglotCNN(output_size=3, hidden_size=4, layers=2, size=8, tied=True).to(DT)
+    fn = task_function(model)
+    assert fn.path == "vmap" and "tied weights" in fn.reason
+    assert "tied weights" in explain(model)
+    before = list(model.parameters())
+    maml = fastmeta.MAML(model, lr=0.3)
+    data = batch((1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loop fallback's warning (running statistics)
+        g_fast = torch.autograd.grad(maml.meta_loss(*data, steps=1).loss, before)
+    g_ref = torch.autograd.grad(clone_adapt_loss(maml, data, 1), before)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_explain_prints_the_mapping():
+    model, _ = small("mini")
+    text = explain(model)
+    assert "path='traced'" in text
+    assert "features.0.conv: Conv2d -> TaskConv2d" in text
+    assert "features.3.normalize: BatchNorm2d -> TaskBatchNorm2d" in text
+    assert "features.0.max_pool: MaxPool2d -> TaskMaxPool2d" in text
+    assert "reshape: call_method reshape (kept; batch)" in text
+    assert "classifier: Linear -> TaskLinear" in text
+
+
+class Residual(nn.Module):
+    """Residual connection, functional activation, indexing and a module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = x + F.tanh(self.a(x))
+        h = h + 0.5 * self.a(h)
+        return self.b(h)[:, :3] * 2
+
+
+def test_residual_and_reused_module_match_naive():
+    torch.manual_seed(0)
+    model = Residual().to(DT)
+    assert task_function(model).path == "traced"
+    data = (torch.randn(3, 4, 4, dtype=DT), torch.randint(0, 3, (3, 4)), torch.randn(3, 5, 4, dtype=DT),
+            torch.randint(0, 3, (3, 5)))
+    before = list(model.parameters())
+    res = fastmeta.MAML(model, lr=0.2).meta_loss(*data, steps=2)
+    ref = naive_meta_loss(model, data, 2, 0.2, False)
+    for a, b in zip(torch.autograd.grad(res.loss, before), torch.autograd.grad(ref, before)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+class MixesBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x - x.mean())  # the mean of ALL examples: not per task when batched
+
+
+class OwnWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow: torch.fx cannot trace it
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(self.norm(x))
+
+
+@pytest.mark.parametrize("make, why", [
+    (MixesBatch, r"call_method mean without a dim"),
+    (OwnWeight, r"reads w directly"),
+    (Normed, r"norm: LayerNorm has no task-batched version"),
+])
+def test_refusals_fall_back_with_reason(make, why):
+    model = make().to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn = task_function(model)
+    assert fn.path == "vmap"
+    assert re.search(why, fn.reason), fn.reason
+    x = torch.randn(3, 5, 4, dtype=DT)
+    params = fn.expand(3)
+    ref = torch.stack([functional_call(model, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(3)])
+    torch.testing.assert_close(fn(params, x), ref, **TOL)
+
+
+def test_trace_failure_warns_once_with_path_and_reason():
+    model = Branchy().to(DT)
+    with pytest.warns(UserWarning, match=r"Branchy .*torch.fx could not trace it.*using torch.func.vmap"):
+        fn = task_function(model)
+    assert fn.path == "vmap"
+
+
+def test_traced_path_bad_params():
+    model, shape = small("fc")
+    fn = task_function(model)
+    x = torch.randn(3, 2, *shape, dtype=DT)
+    params = fn.expand(3)
+    with pytest.raises(ValueError, match=r"params is missing 'classifier.bias'"):
+        fn({k: v for k, v in params.items() if k != "classifier.bias"}, x)
+    with pytest.raises(ValueError, match=r"params\['classifier.weight'\] has shape"):
+        fn({**params, "classifier.weight": params["classifier.weight"][:2]}, x)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_resnet12_residual_blocks_match_naive(steps):
+    """fastmeta's own ResNet12 (residual adds of two conv/BN branches, LeakyReLU, x.mean((2, 3)))."""
+    from fastmeta.nn.backbones import ResNet12
+
+    torch.manual_seed(0)
+    body = ResNet12(1, widths=(2, 3, 3, 4))
+    model = nn.Sequential(body, nn.Linear(4, 3)).to(DT)  # Sequential with a custom child: traced
+    fn = task_function(model)
+    assert fn.path == "traced", fn.reason
+    assert "0.blocks.0.shortcut.0: Conv2d -> TaskConv2d" in explain(model)
+    data = batch((1, 16, 16), T=2, seed=steps)
+    before = list(model.parameters())
+    res = fastmeta.MAML(model, lr=0.3).meta_loss(*data, steps=steps)
+    ref = naive_meta_loss(model, data, steps, 0.3, False)
+    torch.testing.assert_close(res.loss, ref, **TOL)
+    for a, b in zip(torch.autograd.grad(res.loss, before), torch.autograd.grad(ref, before)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_func_hvp_backend_on_traced_path():
+    """task_hvp's torch.func backend (forward-over-reverse) runs the traced model too."""
+    from fastmeta.ops import inner_loop
+
+    model, shape = small("cnn")
+    fn = task_function(model)
+    assert fn.path == "traced"
+    sx, sy, qx, qy = batch(shape, seed=5)
+    out = {}
+    for backend in ("reference", "func"):
+        fast = inner_loop(fn, fn.expand(sx.shape[0]), sx, sy, steps=2, lr=0.3, hvp_backend=backend)
+        loss = F.cross_entropy(fn(fast, qx).flatten(0, 1), qy.flatten())
+        out[backend] = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(out["func"], out["reference"]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_traced_plan_does_not_keep_the_module_alive():
+    """The cache is weak: no torch.fx object (whose tracer holds the root) outlives planning."""
+    import gc
+    import weakref
+
+    model, shape = small("mini")
+    fn = task_function(model)
+    assert fn.path == "traced"
+    fn(fn.expand(2), torch.randn(2, 3, *shape, dtype=DT))
+    ref = weakref.ref(model)
+    del model, fn
+    gc.collect()
+    assert ref() is None
