@@ -306,3 +306,24 @@ def test_traced_plan_does_not_keep_the_module_alive():
     del model, fn
     gc.collect()
     assert ref() is None
+
+
+class Softmaxed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * F.softmax(h.sum(dim=1), dim=-1).unsqueeze(1)  # dim -1 of [N]: over the examples
+
+
+def test_last_dim_of_a_1d_value_falls_back_instead_of_mixing_tasks():
+    model = Softmaxed().to(DT)
+    fn = task_function(model)
+    assert fn.path == "traced"
+    params, x = fn.expand(3), torch.randn(3, 5, 4, dtype=DT)
+    with pytest.warns(UserWarning, match="dim=-1 on a 1-D tensor would work across the examples.*vmap"):
+        out = fn(params, x)
+    assert fn.path == "vmap"
+    torch.testing.assert_close(out, torch.stack([model(x[t]) for t in range(3)]), **TOL)

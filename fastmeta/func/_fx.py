@@ -90,6 +90,11 @@ class _Refused(Exception):
     pass
 
 
+class NotPerExampleError(ValueError):
+    """Raised by a traced call whose operation turned out, at this input's shapes, to work
+    across the examples (the caller falls back to another path)."""
+
+
 class _Ref:
     """Stands for a graph value in a step's arguments (no torch.fx object outlives planning: a
     traced graph references its tracer, which holds the user's root module)."""
@@ -115,6 +120,7 @@ class _Op:
     out: _Ref
     desc: str
     kind: str | None
+    min_dim: int = 0  # dim=-1 is dim 0 of a 1-D tensor: such an operand must have 2+ dims
 
 
 def _subst(a, f):
@@ -197,12 +203,17 @@ class TracedTaskModel:
                             env.pop(n, None)
                         continue
                 args, kwargs = _subst((node.args, node.kwargs), lambda n: _fold(env[n], T, B))
+                if node.min_dim:
+                    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+                    if isinstance(first, torch.Tensor) and first.dim() < node.min_dim:
+                        raise NotPerExampleError(f"{node.desc} with dim=-1 on a "
+                                         f"{first.dim()}-D tensor would work across the examples")
                 fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
                 if node.op == "call_method":
                     args = args[1:]
                 out = fn(*args, **kwargs)
                 if isinstance(out, torch.Tensor) and node.kind == _BATCH and (out.dim() == 0 or out.shape[0] != B):
-                    raise ValueError(f"fastmeta.func (traced path): {node.desc} produced shape "
+                    raise NotPerExampleError(f"{node.desc} produced shape "
                                      f"{tuple(out.shape)}, expected T*N={B} examples first")
                 env[node.out] = out
             elif st.op == "input":
@@ -214,7 +225,7 @@ class TracedTaskModel:
                 if isinstance(v, _Lazy):
                     return _to_tn(v.h, v.layout, T)
                 if v.shape[0] != B:
-                    raise ValueError(f"fastmeta.func (traced path): the output has shape {tuple(v.shape)}, "
+                    raise NotPerExampleError(f"the output has shape {tuple(v.shape)}, "
                                      f"expected T*N={B} examples first")
                 return v.unflatten(0, (T, N))
             for n in st.free:
@@ -246,6 +257,14 @@ def _dims(node) -> list | None:
     if d is None:
         return None
     return list(d) if isinstance(d, (list, tuple)) else [d]
+
+
+def _min_dim(node) -> int:
+    dim_op = (node.op == "call_function" and node.target in _DIM_FUNCS) or \
+        (node.op == "call_method" and node.target in _DIM_METHODS)
+    if not dim_op or node.target in ("unsqueeze", "squeeze"):
+        return 0
+    return 2 if -1 in (_dims(node) or ()) else 0
 
 
 def _kind(node: fx.Node, kinds: dict) -> str:
@@ -401,8 +420,8 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
         n = st.node
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), refs.__getitem__)
         st.node = _Op(n.op, n.target, args, kwargs, tuple(refs[a] for a in n.all_input_nodes), refs[n],
-                      n.format_node(), kinds.get(n))
+                      n.format_node(), kinds.get(n), _min_dim(n) if st.op == "call" else 0)
     return TracedTaskModel(steps, mapping)
 
 
-__all__ = ["TracedTaskModel", "trace"]
+__all__ = ["NotPerExampleError", "TracedTaskModel", "trace"]

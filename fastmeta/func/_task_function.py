@@ -234,7 +234,13 @@ class TaskFunction:
             return _to_tn(h, layout, T)
         self._check_params(params, T)
         if self.path == "traced":
-            return self._traced(params, x)
+            try:
+                return self._traced(params, x)
+            except _fx.NotPerExampleError as e:
+                self.path, self._traced = "vmap", None
+                self.reason = (f"{type(module).__name__}: the traced forward is not per example at these "
+                               f"shapes ({e}); using torch.func.vmap")
+                warnings.warn(f"fastmeta.func: {self.reason}", stacklevel=2)
         if self.path == "vmap":
             if self._probed:
                 return self._vmap(module, params, x)
