@@ -15,6 +15,7 @@ import fastmeta
 from fastmeta import cli
 from fastmeta.learners import MAML, EpisodicLearner, iMAML
 from fastmeta.learners.imaml import conjugate_gradient
+from fastmeta.nn import TaskConv4
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,27 +91,47 @@ def test_converged_meta_gradient_does_not_depend_on_the_number_of_steps():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-13)
 
 
-def test_nonlinear_model_equals_a_dense_per_task_solve():
-    """A tanh MLP after a few (unconverged) inner steps: the implicit formula at the reached
-    phi, with each task's full Hessian built by torch.autograd.functional.hessian."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+def call_one(model, params, x):
+    """One task's forward with unbatched parameters: x [N, *in] -> [N, *out]."""
+    if isinstance(model, fastmeta.nn.TaskModule):
+        return model(x[None], {k: v[None] for k, v in params.items()})[0]
+    return functional_call(model, params, (x,))
+
+
+def mlp_case():
     g = torch.Generator().manual_seed(3)
-    sx, sy, qx, qy = [torch.randn(3, 6, k, generator=g, dtype=DT) for k in (2, 1, 2, 1)]
-    lam, lr, steps = 5.0, 0.1, 4
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    return model, [torch.randn(3, 6, k, generator=g, dtype=DT) for k in (2, 1, 2, 1)], F.mse_loss, 5.0, 0.1
+
+
+def conv_case():
+    # per-task BatchNorm over 3 support images is far from convex: lam 200 keeps H + lam I
+    # positive definite (at lam 20 one task's smallest eigenvalue is about -44)
+    g = torch.Generator().manual_seed(0)
+    model = TaskConv4(1, n_way=3, hidden=2, image_size=16).to(DT)
+    sx, qx = torch.randn(2, 3, 1, 16, 16, generator=g, dtype=DT), torch.randn(2, 6, 1, 16, 16, generator=g, dtype=DT)
+    sy, qy = torch.arange(3).repeat(2, 1), torch.arange(3).repeat_interleave(2).repeat(2, 1)
+    return model, [sx, sy, qx, qy], F.cross_entropy, 200.0, 0.005
+
+
+@pytest.mark.parametrize("case", [mlp_case, conv_case], ids=["mlp_tanh", "conv4_bn"])
+def test_nonlinear_model_equals_a_dense_per_task_solve(case):
+    """After a few (unconverged) inner steps: the implicit formula at the reached phi, with
+    each task's full Hessian built by torch.autograd.functional.hessian."""
+    torch.manual_seed(0)
+    model, (sx, sy, qx, qy), loss_fn, lam, lr = case()
+    steps = 4
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
     n = theta.numel()
 
-    def unflat(v):
-        return dict(zip(names, [c.reshape(s) for c, s in zip(v.split([s.numel() for s in shapes]), shapes)]))
-
     def loss(v, x, y):
-        return F.mse_loss(functional_call(model, unflat(v), (x,)), y)
+        parts = [c.reshape(s) for c, s in zip(v.split([s.numel() for s in shapes]), shapes)]
+        return loss_fn(call_one(model, dict(zip(names, parts)), x), y)
 
     expected = []
-    for t in range(3):  # independent loop: plain GD on the regularised loss, then a dense solve
+    for t in range(sx.shape[0]):  # independent loop: plain GD on the regularised loss, then a dense solve
         phi = theta.clone()
         for _ in range(steps):
             phi = phi - lr * (torch.func.grad(loss)(phi, sx[t], sy[t]) + lam * (phi - theta))
@@ -119,7 +140,7 @@ def test_nonlinear_model_equals_a_dense_per_task_solve():
         gq = torch.func.grad(loss)(phi, qx[t], qy[t])
         expected.append(torch.linalg.solve(torch.eye(n, dtype=DT) + h / lam, gq))
     imaml = iMAML(model, lr=lr, lam=lam, steps=steps, cg_steps=n)
-    imaml.meta_loss(sx, sy, qx, qy, loss_fn=F.mse_loss).loss.backward()
+    imaml.meta_loss(sx, sy, qx, qy, loss_fn=loss_fn).loss.backward()
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(got, torch.stack(expected).mean(0), rtol=1e-8, atol=1e-11)
 
@@ -146,12 +167,16 @@ def spd_system(T=3, seed=0, indefinite=False):
     return a, b
 
 
-def as_dict(v):  # a [T, 6] vector as two parameter-shaped tensors
+def as_dict(v):  # a [T, 6] vector as two parameter-shaped tensors, and back
     return {"w": v[:, :4].reshape(-1, 2, 2), "b": v[:, 4:]}
 
 
 def as_flat(d):
     return torch.cat([d["w"].flatten(1), d["b"]], 1)
+
+
+def spd_matvec(a):
+    return lambda v: as_dict(torch.einsum("tij,tj->ti", a, as_flat(v)))
 
 
 def test_cg_equals_a_direct_solve_on_spd_systems():
@@ -160,7 +185,7 @@ def test_cg_equals_a_direct_solve_on_spd_systems():
 
     def matvec(v):
         calls.append(1)
-        return as_dict(torch.einsum("tij,tj->ti", a, as_flat(v)))
+        return spd_matvec(a)(v)
 
     x = as_flat(conjugate_gradient(matvec, as_dict(b), steps=6))
     torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-9, atol=1e-10)
@@ -179,7 +204,7 @@ def test_cg_equals_a_direct_solve_on_spd_systems():
 def test_cg_zero_rhs_and_indefinite_systems_stay_finite():
     a, b = spd_system(indefinite=True)
     b[1] = 0
-    x = as_flat(conjugate_gradient(lambda v: as_dict(torch.einsum("tij,tj->ti", a, as_flat(v))), as_dict(b), 12))
+    x = as_flat(conjugate_gradient(spd_matvec(a), as_dict(b), 12))
     assert torch.isfinite(x).all() and (x[1] == 0).all()
 
 
@@ -226,10 +251,6 @@ def test_bad_inputs_raise_clear_errors():
         conjugate_gradient(lambda v: v, {"w": torch.ones(2, 3)}, steps=1, tol=float("nan"))
 
 
-def test_exports():
-    assert fastmeta.iMAML is iMAML and fastmeta.learners.iMAML is iMAML
-
-
 def test_cli_sinusoid_smoke(tmp_path):
     run = tmp_path / "run"
     assert cli.main(["train", "imaml", "--dataset", "sinusoid", "--steps", "3", "--batch", "4",
@@ -240,6 +261,7 @@ def test_cli_sinusoid_smoke(tmp_path):
 
 
 def test_cli_builds_imaml_for_images():
+    assert fastmeta.iMAML is iMAML and fastmeta.learners.iMAML is iMAML
     args = cli.build_parser().parse_args(["train", "imaml", "--hidden", "4", "--task-chunk", "1"])
     cli.resolve_defaults(args, cli.LEARNERS["imaml"])
     learner = cli.LEARNERS["imaml"].build(args, 1)
