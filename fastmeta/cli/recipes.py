@@ -136,8 +136,7 @@ def _reptile_imaml(kind: str):
         if kind == "reptile":
             meta = Reptile(model, args.inner_lr, steps=args.inner_steps)
         else:
-            meta = iMAML(model, args.inner_lr, lam=getattr(args, "lam", 2.0), steps=args.inner_steps,
-                         cg_steps=getattr(args, "cg_steps", 5))
+            meta = iMAML(model, args.inner_lr, lam=args.lam, steps=args.inner_steps, cg_steps=args.cg_steps)
         return EpisodicLearner(meta, steps=args.inner_steps, test_steps=args.test_inner_steps,
                                loss_fn=F.mse_loss if regression else F.cross_entropy, task_chunk=args.task_chunk)
 
@@ -205,7 +204,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="conv4", choices=["conv4", "resnet12"])
     p.add_argument("--metric", default="sqeuclidean", choices=["sqeuclidean", "cosine"])
     p.add_argument("--fce", action="store_true", help="matching: full context embeddings (bidirectional LSTM g, attention LSTM f)")
-    g = p.add_argument_group("maml / metasgd / anil")
+    g = p.add_argument_group("maml / metasgd / anil / reptile / imaml")
     g.add_argument("--inner-steps", type=int, default=1, help="inner gradient steps per task in meta-training")
     g.add_argument("--test-inner-steps", type=int, default=None,
                    help="inner steps at validation/test time (default: 3 on images, 10 on sinusoid)")
@@ -215,6 +214,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task-chunk", type=int, default=None,
                    help="adapt this many tasks at a time (bounded memory, same gradients)")
     g.add_argument("--hidden", type=int, default=64, help="channels of MAML's Conv4 (the paper: 64)")
+    g.add_argument("--lam", type=float, default=2.0, help="imaml: proximal regularisation lambda (default 2)")
+    g.add_argument("--cg-steps", type=int, default=5, help="imaml: conjugate-gradient steps (default 5)")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-episodes", type=int, default=200)
     p.add_argument("--test-episodes", type=int, default=600)
