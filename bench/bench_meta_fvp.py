@@ -151,8 +151,9 @@ def _q(xs, q):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="T in {10,20}, N in {200}, dims (2,2), ~30 s")
-    ap.add_argument("--threads", default="default,1", help="comma list: 'default' and/or integers")
+    ap.add_argument("--quick", action="store_true", help="T in {10,20}, N=200, dims 2x2, 1 thread, 2 reps: ~30 s")
+    ap.add_argument("--threads", default=None,
+                    help="comma list: 'default' and/or integers (default: default,1; --quick: 1)")
     ap.add_argument("--tasks", default=None, help="comma list of T (default 10,20,40)")
     ap.add_argument("--samples", default=None, help="comma list of samples per task (default 200,2000)")
     ap.add_argument("--dims", default=None, help="comma list of obs_dim x act_dim (default 2x2,17x6)")
@@ -170,7 +171,7 @@ def main(argv=None):
     if warn:
         print(warn)
     lines, records = [], []
-    for th in args.threads.split(","):
+    for th in (args.threads or ("1" if args.quick else "default,1")).split(","):
         n_threads = default_threads if th == "default" else int(th)
         torch.set_num_threads(n_threads)
         one = n_threads == 1
