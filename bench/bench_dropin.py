@@ -159,7 +159,8 @@ def main(argv=None):
         with open(args.md, "a") as f:
             f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: T={args.T}, "
                     f"{args.ways}-way {args.shots}-shot, {args.query} query/class, second order, float32"
-                    f"{' (small sizes)' if args.small else ''}; {info.get('device_name', '')}, "
+                    f"{' (small sizes)' if args.small else ''}; {info.get('device', '')}, "
+                    f"load {info.get('loadavg_1m')}, "
                     f"torch {torch.__version__}, git {info.get('git_sha', '')}\n\n")
             f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
             f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
