@@ -327,3 +327,46 @@ def test_last_dim_of_a_1d_value_falls_back_instead_of_mixing_tasks():
         out = fn(params, x)
     assert fn.path == "vmap"
     torch.testing.assert_close(out, torch.stack([model(x[t]) for t in range(3)]), **TOL)
+
+
+class Dropped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.drop = nn.Dropout(0.3)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.drop(self.a(x))), 0.2, self.training))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_dropout_masks_replayed_by_inner_loop_backward(steps):
+    """inner_loop restores the RNG for its recomputations: with dropout on the traced path its
+    meta-gradient equals the unrolled loop of the same task function drawing the same masks."""
+    from fastmeta.func import task_losses
+    from fastmeta.ops import inner_loop
+
+    torch.manual_seed(0)
+    model = Dropped().to(DT)
+    fn = task_function(model)
+    assert fn.path == "traced"
+    sx, sy = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3, 5))
+    qx, qy = torch.randn(3, 4, 4, dtype=DT), torch.randint(0, 3, (3, 4))
+    before = list(model.parameters())
+    out = []
+    for fast_path in (True, False):
+        torch.manual_seed(7)
+        if fast_path:
+            p = inner_loop(fn, fn.expand(3), sx, sy, steps=steps, lr=0.3)
+        else:
+            p = fn.expand(3)
+            for _ in range(steps):
+                g = torch.autograd.grad(task_losses(F.cross_entropy, fn(p, sx), sy).sum(), list(p.values()),
+                                        create_graph=True)
+                p = {k: v - 0.3 * gk for (k, v), gk in zip(p.items(), g)}
+        loss = task_losses(F.cross_entropy, fn(p, qx), qy).mean()
+        out.append((loss, torch.autograd.grad(loss, before)))
+    torch.testing.assert_close(out[0][0], out[1][0], **TOL)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, **TOL)
