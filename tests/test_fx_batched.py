@@ -213,7 +213,7 @@ class Branchy(nn.Module):
 class Normed(nn.Module):
     def __init__(self):
         super().__init__()
-        self.norm = nn.LayerNorm(4)
+        self.norm = nn.GroupNorm(2, 4)
         self.lin = nn.Linear(4, 3)
 
     def forward(self, x):
@@ -223,7 +223,7 @@ class Normed(nn.Module):
 @pytest.mark.parametrize("make, why", [
     (MixesBatch, r"call_method mean without a dim"),
     (OwnWeight, r"reads w directly"),
-    (Normed, r"norm: LayerNorm has no task-batched version"),
+    (Normed, r"norm: GroupNorm has no task-batched version"),
 ])
 def test_refusals_fall_back_with_reason(make, why):
     model = make().to(DT)
@@ -370,3 +370,51 @@ def test_dropout_masks_replayed_by_inner_loop_backward(steps):
     torch.testing.assert_close(out[0][0], out[1][0], **TOL)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, **TOL)
+
+
+class LayerNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("make, path", [
+    (LayerNormed, "traced"),
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)), "batched"),
+])
+def test_layer_norm_matches_naive(make, path):
+    torch.manual_seed(0)
+    model = make().to(DT)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    assert task_function(model).path == path
+    data = (torch.randn(3, 4, 4, dtype=DT), torch.randint(0, 3, (3, 4)), torch.randn(3, 5, 4, dtype=DT),
+            torch.randint(0, 3, (3, 5)))
+    before = list(model.parameters())
+    res = fastmeta.MAML(model, lr=0.2).meta_loss(*data, steps=2)
+    ref = naive_meta_loss(model, data, 2, 0.2, False)
+    torch.testing.assert_close(res.loss, ref, **TOL)
+    for a, b in zip(torch.autograd.grad(res.loss, before), torch.autograd.grad(ref, before)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_task_layer_norm_direct():
+    from fastmeta.nn import TaskLayerNorm
+
+    torch.manual_seed(0)
+    ln = TaskLayerNorm((2, 3), eps=1e-3, dtype=DT)
+    x = torch.randn(3, 4, 5, 2, 3, dtype=DT)
+    w, b = torch.randn(3, 2, 3, dtype=DT), torch.randn(3, 2, 3, dtype=DT)
+    ref = torch.stack([F.layer_norm(x[t], (2, 3), w[t], b[t], 1e-3) for t in range(3)])
+    torch.testing.assert_close(ln(x, {"weight": w, "bias": b}), ref, **TOL)
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (2, 3), ln.weight, ln.bias, 1e-3), **TOL)
+    with pytest.raises(ValueError, match=r"must have shape \[T, N, \*, \*\(2, 3\)\]"):
+        ln(torch.randn(3, 4, 3, 2, dtype=DT))

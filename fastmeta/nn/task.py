@@ -35,7 +35,7 @@ describe none of them (and an inner loop would update them once per step and per
 recomputation). Update them, if needed, with an ordinary (unbatched) forward of the module.
 
 :func:`to_task_batched` converts a plain module (Linear, Conv2d, BatchNorm1d/2d, ReLU / Tanh /
-Sigmoid / LeakyReLU / ELU / GELU / Identity, MaxPool2d / AvgPool2d, Flatten, Dropout and nested
+Sigmoid / LeakyReLU / ELU / GELU / Identity, MaxPool2d / AvgPool2d, Flatten, Dropout, LayerNorm and nested
 Sequential) into these, sharing the SAME Parameter (and buffer) objects under the same names.
 
 Example::
@@ -65,6 +65,7 @@ __all__ = [
     "TaskConv4",
     "TaskDropout",
     "TaskFlatten",
+    "TaskLayerNorm",
     "TaskLinear",
     "TaskMLP",
     "TaskMaxPool2d",
@@ -557,6 +558,55 @@ class TaskBatchNorm2d(_TaskBatchNorm):
     _plain = nn.BatchNorm2d
 
 
+class TaskLayerNorm(TaskModule):
+    """``nn.LayerNorm`` with per-task affine parameters: ``x [T, N, *, *normalized_shape]``.
+
+    ``params``: ``weight [T, *normalized_shape]``, ``bias [T, *normalized_shape]``. Each example
+    is normalised on its own (no statistics across examples or tasks).
+
+    Equivalent PyTorch code::
+
+        torch.stack([F.layer_norm(x[t], normalized_shape, weight[t], bias[t], eps) for t in range(T)])
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+        super().__init__()
+        self._adopt(nn.LayerNorm(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype))
+
+    def _adopt(self, m: nn.LayerNorm) -> None:
+        self.normalized_shape, self.eps = tuple(m.normalized_shape), m.eps
+        self.weight, self.bias = m.weight, m.bias
+
+    @classmethod
+    def from_module(cls, m: nn.LayerNorm) -> TaskLayerNorm:
+        self = cls.__new__(cls)
+        TaskModule.__init__(self)
+        self._adopt(m)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, affine={self.weight is not None}"
+
+    def _task_forward(self, h, params, T, layout, prefix):
+        h = _to_tn(h, layout, T)
+        ns = self.normalized_shape
+        if h.dim() < 2 + len(ns) or tuple(h.shape[h.dim() - len(ns):]) != ns:
+            raise ValueError(f"x for {prefix or 'TaskLayerNorm'} must have shape [T, N, *, *{ns}], "
+                             f"got {tuple(h.shape)}")
+        p = _own_params(self, params, T, prefix)
+        w, wb = p.get("weight", (None, False))
+        b, bb = p.get("bias", (None, False))
+        if not wb and not bb:
+            return F.layer_norm(h, ns, w, b, self.eps), _TN
+        out = F.layer_norm(h, ns, None, None, self.eps)
+        view = (T,) + (1,) * (h.dim() - 1 - len(ns)) + ns  # task t's affine on its examples
+        if w is not None:
+            out = out * (w.reshape(view) if wb else w)
+        if b is not None:
+            out = out + (b.reshape(view) if bb else b)
+        return out, _TN
+
+
 def _relu(h, kw):
     return torch.relu(h)
 
@@ -875,6 +925,7 @@ _CONVERTERS = {
     nn.GELU: lambda m: TaskActivation("gelu", approximate=m.approximate),
     nn.Dropout: lambda m: TaskDropout(m.p),
     nn.Flatten: lambda m: TaskFlatten(m.start_dim, m.end_dim),
+    nn.LayerNorm: TaskLayerNorm.from_module,
 }
 
 
@@ -923,7 +974,7 @@ def _convert(m: nn.Module, path: str) -> TaskModule:
 def to_task_batched(module: nn.Module) -> TaskModule:
     """Convert ``module`` into the task-batched layers of this file.
 
-    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, ReLU, Tanh, Sigmoid,
+    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, ReLU, Tanh, Sigmoid,
     LeakyReLU, ELU, GELU, Identity, MaxPool2d (no return_indices), AvgPool2d, Flatten
     (start_dim >= 1), Dropout and (nested) Sequential whose forward is not overridden; task
     modules are returned as they are. The result holds the SAME Parameter and buffer objects
