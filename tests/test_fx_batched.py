@@ -213,7 +213,7 @@ class Branchy(nn.Module):
 class Normed(nn.Module):
     def __init__(self):
         super().__init__()
-        self.norm = nn.GroupNorm(2, 4)
+        self.norm = nn.PReLU(4)
         self.lin = nn.Linear(4, 3)
 
     def forward(self, x):
@@ -223,7 +223,7 @@ class Normed(nn.Module):
 @pytest.mark.parametrize("make, why", [
     (MixesBatch, r"call_method mean without a dim"),
     (OwnWeight, r"reads w directly"),
-    (Normed, r"norm: GroupNorm has no task-batched version"),
+    (Normed, r"norm: PReLU has no task-batched version"),
 ])
 def test_refusals_fall_back_with_reason(make, why):
     model = make().to(DT)
@@ -418,3 +418,31 @@ def test_task_layer_norm_direct():
     torch.testing.assert_close(ln(x), F.layer_norm(x, (2, 3), ln.weight, ln.bias, 1e-3), **TOL)
     with pytest.raises(ValueError, match=r"must have shape \[T, N, \*, \*\(2, 3\)\]"):
         ln(torch.randn(3, 4, 3, 2, dtype=DT))
+
+
+class GroupNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(F.relu(self.norm(self.conv(x))).mean(dim=[2, 3]))
+
+
+def test_group_norm_matches_naive():
+    torch.manual_seed(0)
+    model = GroupNormed().to(DT)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    assert task_function(model).path == "traced"
+    assert "norm: GroupNorm -> TaskGroupNorm" in explain(model)
+    data = batch((1, 5, 5), seed=3)
+    before = list(model.parameters())
+    res = fastmeta.MAML(model, lr=0.2).meta_loss(*data, steps=2)
+    ref = naive_meta_loss(model, data, 2, 0.2, False)
+    torch.testing.assert_close(res.loss, ref, **TOL)
+    for a, b in zip(torch.autograd.grad(res.loss, before), torch.autograd.grad(ref, before)):
+        torch.testing.assert_close(a, b, **TOL)

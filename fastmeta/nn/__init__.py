@@ -13,6 +13,7 @@ from fastmeta.nn.task import (
     TaskConv4,
     TaskDropout,
     TaskFlatten,
+    TaskGroupNorm,
     TaskLayerNorm,
     TaskLinear,
     TaskMaxPool2d,

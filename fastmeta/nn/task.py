@@ -35,7 +35,8 @@ describe none of them (and an inner loop would update them once per step and per
 recomputation). Update them, if needed, with an ordinary (unbatched) forward of the module.
 
 :func:`to_task_batched` converts a plain module (Linear, Conv2d, BatchNorm1d/2d, ReLU / Tanh /
-Sigmoid / LeakyReLU / ELU / GELU / Identity, MaxPool2d / AvgPool2d, Flatten, Dropout, LayerNorm and nested
+Sigmoid / LeakyReLU / ELU / GELU / Identity, MaxPool2d / AvgPool2d, Flatten, Dropout, LayerNorm,
+GroupNorm and nested
 Sequential) into these, sharing the SAME Parameter (and buffer) objects under the same names.
 
 Example::
@@ -65,6 +66,7 @@ __all__ = [
     "TaskConv4",
     "TaskDropout",
     "TaskFlatten",
+    "TaskGroupNorm",
     "TaskLayerNorm",
     "TaskLinear",
     "TaskMLP",
@@ -607,6 +609,55 @@ class TaskLayerNorm(TaskModule):
         return out, _TN
 
 
+class TaskGroupNorm(TaskModule):
+    """``nn.GroupNorm`` with per-task affine parameters: ``x [T, N, C, *]``.
+
+    ``params``: ``weight [T, C]``, ``bias [T, C]``. Each example is normalised on its own (per
+    group of channels; no statistics across examples or tasks).
+
+    Equivalent PyTorch code::
+
+        torch.stack([F.group_norm(x[t], num_groups, weight[t], bias[t], eps) for t in range(T)])
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__()
+        self._adopt(nn.GroupNorm(num_groups, num_channels, eps, affine, device=device, dtype=dtype))
+
+    def _adopt(self, m: nn.GroupNorm) -> None:
+        self.num_groups, self.num_channels, self.eps = m.num_groups, m.num_channels, m.eps
+        self.weight, self.bias = m.weight, m.bias
+
+    @classmethod
+    def from_module(cls, m: nn.GroupNorm) -> TaskGroupNorm:
+        self = cls.__new__(cls)
+        TaskModule.__init__(self)
+        self._adopt(m)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+    def _task_forward(self, h, params, T, layout, prefix):
+        h = _to_tn(h, layout, T)
+        C = self.num_channels
+        if h.dim() < 3 or h.shape[2] != C:
+            raise ValueError(f"x for {prefix or 'TaskGroupNorm'} must have shape [T, N, {C}, *], got {tuple(h.shape)}")
+        p = _own_params(self, params, T, prefix)
+        w, wb = p.get("weight", (None, False))
+        b, bb = p.get("bias", (None, False))
+        flat = h.flatten(0, 1)
+        if not wb and not bb:
+            return F.group_norm(flat, self.num_groups, w, b, self.eps).view(h.shape), _TN
+        out = F.group_norm(flat, self.num_groups, None, None, self.eps).view(h.shape)
+        view = (T, 1, C) + (1,) * (h.dim() - 3)  # task t's per-channel affine on its examples
+        if w is not None:
+            out = out * (w.reshape(view) if wb else w.reshape(view[2:]))
+        if b is not None:
+            out = out + (b.reshape(view) if bb else b.reshape(view[2:]))
+        return out, _TN
+
+
 def _relu(h, kw):
     return torch.relu(h)
 
@@ -926,6 +977,7 @@ _CONVERTERS = {
     nn.Dropout: lambda m: TaskDropout(m.p),
     nn.Flatten: lambda m: TaskFlatten(m.start_dim, m.end_dim),
     nn.LayerNorm: TaskLayerNorm.from_module,
+    nn.GroupNorm: TaskGroupNorm.from_module,
 }
 
 
@@ -974,7 +1026,8 @@ def _convert(m: nn.Module, path: str) -> TaskModule:
 def to_task_batched(module: nn.Module) -> TaskModule:
     """Convert ``module`` into the task-batched layers of this file.
 
-    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, ReLU, Tanh, Sigmoid,
+    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, GroupNorm, ReLU, Tanh,
+    Sigmoid,
     LeakyReLU, ELU, GELU, Identity, MaxPool2d (no return_indices), AvgPool2d, Flatten
     (start_dim >= 1), Dropout and (nested) Sequential whose forward is not overridden; task
     modules are returned as they are. The result holds the SAME Parameter and buffer objects
