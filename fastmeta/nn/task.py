@@ -1026,9 +1026,8 @@ def _convert(m: nn.Module, path: str) -> TaskModule:
 def to_task_batched(module: nn.Module) -> TaskModule:
     """Convert ``module`` into the task-batched layers of this file.
 
-    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, GroupNorm, ReLU, Tanh,
-    Sigmoid,
-    LeakyReLU, ELU, GELU, Identity, MaxPool2d (no return_indices), AvgPool2d, Flatten
+    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, GroupNorm,
+    ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Identity, MaxPool2d (no return_indices), AvgPool2d, Flatten
     (start_dim >= 1), Dropout and (nested) Sequential whose forward is not overridden; task
     modules are returned as they are. The result holds the SAME Parameter and buffer objects
     under the same names (``dict(result.named_parameters())`` has the keys of
