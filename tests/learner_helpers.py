@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastmeta.data import FewShotDataset
 
@@ -34,3 +35,23 @@ def clone_adapt_loss(meta, data, steps):
             learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
         total = total + F.cross_entropy(learner(qx[t]), qy[t])
     return total / sx.shape[0]
+
+
+class Custom(nn.Module):
+    """Its own forward (not a Sequential): takes the traced path (torch.fx, fastmeta/func/_fx.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * 1.5)
+
+
+class FuncOnly(Custom):
+    """``Custom`` with a parameter used directly in ``forward`` (``F.linear(x, self.a.weight)``):
+    the traced path refuses it, so it takes the torch.func (vmap) path."""
+
+    def forward(self, x):
+        return self.b(torch.tanh(F.linear(x, self.a.weight, self.a.bias)) * 1.5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from learner_helpers import Custom, FuncOnly
 from torch import nn
 from torch.func import functional_call
 
@@ -22,17 +23,6 @@ DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class Custom(nn.Module):
-    """Its own forward (not a Sequential): takes the traced path (torch.fx, fastmeta/func/_fx.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(3, 6)
-        self.b = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)) * 1.5)
 
 
 def regression_batch(T=3, S=5, Q=4, d_in=1, d_out=1, seed=0):
@@ -85,6 +75,7 @@ MODELS = {
     "conv4_bn": (tiny_conv, "conv"),
     "sequential": (lambda: nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).to(DT), "cls"),
     "generic": (lambda: Custom().to(DT), "cls"),
+    "func": (lambda: FuncOnly().to(DT), "cls"),
 }
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from learner_helpers import Custom, FuncOnly
 from torch import nn
 from torch.func import functional_call
 
@@ -19,17 +20,6 @@ DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class Custom(nn.Module):
-    """Not convertible to task-batched layers: takes the torch.func path."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(3, 6)
-        self.b = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)) * 1.5)
 
 
 def call_one(model, params, x):
@@ -51,7 +41,8 @@ def batch(kind, T=3, seed=0):
 
 MODELS = {
     "sequential": (lambda: nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)), "reg"),
-    "generic": (Custom, "cls"),
+    "traced": (Custom, "cls"),
+    "generic": (FuncOnly, "cls"),
     "conv4_bn": (lambda: TaskConv4(1, n_way=3, hidden=3, image_size=16), "conv"),
 }
 

@@ -245,7 +245,9 @@ class MAML(_GradientLearner):
         model: any ``nn.Module``. Task-batched models (:class:`fastmeta.nn.TaskMLP`,
             :class:`fastmeta.nn.TaskConv4`, ...) and models built from supported layers
             (converted automatically, sharing the parameters) take the fast batched path;
-            other modules go through ``torch.func`` (see :func:`fastmeta.func.task_function`).
+            modules with their own ``forward`` are traced (torch.fx) onto task-batched layers
+            where every leaf is supported; the rest go through ``torch.func`` (see
+            :func:`fastmeta.func.task_function` and :func:`fastmeta.func.explain`).
         lr: the inner (adaptation) learning rate, a float (or a tensor; learnable if it is
             an ``nn.Parameter``).
         first_order: drop the second-order terms (FOMAML).
