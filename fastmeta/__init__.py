@@ -17,7 +17,7 @@ The layers, each a subpackage (data flows down: ``learners -> func -> nn -> ops`
 
 from fastmeta import compat, data, func, learners, nn, ops
 from fastmeta.learners import ANIL, MAML, MANN, SNAIL, MatchingNet, MetaLSTM, MetaSGD, PixelNN, ProtoNet
-from fastmeta.learners import Reptile, iMAML
+from fastmeta.learners import Baseline, Reptile, iMAML
 from fastmeta.ops import BackendError, _registry
 
 __version__ = "0.1.0"
@@ -32,4 +32,4 @@ def backends(print_table: bool = True) -> list[dict]:
 
 __all__ = ["BackendError", "backends", "compat", "data", "func", "learners", "nn", "ops", "__version__"]
 __all__ += ["ANIL", "MAML", "MANN", "MatchingNet", "MetaLSTM", "MetaSGD", "PixelNN", "ProtoNet", "SNAIL"]
-__all__ += ["Reptile", "iMAML"]
+__all__ += ["Baseline", "Reptile", "iMAML"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.learners import ANIL, MAML, MANN, SNAIL, EpisodicLearner, MatchingNet, MetaLSTM, MetaSGD, ProtoNet
-from fastmeta.learners import Reptile, iMAML
+from fastmeta.learners import Baseline, Reptile, iMAML
 from fastmeta.nn import Conv4, ResNet12, TaskConv4, TaskMLP
 
 
@@ -27,10 +27,29 @@ class LearnerSpec:
     demo_args: tuple[str, ...] = ()  # extra `train` arguments the demo uses
     regression: bool = False  # can train on --dataset sinusoid (MAML family)
     default_batch: int = 1  # --batch when not given (episodes / tasks per training step)
+    # pretrains on dataset class ids: built as build(args, in_channels, train_classes) and
+    # trained on learner(..., classes=batch.classes)
+    global_labels: bool = False
 
 
 def _protonet(args, in_channels):
     return ProtoNet(build_backbone(args.backbone, in_channels), metric=args.metric)
+
+
+def _baseline(head: str):
+    """``build`` of Baseline (``head="linear"``) and Baseline++ (``"cosine"``, scale 10, learned):
+    the ``--backbone`` and a head over the training split's classes ``train_classes``."""
+
+    def build(args, in_channels, train_classes):
+        backbone = build_backbone(args.backbone, in_channels)
+        size = 84 if args.dataset == "miniimagenet" else 28
+        was_training = backbone.training
+        with torch.no_grad():  # the embedding width from one dummy image
+            dim = backbone.eval()(torch.zeros(1, in_channels, size, size)).flatten(1).shape[1]
+        backbone.train(was_training)
+        return Baseline(backbone, dim, train_classes, head=head, learn_scale=head == "cosine")
+
+    return build
 
 
 def _max_way(args) -> int:
@@ -173,10 +192,14 @@ LEARNERS: dict[str, LearnerSpec] = {
                            demo_args=MAML_DEMO, regression=True, default_batch=32),
     "imaml": LearnerSpec(_reptile_imaml("imaml"), help="iMAML: implicit meta-gradients (Rajeswaran et al. 2019)",
                          demo_args=MAML_DEMO, regression=True, default_batch=32),
+    "baseline": LearnerSpec(_baseline("linear"), global_labels=True, default_batch=4,
+                            help="Baseline: pretrained classifier, linear head fitted per episode (Chen et al. 2019)"),
+    "baseline++": LearnerSpec(_baseline("cosine"), global_labels=True, default_batch=4,
+                              help="Baseline++: pretrained cosine classifier, cosine head per episode (Chen et al. 2019)"),
 }
 
 # the demo's glyph runs skip the MAML family's extra variants (MAML itself runs there and on sinusoid)
-DEMO_SKIP = ("metasgd", "anil", "reptile", "imaml")  # reptile, imaml: not in the demo yet (the lead decides)
+DEMO_SKIP = ("metasgd", "anil", "reptile", "imaml", "baseline", "baseline++")  # reptile, imaml, baseline(++): not in the demo yet (the lead decides)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

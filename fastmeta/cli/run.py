@@ -41,7 +41,9 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     default_dir = (f"runs/{args.learner}-sinusoid-{args.shots}s" if regression
                    else f"runs/{args.learner}-{args.dataset}-{args.ways}w{args.shots}s")
     run_dir = Path(args.run_dir or default_dir)
-    learner = spec.build(args, 1 if regression else ds.image_shape[0]).to(device)
+    in_channels = 1 if regression else ds.image_shape[0]
+    learner = (spec.build(args, in_channels, ds.classes("train")) if spec.global_labels
+               else spec.build(args, in_channels)).to(device)
     opt = torch.optim.Adam(learner.parameters(), lr=args.lr)
     sched = (torch.optim.lr_scheduler.StepLR(opt, args.lr_halve_every, gamma=0.5)
              if args.lr_halve_every > 0 else None)
@@ -58,7 +60,9 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
         return iter(loader("train", train_ways, start=start_step, queries=args.train_queries))
 
     def step_fn(batch):
-        sx, sy, qx, qy, _ = batch
+        sx, sy, qx, qy, classes = batch
+        if spec.global_labels:  # pretraining on dataset class ids (Baseline)
+            return learner(sx, sy, qx, qy, n_way=train_ways, classes=classes)
         return learner(sx, sy, qx, qy, n_way=train_ways)
 
     # validation and test episodes use their own fixed seeds so every evaluation sees the

@@ -1,6 +1,7 @@
 """Meta-learners built on fastmeta.ops (each calls only public ops)."""
 
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, confidence_interval
+from fastmeta.learners.baseline import Baseline, cosine_logits, fit_heads
 from fastmeta.learners.baselines import PixelNN
 from fastmeta.learners.imaml import iMAML
 from fastmeta.learners.mann import MANN
@@ -15,3 +16,4 @@ __all__ = ["EvalResult", "FewShotLearner", "MANN", "MatchingNet", "MetaLSTM", "P
            "confidence_interval"]
 __all__ += ["ANIL", "EpisodicLearner", "MAML", "MetaLossResult", "MetaSGD", "clone_module"]
 __all__ += ["Reptile", "iMAML"]
+__all__ += ["Baseline", "cosine_logits", "fit_heads"]
