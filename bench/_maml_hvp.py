@@ -1,4 +1,4 @@
-"""The batched-HVP line of bench/bench_maml.py: ``fastmeta.ops.task_hvp`` (automatic backend)
+"""The batched-HVP line of bench/bench_maml.py: ``fastmeta.func.task_hvp`` (automatic backend)
 against its double-backward reference on a TaskMLP 1-40-40-1 at the sinusoid-k5 meta-batch,
 in this process (:func:`_common.time_fn`)."""
 
@@ -11,7 +11,7 @@ import _common as C
 from _maml_workload import CONFIGS, make_batch
 from fastmeta.func import task_function
 from fastmeta.nn import TaskMLP
-from fastmeta.ops import task_hvp
+from fastmeta.func import task_hvp
 
 
 def bench_hvp(device: torch.device, reps: int) -> dict:

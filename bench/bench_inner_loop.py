@@ -1,11 +1,11 @@
-"""Benchmark ``fastmeta.ops.inner_loop`` and ``fastmeta.ops.task_hvp``.
+"""Benchmark ``fastmeta.func.inner_loop`` and ``fastmeta.func.task_hvp``.
 
 1. **Meta-step memory curve** (the issue's "memory flat in k"): one second-order MAML
    meta-step -- k inner steps on the support set, the query loss, the gradient w.r.t. the
    shared parameters -- on TaskConv4 (T=32 tasks, 5-way 1-shot, 15 queries per class,
    28x28, hidden 64) for k = 1, 5, 10:
 
-   * ``inner_loop[<hvp>]``: ``fastmeta.ops.inner_loop`` (one autograd op; its backward runs k
+   * ``inner_loop[<hvp>]``: ``fastmeta.func.inner_loop`` (one autograd op; its backward runs k
      batched HVPs with recomputation), with the task_hvp backend named in brackets;
    * ``unrolled`` (baseline): the same task-batched model unrolled with
      ``torch.autograd.grad(create_graph=True)`` -- every step's activations and
@@ -53,7 +53,7 @@ import _common as C  # noqa: E402
 
 from fastmeta.func import task_function, task_losses  # noqa: E402
 from fastmeta.nn import TaskConv4, TaskMLP  # noqa: E402
-from fastmeta.ops import inner_loop, task_hvp  # noqa: E402
+from fastmeta.func import inner_loop, task_hvp  # noqa: E402
 
 
 # ---- models and data --------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     else:
         probe = [torch.zeros(1, device=device, dtype=dtypes[0])]
         try:
-            auto = fm._registry.select("inner_update", probe)
+            auto = fm.registry.select("inner_update", probe)
         except Exception:  # noqa: BLE001
             auto = "?"
         print(f"fastmeta[auto] picks {auto}; backends here: "

@@ -47,7 +47,6 @@ from _common import RESULTS_DIR, busy_warning, env_info  # noqa: E402
 from _meta_fvp_impls import step_loop, fvp_batched_builder, fvp_func_builder, fvp_loop_builder  # noqa: E402
 from fastmeta.rl import GaussianMLPPolicy, MAMLTRPO  # noqa: E402
 from fastmeta.rl.meta_fvp import MetaFisher, adapt  # noqa: E402
-from fastmeta.rl.trpo import flatten  # noqa: E402
 
 
 def make_rollouts(T, N, obs_dim, act_dim, seed):

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         names, left_out = fastmeta_backends(device, dtypes[0], backends)
         try:
             probe = [torch.zeros(1, 1, 1, device=device, dtype=dtypes[0])] * 2
-            auto = fm._registry.select("proto_loss", probe)
+            auto = fm.registry.select("proto_loss", probe)
         except Exception:  # noqa: BLE001 - informational only
             auto = "?"
         print(f"fastmeta backends timed on {device.type}: {names or 'none'} "

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     for name, T, E in (QUICK if a.quick else CASES):
         rows.extend(case_rows(name, T, E, a.budget))
     print(f"{_common.device_name(torch.device('cpu'))}, torch {torch.__version__}")
-    print(f"| distribution | T x E x H | impl | threads | median ms | p20-p80 ms | env steps/s |")
+    print("| distribution | T x E x H | impl | threads | median ms | p20-p80 ms | env steps/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}" if "p20_ms" in r else "-"

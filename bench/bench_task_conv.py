@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import fastmeta.nn.task as TK
 from fastmeta.func import task_function, task_losses
 from fastmeta.nn import TaskConv4
-from fastmeta.ops import inner_loop
+from fastmeta.func import inner_loop
 
 
 class _TorchConv:

@@ -15,7 +15,7 @@
 #   fallback 30  only if the build failed: pure-Python install (FASTMETA_BUILD_EXT=0)
 #   import 15    import fastmeta; the backend table
 #   smoke 60     every fused op forward+backward on CUDA vs float64, one JSON line per case
-#   tests 90     the CUDA tests (tests/ops, no -x, -rfE --durations=10)
+#   tests 90     the CUDA tests (tests/ops + task_hvp/inner_loop, no -x, -rfE --durations=10)
 #   proto 45     bench_proto: episode and many-way (fp32)
 #   matching 30  bench_matching 5w5s
 #   maml 30      bench_maml conv4-k5
@@ -153,7 +153,7 @@ grep '^FAIL' "$OUTDIR/smoke.log" | head -n 20
 
 # -- CUDA tests --------------------------------------------------------------------------------
 run_step tests "$OUTDIR/tests.log" env FASTMETA_TEST_DEVICE=cuda \
-    "$PY" -m pytest tests/ops -q -rfE --durations=10 -p no:cacheprovider
+    "$PY" -m pytest tests/ops tests/test_task_hvp.py tests/test_inner_loop.py -q -rfE --durations=10 -p no:cacheprovider
 tail -n 30 "$OUTDIR/tests.log"
 
 # -- benchmarks, most valuable first -------------------------------------------------------------

@@ -18,7 +18,7 @@ The layers, each a subpackage (data flows down: ``learners -> func -> nn -> ops`
 from fastmeta import compat, data, func, learners, nn, ops
 from fastmeta.learners import ANIL, MAML, MANN, SNAIL, MatchingNet, MetaLSTM, MetaSGD, PixelNN, ProtoNet
 from fastmeta.learners import Baseline, Reptile, iMAML
-from fastmeta.ops import BackendError, _registry
+from fastmeta.ops import BackendError, registry
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,8 @@ __version__ = "0.1.0"
 def backends(print_table: bool = True) -> list[dict]:
     """Print (and return as rows) which backend serves which op here, and why others do not."""
     if print_table:
-        print(_registry.format_table())
-    return _registry.table()
+        print(registry.format_table())
+    return registry.table()
 
 
 __all__ = ["BackendError", "backends", "compat", "data", "func", "learners", "nn", "ops", "__version__"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastmeta.learners._evaluate import EvalResult
+from fastmeta.learners import EvalResult
 
 CSV_FIELDS = ["step", "loss", "acc", "val_acc", "val_ci95", "episodes_per_s", "elapsed_s"]
 

@@ -2,7 +2,7 @@
 
 One module per op stem (``prototypes.py``, ``proto_loss.py``, ...), each holding the
 ``@triton.jit`` kernels (``_<stem>_..._kernel``) and the Python launchers that
-``fastmeta.ops._registry`` calls by name. Launchers take tensors on the kernel device (CUDA,
+``fastmeta.ops.registry`` calls by name. Launchers take tensors on the kernel device (CUDA,
 or the CPU under ``TRITON_INTERPRET=1``) and do no validation: the op files in
 ``fastmeta.ops`` check inputs first.
 

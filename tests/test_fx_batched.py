@@ -278,7 +278,7 @@ def test_resnet12_residual_blocks_match_naive(steps):
 
 def test_func_hvp_backend_on_traced_path():
     """task_hvp's torch.func backend (forward-over-reverse) runs the traced model too."""
-    from fastmeta.ops import inner_loop
+    from fastmeta.func import inner_loop
 
     model, shape = small("cnn")
     fn = task_function(model)
@@ -345,7 +345,7 @@ def test_dropout_masks_replayed_by_inner_loop_backward(steps):
     """inner_loop restores the RNG for its recomputations: with dropout on the traced path its
     meta-gradient equals the unrolled loop of the same task function drawing the same masks."""
     from fastmeta.func import task_losses
-    from fastmeta.ops import inner_loop
+    from fastmeta.func import inner_loop
 
     torch.manual_seed(0)
     model = Dropped().to(DT)

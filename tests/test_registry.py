@@ -5,48 +5,48 @@ import torch
 
 import fastmeta
 from fastmeta import _ext
-from fastmeta.ops import BackendError, _registry
+from fastmeta.ops import BackendError, registry
 
 
 def test_auto_selection_on_cpu_prefers_cpp_then_composite():
     q, p = torch.randn(1, 2, 256), torch.randn(1, 5, 256)  # long features, few prototypes
-    chosen = _registry.select("proto_loss", [q, p])
+    chosen = registry.select("proto_loss", [q, p])
     assert chosen == ("cpp" if _ext.available() else "composite")
     # the Triton interpreter is never chosen automatically on the CPU (it is 1000x slower)
     assert chosen != "triton"
     # the oracle serves automatically only when nothing before it can
-    assert _registry.select("prototypes", [q]) == ("cpp" if _ext.available() else "reference")
+    assert registry.select("prototypes", [q]) == ("cpp" if _ext.available() else "reference")
 
 
 def test_auto_selection_takes_composite_where_the_kernel_is_slower():
     """Short features or many prototypes: plain ATen beats the C++ kernel (measured rule in
     fastmeta/ops/proto_loss.py); forcing cpp still runs the kernel."""
     for q, p in [(torch.randn(1, 75, 64), torch.randn(1, 5, 64)), (torch.randn(2, 9, 256), torch.randn(2, 20, 256))]:
-        assert _registry.select("proto_loss", [q, p]) == "composite"
+        assert registry.select("proto_loss", [q, p]) == "composite"
         # the logits alone: the kernel stays faster at every shape measured
-        assert _registry.select("proto_logits", [q, p]) == ("cpp" if _ext.available() else "composite")
+        assert registry.select("proto_logits", [q, p]) == ("cpp" if _ext.available() else "composite")
         if _ext.available():
-            assert _registry.select("proto_loss", [q, p], "cpp") == "cpp"
+            assert registry.select("proto_loss", [q, p], "cpp") == "cpp"
             # cosine keeps the kernel (its composite form is slower)
-            assert _registry.select("proto_loss", [q, p], metric="cosine") == "cpp"
+            assert registry.select("proto_loss", [q, p], metric="cosine") == "cpp"
 
 
 def test_float16_on_cpu_falls_back_to_composite():
-    assert _registry.select("proto_loss", [torch.randn(1, 2, 3, dtype=torch.float16)]) == "composite"
+    assert registry.select("proto_loss", [torch.randn(1, 2, 3, dtype=torch.float16)]) == "composite"
 
 
 def test_forced_unknown_backend_lists_choices():
     with pytest.raises(ValueError, match=r"\['triton', 'cpp', 'reference'\]"):
-        _registry.select("prototypes", [torch.randn(1, 2, 3)], "fast")
+        registry.select("prototypes", [torch.randn(1, 2, 3)], "fast")
 
 
 def test_nothing_fits_lists_every_backend(monkeypatch):
     x = torch.randn(1, 2, 3)
-    only = _registry.Backend("cpp", frozenset({"cuda"}), _registry.FLOAT32_64, lambda: "")
-    other = _registry.Backend("triton", frozenset({"cuda"}), _registry.FLOAT32_64, lambda: "no triton here")
-    monkeypatch.setitem(_registry._TABLE, "toy", (other, only))
+    only = registry.Backend("cpp", frozenset({"cuda"}), registry.FLOAT32_64, lambda: "")
+    other = registry.Backend("triton", frozenset({"cuda"}), registry.FLOAT32_64, lambda: "no triton here")
+    monkeypatch.setitem(registry._TABLE, "toy", (other, only))
     with pytest.raises(BackendError) as info:
-        _registry.select("toy", [x])
+        registry.select("toy", [x])
     msg = str(info.value)
     assert "triton: no triton here" in msg and "cpp: device cpu not supported" in msg
 

@@ -15,7 +15,7 @@ from torch import nn
 import fastmeta
 from fastmeta.func import task_function
 from fastmeta.func._call import call_with, param_slots
-from fastmeta.ops import inner_loop
+from fastmeta.func import inner_loop
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta import data
-from fastmeta.data.episodes import _mix
+from fastmeta.data import stream_seed
 
 
 def sinusoid_loader(args, device):
@@ -26,7 +26,7 @@ def sinusoid_loader(args, device):
         def gen():
             i = start
             while n_batches is None or i < start + n_batches:
-                b = tasks.sample(batch, k + q, torch.Generator().manual_seed(_mix(seed, i)), device=device)
+                b = tasks.sample(batch, k + q, torch.Generator().manual_seed(stream_seed(seed, i)), device=device)
                 yield b.x[:, :k], b.y[:, :k], b.x[:, k:], b.y[:, k:], None
                 i += 1
 

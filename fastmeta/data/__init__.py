@@ -20,7 +20,7 @@ import os
 
 from fastmeta.data._io import data_dir
 from fastmeta.data.dataset import SPLITS, FewShotDataset, split_by_fraction
-from fastmeta.data.episodes import Episode, EpisodeDataset, EpisodeLoader, episodes, to_float
+from fastmeta.data.episodes import Episode, EpisodeDataset, EpisodeLoader, episodes, stream_seed, to_float
 from fastmeta.data.glyphs import load_glyphs, script_split
 from fastmeta.data.miniimagenet import load_miniimagenet
 from fastmeta.data.omniglot import load_omniglot
@@ -54,5 +54,5 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> 
 __all__ = [
     "SPLITS", "Episode", "EpisodeDataset", "EpisodeLoader", "FewShotDataset", "SinusoidBatch",
     "SinusoidTasks", "data_dir", "episodes", "load_dataset", "load_glyphs", "load_miniimagenet",
-    "load_omniglot", "script_split", "split_by_fraction", "to_float",
+    "load_omniglot", "script_split", "split_by_fraction", "stream_seed", "to_float",
 ]

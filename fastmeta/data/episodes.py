@@ -20,7 +20,7 @@ from fastmeta.data.dataset import FewShotDataset
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(seed: int, index: int) -> int:
+def stream_seed(seed: int, index: int) -> int:
     """The generator seed of item ``index`` of stream ``seed``: splitmix64 of
     ``seed * 2**32 + index``, a bijection, so seeds are distinct for every seed and index
     below 2**32 and neighbouring ones are uncorrelated."""
@@ -118,7 +118,7 @@ class EpisodeDataset(Dataset):
         index = int(index)
         if index < 0 or (self.num_episodes is not None and index >= self.num_episodes):
             raise IndexError(f"episode {index} out of range [0, {self.num_episodes})")
-        g = torch.Generator().manual_seed(_mix(self.seed, index))
+        g = torch.Generator().manual_seed(stream_seed(self.seed, index))
         n, k = self.n_way, self.k_shot
         ways = torch.randperm(self.classes.numel(), generator=g)[:n]
         # K+Q distinct examples per class in one call: sort random keys, classes with fewer

@@ -204,9 +204,9 @@ def _drop_lookalikes(letters: dict[int, list[int]], renders: dict[tuple[int, int
 
 
 def _generator(seed: int, cp: int) -> torch.Generator:
-    from fastmeta.data.episodes import _mix
+    from fastmeta.data.episodes import stream_seed
 
-    return torch.Generator().manual_seed(_mix(seed, cp))
+    return torch.Generator().manual_seed(stream_seed(seed, cp))
 
 
 def _max3x3(x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,19 @@
 * :func:`task_losses`: the ``[T]`` per-task mean losses of a task-batched output.
 * :class:`MLPSpec`: set on ``TaskFunction.mlp`` for pure Linear/activation stacks (the
   analytic Hessian-vector product of ``fastmeta.ops.mlp_hvp`` applies).
+* :func:`task_hvp`: Hessian-vector products of T tasks at once (``task_hvp_ref``: the double
+  backward oracle).
+* :func:`inner_loop`: k task-batched inner steps as one autograd op whose backward is the exact
+  second-order meta-gradient by batched HVPs with recomputation.
+
+These are model-level transforms (they take a module and run it): they use ``fastmeta.nn`` and
+the tensor-level ``fastmeta.ops``, never the layers above.
 """
 
 from fastmeta.func._losses import task_losses
 from fastmeta.func._task_function import MLPSpec, TaskFunction, explain, task_function
+from fastmeta.func._task_hvp import task_hvp, task_hvp_ref
+from fastmeta.func._inner_loop import inner_loop
 
-__all__ = ["MLPSpec", "TaskFunction", "explain", "task_function", "task_losses"]
+__all__ = ["MLPSpec", "TaskFunction", "explain", "inner_loop", "task_function", "task_hvp", "task_hvp_ref",
+           "task_losses"]

@@ -15,7 +15,7 @@ phi_t), so the meta-gradient of task t's query loss is (``dphi/dtheta`` is symme
 inner problem is solved by ``k`` gradient steps for all ``T`` tasks at once, and the ``T``
 linear systems ``(I + H_t/lam) x_t = grad L_t^query`` by batched conjugate gradient
 (:func:`conjugate_gradient`), each iteration one batched Hessian-vector product
-(:func:`fastmeta.ops.task_hvp`). Nothing of the inner trajectory is kept: memory is
+(:func:`fastmeta.func.task_hvp`). Nothing of the inner trajectory is kept: memory is
 independent of ``k`` (MAML's backward needs every iterate). The implicit gradient is exact
 only at the inner optimum; with few steps it is the paper's approximation.
 """
@@ -40,7 +40,8 @@ from fastmeta.learners._meta_loss import (
     run_meta_loss,
     task_metric,
 )
-from fastmeta.ops import inner_loop, inner_update, task_hvp
+from fastmeta.ops import inner_update
+from fastmeta.func import inner_loop, task_hvp
 
 Tensor = torch.Tensor
 

@@ -11,7 +11,7 @@ Each learner has two APIs.
 
 **Batched** (the fast one): ``learner.meta_loss(support_x [T,S,...], support_y, query_x
 [T,Q,...], query_y, steps=k)`` adapts all ``T`` tasks of a meta-batch at once
-(``fastmeta.func.task_function`` + ``fastmeta.ops.inner_loop``, whose backward is the exact
+(``fastmeta.func.task_function`` + ``fastmeta.func.inner_loop``, whose backward is the exact
 second-order meta-gradient from batched Hessian-vector products with recomputation) and
 returns a :class:`MetaLossResult`: the query loss averaged over tasks, ready for
 ``backward()``, and the query accuracy (integer labels) or MSE (float targets).
@@ -42,13 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmeta.func import inner_loop, task_function, task_losses
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, evaluate_episodes
 from fastmeta.learners._meta_loss import MetaLossResult, task_metric
 from fastmeta.learners._meta_loss import check_batch as _check_batch
 from fastmeta.learners._meta_loss import check_chunk as _check_chunk
 from fastmeta.learners._meta_loss import metric_name as _metric_name
 from fastmeta.learners._meta_loss import run_meta_loss as _run_meta_loss
-from fastmeta.ops import _checks
+from fastmeta.ops import checks, inner_update
 
 Tensor = torch.Tensor
 
@@ -129,8 +130,6 @@ def _adapt_module(module: nn.Module, loss: Tensor, lr_of: Callable[[str, Tensor]
                   allow_unused: bool, allow_nograd: bool, who: str) -> None:
     """One learn2learn-style adaptation step of ``module`` in place: ``p <- p - lr * dloss/dp``
     for every parameter that gets a gradient, through ``fastmeta.ops.inner_update``."""
-    from fastmeta.ops.inner_update import inner_update
-
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"{who}.adapt: loss must be a scalar tensor, got {type(loss).__name__}")
     second_order = not first_order
@@ -179,8 +178,6 @@ class _GradientLearner(nn.Module):
         raise NotImplementedError
 
     def _tasks(self, steps: int, loss_fn: Callable):
-        from fastmeta.func import task_losses
-
         def tasks_fn(sx, sy, qx, qy):
             adapted = self.adapt_tasks(sx, sy, steps, loss_fn)
             out = self.predict(adapted, qx)
@@ -212,15 +209,13 @@ class _GradientLearner(nn.Module):
         the result carries no graph. The support data gets no gradient from the inner loop.
         """
         _check_batch(support_x, support_y, query_x, query_y)
-        steps = _checks.steps_value(steps)
+        steps = checks.steps_value(steps)
         task_chunk = _check_chunk(task_chunk)
         return _run_meta_loss(self._tasks(steps, loss_fn), (support_x, support_y, query_x, query_y),
                               list(self.parameters()), task_chunk, _metric_name(query_y))
 
 
 def _inner_loop(fn, params, sx, sy, steps, lr, first_order, loss_fn):
-    from fastmeta.ops.inner_loop import inner_loop
-
     if not torch.is_grad_enabled():  # evaluation: nothing to differentiate afterwards
         params = _detached(params)
         if isinstance(lr, dict):
@@ -274,7 +269,7 @@ class MAML(_GradientLearner):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.module = model
-        self.lr = _checks.lr_value("lr", lr)
+        self.lr = checks.lr_value("lr", lr)
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
         self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
@@ -304,8 +299,6 @@ class MAML(_GradientLearner):
     # -- batched API --------------------------------------------------------------------------
     def task_function(self):
         """The :class:`fastmeta.func.TaskFunction` of the model (cached)."""
-        from fastmeta.func import task_function
-
         return task_function(self.module)
 
     def _inner_lr(self, fn):
@@ -314,8 +307,8 @@ class MAML(_GradientLearner):
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int = 1,
                     loss_fn: Callable = F.cross_entropy, first_order: bool | None = None) -> dict[str, Tensor]:
         """Adapted parameters ``{name: [T, *shape]}`` after ``steps`` inner steps on each
-        task's support set (``fastmeta.ops.inner_loop``)."""
-        steps = _checks.steps_value(steps)
+        task's support set (``fastmeta.func.inner_loop``)."""
+        steps = checks.steps_value(steps)
         fn = self.task_function()
         params = fn.expand(support_x.shape[0])
         fo = self.first_order if first_order is None else first_order
@@ -349,7 +342,7 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, lr=1.0, first_order: bool = False, allow_unused: bool | None = None,
                  allow_nograd: bool = False):
-        lr = _checks.lr_value("lr", lr)
+        lr = checks.lr_value("lr", lr)
         if isinstance(lr, torch.Tensor):
             raise TypeError("MetaSGD lr is the initial value of the learned rates: pass a float")
         super().__init__(model, lr, first_order, allow_unused, allow_nograd)
@@ -415,7 +408,7 @@ class ANIL(_GradientLearner):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
         self.features, self.head = features, head
-        self.lr = _checks.lr_value("lr", lr)
+        self.lr = checks.lr_value("lr", lr)
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
         self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
@@ -441,15 +434,13 @@ class ANIL(_GradientLearner):
         return self.features(x.flatten(0, 1)).reshape(t, n, -1)
 
     def head_function(self):
-        from fastmeta.func import task_function
-
         return task_function(self.head)
 
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int = 1,
                     loss_fn: Callable = F.cross_entropy, first_order: bool | None = None,
                     support_features: Tensor | None = None) -> dict[str, Tensor]:
         """Adapted head parameters ``{name: [T, *shape]}``."""
-        steps = _checks.steps_value(steps)
+        steps = checks.steps_value(steps)
         fn = self.head_function()
         z = self.embed(support_x) if support_features is None else support_features
         fo = self.first_order if first_order is None else first_order
@@ -460,8 +451,6 @@ class ANIL(_GradientLearner):
         return self.head_function()(adapted, self.embed(x) if features is None else features)
 
     def _tasks(self, steps: int, loss_fn: Callable):
-        from fastmeta.func import task_losses
-
         def tasks_fn(sx, sy, qx, qy):
             t, s = sx.shape[:2]
             z = self.features(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))
@@ -494,9 +483,9 @@ class EpisodicLearner(FewShotLearner):
                  loss_fn: Callable = F.cross_entropy, task_chunk: int | None = None):
         super().__init__()
         self.meta = meta
-        self.steps = _checks.steps_value(steps)
+        self.steps = checks.steps_value(steps)
         self.test_steps = (self.steps if test_steps is None
-                           else _checks.steps_value(test_steps, "test_steps"))
+                           else checks.steps_value(test_steps, "test_steps"))
         self.loss_fn = loss_fn
         self.task_chunk = _check_chunk(task_chunk)
         self.metric = "mse" if loss_fn in (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss) else "accuracy"

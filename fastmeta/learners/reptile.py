@@ -7,7 +7,7 @@ Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", arXiv:1803
     theta <- theta + epsilon * mean_t (phi_t - theta)
 
 Here the ``k`` steps are full-batch gradient steps on each task's SUPPORT set, taken for all
-``T`` tasks at once (``fastmeta.func.task_function`` + ``fastmeta.ops.inner_loop`` in its
+``T`` tasks at once (``fastmeta.func.task_function`` + ``fastmeta.func.inner_loop`` in its
 first-order mode, no graph), and the outer update is left to a PyTorch optimiser: the
 ``loss`` of :meth:`Reptile.meta_loss` back-propagates ``theta - mean_t phi_t`` into each
 parameter's ``.grad``, so ``torch.optim.SGD(lr=epsilon)`` is exactly Reptile's update and
@@ -35,7 +35,7 @@ from fastmeta.learners._meta_loss import (
     run_meta_loss,
     task_metric,
 )
-from fastmeta.ops import inner_loop
+from fastmeta.func import inner_loop
 
 Tensor = torch.Tensor
 

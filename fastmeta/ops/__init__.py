@@ -1,11 +1,11 @@
 """fastmeta ops: fused, task-batched PyTorch autograd ops for meta-learning.
 
 Each op lives in one contract file (reference, checks, registered custom ops, autograd,
-public function); ``_registry`` decides which backend runs a call.
+public function); ``registry`` decides which backend runs a call.
 """
 
 from fastmeta.ops._loss import nll_accuracy
-from fastmeta.ops._registry import BackendError, backends_for
+from fastmeta.ops.registry import BackendError, backends_for
 from fastmeta.ops.inner_update import inner_update, inner_update_ref
 from fastmeta.ops.matching import (
     matching_attention,
@@ -17,8 +17,6 @@ from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
 from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
 from fastmeta.ops.mlp_hvp import mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
-from fastmeta.ops.inner_loop import inner_loop
-from fastmeta.ops.task_hvp import task_hvp, task_hvp_ref
 
 __all__ = [
     "nll_accuracy",
@@ -41,7 +39,4 @@ __all__ = [
     "mlp_grad_hvp",
     "mlp_grad_hvp_ref",
     "mlp_grad_ref",
-    "inner_loop",
-    "task_hvp",
-    "task_hvp_ref",
 ]

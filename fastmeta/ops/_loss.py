@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _checks
+from fastmeta.ops import checks
 
 EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
 
@@ -30,7 +30,7 @@ def nll_accuracy(scores: torch.Tensor, labels: torch.Tensor, reduction: str = "m
         loss = F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction=reduction)
         acc = (scores.argmax(-1) == labels).float().mean()
     """
-    reduction = _checks.reduction_value(reduction)
+    reduction = checks.reduction_value(reduction)
     labels = labels.long()
     loss_fn = F.nll_loss if log_probs else F.cross_entropy
     loss = loss_fn(scores.flatten(0, 1), labels.flatten(), reduction=reduction)

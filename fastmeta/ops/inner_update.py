@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fastmeta.ops import _checks, _registry
+from fastmeta.ops import checks, registry
 
 _STEM = "inner_update"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,9 +39,9 @@ def _uniform(*tensors, **_) -> list[str]:
     return reasons
 
 
-_registry.register(
+registry.register(
     "inner_update",
-    [_registry.cuda_backend(_uniform), _registry.cpp_backend(_uniform), _registry.reference_backend()],
+    [registry.cuda_backend(_uniform), registry.cpp_backend(_uniform), registry.reference_backend()],
 )
 
 
@@ -120,7 +120,7 @@ _ONE_OF = "a dict/list with one tensor per parameter"
 def _lrs(lr, keys, names, plist) -> tuple[list[torch.Tensor], float]:
     """``(per-tensor lr list or [], alpha)``: the update is ``p - alpha * lr_i * g``."""
     if isinstance(lr, torch.Tensor):
-        lr = _checks.lr_value("lr", lr, one_of=_ONE_OF).reshape(())
+        lr = checks.lr_value("lr", lr, one_of=_ONE_OF).reshape(())
         return [_placed("lr", lr, p, n) for p, n in zip(plist, names)], 1.0
     if isinstance(lr, (Mapping, torch.nn.ParameterDict)):
         if keys is None:
@@ -135,11 +135,11 @@ def _lrs(lr, keys, names, plist) -> tuple[list[torch.Tensor], float]:
             raise ValueError(f"got {len(lr)} learning rates for {len(plist)} params; they must pair up")
         values = list(lr)
     else:
-        return [], _checks.lr_value("lr", lr, one_of=_ONE_OF)
+        return [], checks.lr_value("lr", lr, one_of=_ONE_OF)
     out = []
     for v, p, n in zip(values, plist, names):
         name = f"lr[{n}]"
-        v = _checks.lr_value(name, v, p, n)
+        v = checks.lr_value(name, v, p, n)
         if isinstance(v, torch.Tensor):
             out.append(_placed(name, v, p, n))
         else:
@@ -177,7 +177,7 @@ def _fwd(
 ) -> list[torch.Tensor]:
     """``out_i = params_i - alpha * lrs_i * grads_i`` (``params`` empty: 0, ``lrs`` empty: 1);
     ``params_i`` and ``lrs_i`` broadcast to ``grads_i``'s shape, which every ``out_i`` has."""
-    return _registry.kernel(backend, _STEM, "inner_update")(params, grads, lrs, alpha)
+    return registry.kernel(backend, _STEM, "inner_update")(params, grads, lrs, alpha)
 
 
 @_fwd.register_fake
@@ -249,7 +249,7 @@ def _lr_grad_fwd(
     """``out_i = -alpha * (grads_i * grad_outs_i).sum_to_size(lrs_i.shape)`` (``lrs`` only give
     the shapes)."""
     if backend == "cpp":
-        return _registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha)
+        return registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha)
     return [t.contiguous() for t in _lr_grad_torch(grads, grad_outs, lrs, alpha)]
 
 
@@ -296,7 +296,7 @@ class _EagerUpdate(torch.autograd.Function):
         n = (len(flat) - n_params - n_lrs)
         params, grads, lrs = flat[:n_params], flat[n_params : n_params + n], flat[n_params + n :]
         _save(ctx, params, grads, lrs, alpha, backend)
-        return tuple(_registry.kernel(backend, _STEM, "inner_update")(list(params), list(grads), list(lrs), alpha))
+        return tuple(registry.kernel(backend, _STEM, "inner_update")(list(params), list(grads), list(lrs), alpha))
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -318,7 +318,7 @@ class _EagerLrGrad(torch.autograd.Function):
         ctx.alpha, ctx.backend, ctx.n = alpha, backend, n
         ctx.save_for_backward(*grads, *grad_outs)
         if backend == "cpp":
-            return tuple(_registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha))
+            return tuple(registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha))
         return tuple(_lr_grad_torch(grads, grad_outs, lrs, alpha))
 
     @staticmethod
@@ -391,7 +391,7 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
         return _pack(kind, keys, [])
     tensors = [*glist, *plist, *lrs]
     compiling = torch.compiler.is_compiling()
-    name = _registry.select("inner_update", tensors, backend) if compiling else _select(tensors, backend)
+    name = registry.select("inner_update", tensors, backend) if compiling else _select(tensors, backend)
     if name == "reference" or torch._C._are_functorch_transforms_active():
         # (torch.func transforms run neither custom ops nor autograd.Functions without vmap
         # rules: the reference's plain torch ops serve them)
@@ -402,7 +402,7 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
     elif not compiling and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         # nothing to differentiate (e.g. inside inner_loop's own autograd.Function): the kernel
         # directly, without the custom op's Python autograd wrapper (~40 us per call)
-        outs = _registry.kernel(name, _STEM, "inner_update")(plist, glist, lrs, alpha)
+        outs = registry.kernel(name, _STEM, "inner_update")(plist, glist, lrs, alpha)
     elif compiling:  # the registered op: it has the fake implementation tracing needs
         outs = _fwd(plist, glist, lrs, alpha, name)
     else:
@@ -414,13 +414,13 @@ _SELECT_CACHE: dict = {}
 
 
 def _select(tensors, backend):
-    """``_registry.select`` memoised on what it depends on for this op (the walk over the
+    """``registry.select`` memoised on what it depends on for this op (the walk over the
     backend table costs ~20 us, as much as updating a small MLP)."""
     t0 = tensors[0]
-    key = (backend, os.environ.get(_registry._ENV_VAR), t0.device, t0.dtype, not _uniform(*tensors))
+    key = (backend, os.environ.get(registry.ENV_VAR), t0.device, t0.dtype, not _uniform(*tensors))
     name = _SELECT_CACHE.get(key)
     if name is None:
-        name = _registry.select("inner_update", tensors, backend)
+        name = registry.select("inner_update", tensors, backend)
         _SELECT_CACHE[key] = name
     return name
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _checks, _registry
+from fastmeta.ops import checks, registry
 from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
 
 _STEM = "matching"
 
-_BACKENDS = [_registry.triton_backend(), _registry.cpp_backend(), _registry.reference_backend()]
-_registry.register("matching_attention", _BACKENDS)
-_registry.register("matching_loss", _BACKENDS)
+_BACKENDS = [registry.triton_backend(), registry.cpp_backend(), registry.reference_backend()]
+registry.register("matching_attention", _BACKENDS)
+registry.register("matching_loss", _BACKENDS)
 
 
 # ---- reference (oracle; always-available backend; twice differentiable) ------------------
@@ -68,7 +68,7 @@ def _attn_fwd(
     query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
     scale: float, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "matching_fwd")
+    fn = registry.kernel(backend, _STEM, "matching_fwd")
     return fn(query, support, support_labels, n_way, scale, eps)
 
 
@@ -85,7 +85,7 @@ def _attn_bwd(
     support_labels: torch.Tensor, logp: torch.Tensor, lse: torch.Tensor, n_way: int,
     scale: float, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "matching_bwd")
+    fn = registry.kernel(backend, _STEM, "matching_bwd")
     return fn(grad_logp, query, support, support_labels, logp, lse, n_way, scale, eps)
 
 
@@ -117,7 +117,7 @@ def _loss_fwd(
     query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor,
     query_labels: torch.Tensor, n_way: int, scale: float, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "matching_loss_fwd")
+    fn = registry.kernel(backend, _STEM, "matching_loss_fwd")
     return fn(query, support, support_labels, query_labels, n_way, scale, eps)
 
 
@@ -135,7 +135,7 @@ def _loss_bwd(
     support_labels: torch.Tensor, query_labels: torch.Tensor, loss: torch.Tensor,
     lse: torch.Tensor, n_way: int, scale: float, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "matching_loss_bwd")
+    fn = registry.kernel(backend, _STEM, "matching_loss_bwd")
     return fn(grad_loss, query, support, support_labels, query_labels, loss, lse, n_way, scale, eps)
 
 
@@ -166,20 +166,20 @@ _loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def _check_inputs(query, support, support_labels, n_way):
-    _checks.float_tensor("query", query, 3, "[B, Q, D]")
-    _checks.float_tensor("support", support, 3, "[B, S, D]")
-    _checks.same_dtype(query=query, support=support)
-    _checks.same_device(query=query, support=support)
-    _checks.dim_match("episode count B", query_B=query.shape[0], support_B=support.shape[0])
-    _checks.dim_match("feature size D", query_D=query.shape[2], support_D=support.shape[2])
-    _checks.nonempty(B=query.shape[0], Q=query.shape[1], S=support.shape[1], D=query.shape[2])
-    n_way = _checks.n_way_value(n_way)
-    labels = _checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")
-    _checks.same_device(query=query, support_labels=support_labels)
-    _checks.labels_in_range("support_labels", labels, n_way, "n_way")
+    checks.float_tensor("query", query, 3, "[B, Q, D]")
+    checks.float_tensor("support", support, 3, "[B, S, D]")
+    checks.same_dtype(query=query, support=support)
+    checks.same_device(query=query, support=support)
+    checks.dim_match("episode count B", query_B=query.shape[0], support_B=support.shape[0])
+    checks.dim_match("feature size D", query_D=query.shape[2], support_D=support.shape[2])
+    checks.nonempty(B=query.shape[0], Q=query.shape[1], S=support.shape[1], D=query.shape[2])
+    n_way = checks.n_way_value(n_way)
+    labels = checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")
+    checks.same_device(query=query, support_labels=support_labels)
+    checks.labels_in_range("support_labels", labels, n_way, "n_way")
     # A class without support examples would get log-probability -inf (and an infinite NLL):
     # Matching Networks episodes always have K >= 1 examples per class, so it is an error.
-    _checks.every_class_present(labels, n_way)
+    checks.every_class_present(labels, n_way)
     return labels.contiguous(), n_way
 
 
@@ -239,8 +239,8 @@ def matching_attention(
     labels, n_way = _check_inputs(query, support, support_labels, n_way)
     if _learnable(scale):
         return matching_attention_ref(query, support, labels, n_way, scale)
-    scale = _checks.scalar("scale", scale)
-    name = _registry.select("matching_attention", [query, support], backend)
+    scale = checks.scalar("scale", scale)
+    name = registry.select("matching_attention", [query, support], backend)
     if name == "reference":
         return matching_attention_ref(query, support, labels, n_way, scale)
     logp, _lse = _attn_fwd(query, support, labels, n_way, scale, EPS, name)
@@ -290,14 +290,14 @@ def matching_loss(
         acc = (logp.argmax(-1) == query_labels).float().mean()
     """
     labels, n_way = _check_inputs(query, support, support_labels, n_way)
-    reduction = _checks.reduction_value(reduction)
-    qlabels = _checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
-    _checks.same_device(query=query, query_labels=query_labels)
-    _checks.labels_in_range("query_labels", qlabels, n_way, "n_way")
+    reduction = checks.reduction_value(reduction)
+    qlabels = checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
+    checks.same_device(query=query, query_labels=query_labels)
+    checks.labels_in_range("query_labels", qlabels, n_way, "n_way")
     if _learnable(scale):
         return matching_loss_ref(query, support, labels, n_way, qlabels, scale, reduction)
-    scale = _checks.scalar("scale", scale)
-    name = _registry.select("matching_loss", [query, support], backend)
+    scale = checks.scalar("scale", scale)
+    name = registry.select("matching_loss", [query, support], backend)
     if name == "reference":
         return matching_loss_ref(query, support, labels, n_way, qlabels, scale, reduction)
     rows, _lse, pred = _loss_fwd(query, support, labels, qlabels.contiguous(), n_way, scale, EPS, name)

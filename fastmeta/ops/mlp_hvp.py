@@ -20,7 +20,7 @@ The loss of a meta-batch is the sum over tasks of each task's mean loss, so thes
 task's own gradient and Hessian-block times its own ``v_t``. Everything is batched over T
 (``bmm``); the C++ CPU and Triton backends run the whole recursion in one op call.
 
-Backends (``fastmeta.ops._registry``, first that fits): ``triton`` (CUDA; one program per
+Backends (``fastmeta.ops.registry``, first that fits): ``triton`` (CUDA; one program per
 task, layer widths and N up to ``TRITON_MAX_WIDTH``/``TRITON_MAX_N`` = 64, any float dtype,
 fp32 inside), ``cpp`` (CPU, float32/float64; batched GEMMs in one op call), ``reference``
 (torch double backward; any device and dtype). Timings against double backward,
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _checks, _registry
+from fastmeta.ops import checks, registry
 
 _STEM = "mlp_hvp"
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
@@ -62,12 +62,12 @@ def _triton_limits(*tensors, widths=(), n=0, **_):
 
 
 _BACKENDS = [
-    _registry.triton_backend(_triton_limits),
-    _registry.cpp_backend(),
-    _registry.reference_backend(),
+    registry.triton_backend(_triton_limits),
+    registry.cpp_backend(),
+    registry.reference_backend(),
 ]
-_registry.register("mlp_grad", _BACKENDS)
-_registry.register("mlp_grad_hvp", _BACKENDS)
+registry.register("mlp_grad", _BACKENDS)
+registry.register("mlp_grad_hvp", _BACKENDS)
 
 
 # ---- reference (oracle; always-available backend) ------------------------------------------
@@ -147,7 +147,7 @@ def _grad_fwd(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Per-task (losses [T], grad_w, grad_b); ``biases == []`` means no biases (then
     ``grad_b == []``). No autograd formula: backward through it raises."""
-    fn = _registry.kernel(backend, _STEM, "mlp_grad_fwd")
+    fn = registry.kernel(backend, _STEM, "mlp_grad_fwd")
     losses, gw, gb = fn(weights, biases, x, y, activation, loss)
     return losses, list(gw), list(gb)
 
@@ -166,7 +166,7 @@ def _grad_hvp_fwd(
            list[torch.Tensor]]:
     """Per-task (losses, grad_w, grad_b, hvp_w, hvp_b); ``biases == []`` means no biases (then
     ``v_b``, ``grad_b`` and ``hvp_b`` are ``[]``). No autograd formula."""
-    fn = _registry.kernel(backend, _STEM, "mlp_grad_hvp_fwd")
+    fn = registry.kernel(backend, _STEM, "mlp_grad_hvp_fwd")
     losses, gw, gb, hw, hb = fn(weights, biases, x, y, v_w, v_b, activation, loss)
     return losses, list(gw), list(gb), list(hw), list(hb)
 
@@ -203,14 +203,14 @@ def _check(weights, biases, x, y, v_w, v_b, activation, loss, hvp):
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     weights = _tensor_list("weights", weights, None, "[T, out, in]")
     L = len(weights)
-    _checks.float_tensor("x", x, 3, "[T, N, in]")
+    checks.float_tensor("x", x, 3, "[T, N, in]")
     T, N, width = x.shape
-    _checks.nonempty(T=T, N=N, in_features=width)
+    checks.nonempty(T=T, N=N, in_features=width)
     widths = [width]
     for i, w in enumerate(weights):
-        _checks.float_tensor(f"weights[{i}]", w, 3, "[T, out, in]")
-        _checks.same_dtype(x=x, **{f"weights[{i}]": w})
-        _checks.same_device(x=x, **{f"weights[{i}]": w})
+        checks.float_tensor(f"weights[{i}]", w, 3, "[T, out, in]")
+        checks.same_dtype(x=x, **{f"weights[{i}]": w})
+        checks.same_device(x=x, **{f"weights[{i}]": w})
         if w.shape[0] != T:
             raise ValueError(f"mismatched task count T: x has T={T}, weights[{i}] has {w.shape[0]}")
         if w.shape[2] != widths[-1]:
@@ -219,32 +219,32 @@ def _check(weights, biases, x, y, v_w, v_b, activation, loss, hvp):
                 f"weights[{i}] has in={w.shape[2]} but {what} is {widths[-1]} (shape "
                 f"{tuple(w.shape)}, expected [T, out, {widths[-1]}])"
             )
-        _checks.nonempty(**{f"weights[{i}] out": w.shape[1]})
+        checks.nonempty(**{f"weights[{i}] out": w.shape[1]})
         widths.append(w.shape[1])
     if biases is not None:
         biases = _tensor_list("biases", biases, L, "[T, out]")
         for i, b in enumerate(biases):
-            _checks.float_tensor(f"biases[{i}]", b, 2, "[T, out]")
-            _checks.same_dtype(x=x, **{f"biases[{i}]": b})
-            _checks.same_device(x=x, **{f"biases[{i}]": b})
+            checks.float_tensor(f"biases[{i}]", b, 2, "[T, out]")
+            checks.same_dtype(x=x, **{f"biases[{i}]": b})
+            checks.same_device(x=x, **{f"biases[{i}]": b})
             if tuple(b.shape) != (T, widths[i + 1]):
                 raise ValueError(f"biases[{i}] must have shape [T, out] = {(T, widths[i + 1])}, "
                                  f"got {tuple(b.shape)}")
     out = widths[-1]
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    _checks.same_device(x=x, y=y)
+    checks.same_device(x=x, y=y)
     if loss == "mse":
         if not y.is_floating_point():
             raise TypeError(
                 f"y must be a floating tensor [T, N, out] for loss='mse', got {y.dtype}")
-        _checks.same_dtype(x=x, y=y)
+        checks.same_dtype(x=x, y=y)
         if tuple(y.shape) != (T, N, out):
             raise ValueError(f"y must have shape [T, N, out] = {(T, N, out)} for loss='mse', "
                              f"got {tuple(y.shape)}")
     else:
-        y = _checks.label_tensor("y", y, (T, N), "[T, N] (class indices, loss='cross_entropy')")
-        _checks.labels_in_range("y", y, out, "out, the last layer's width")
+        y = checks.label_tensor("y", y, (T, N), "[T, N] (class indices, loss='cross_entropy')")
+        checks.labels_in_range("y", y, out, "out, the last layer's width")
     if hvp:
         v_w = _direction("v_w", v_w, "weights", weights, x, "[T, out, in]")
         if v_b is not None:
@@ -258,8 +258,8 @@ def _direction(name: str, vs, like_name: str, like: list, x, shape_text: str) ->
     """The HVP direction ``vs``: one tensor per entry of ``like``, same shape, x's dtype/device."""
     vs = _tensor_list(name, vs, len(like), shape_text)
     for i, (v, ref) in enumerate(zip(vs, like)):
-        _checks.same_dtype(x=x, **{f"{name}[{i}]": v})
-        _checks.same_device(x=x, **{f"{name}[{i}]": v})
+        checks.same_dtype(x=x, **{f"{name}[{i}]": v})
+        checks.same_device(x=x, **{f"{name}[{i}]": v})
         if v.shape != ref.shape:
             raise ValueError(f"{name}[{i}] must have the shape of {like_name}[{i}] "
                              f"{tuple(ref.shape)}, got {tuple(v.shape)}")
@@ -273,7 +273,7 @@ def _run(op, entry: str, backend: str, *args):
     torch.compile the registered op (with its fake implementation) is what gets traced."""
     if torch.compiler.is_compiling():
         return op(*args, backend)
-    return _registry.kernel(backend, _STEM, entry)(*args)
+    return registry.kernel(backend, _STEM, entry)(*args)
 
 
 # ---- public functions ----------------------------------------------------------------------
@@ -321,7 +321,7 @@ def mlp_grad(
     weights, biases, x, y, _, _, act, lc, widths = _check(
         weights, biases, x, y, None, None, activation, loss, hvp=False)
     tensors = [x, *weights]
-    name = _registry.select("mlp_grad", tensors, backend, widths=tuple(widths), n=x.shape[1])
+    name = registry.select("mlp_grad", tensors, backend, widths=tuple(widths), n=x.shape[1])
     if name == "reference":
         return mlp_grad_ref(weights, biases, x, y, activation, loss)
     with torch.no_grad():
@@ -376,7 +376,7 @@ def mlp_grad_hvp(
     if biases is not None and v_b is None:
         v_b = [torch.zeros_like(b) for b in biases]
     tensors = [x, *weights]
-    name = _registry.select("mlp_grad_hvp", tensors, backend, widths=tuple(widths), n=x.shape[1])
+    name = registry.select("mlp_grad_hvp", tensors, backend, widths=tuple(widths), n=x.shape[1])
     if name == "reference":
         return mlp_grad_hvp_ref(weights, biases, x, y, v_w, v_b, activation, loss)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _checks, _registry
+from fastmeta.ops import checks, registry
 from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
 
 _STEM = "proto_loss"
@@ -40,10 +40,10 @@ def _cpp_slower(query, protos=None, metric: str = "sqeuclidean", **_) -> str:
 
 # proto_logits keeps the kernel at every shape (its composite form is the reference, slower in
 # fwd+bwd at every shape measured); only the loss has a fewer-op composite form.
-_registry.register("proto_logits", [_registry.triton_backend(), _registry.cpp_backend(),
-                                    _registry.composite_backend(), _registry.reference_backend()])
-_registry.register("proto_loss", [_registry.triton_backend(), _registry.cpp_backend(slower=_cpp_slower),
-                                  _registry.composite_backend(), _registry.reference_backend()])
+registry.register("proto_logits", [registry.triton_backend(), registry.cpp_backend(),
+                                    registry.composite_backend(), registry.reference_backend()])
+registry.register("proto_loss", [registry.triton_backend(), registry.cpp_backend(slower=_cpp_slower),
+                                  registry.composite_backend(), registry.reference_backend()])
 
 
 # ---- reference (oracle; always-available backend; twice differentiable) ------------------
@@ -99,7 +99,7 @@ def _proto_loss_composite(query, protos, labels, metric, scale, reduction):
 def _logits_fwd(
     query: torch.Tensor, protos: torch.Tensor, metric: int, scale: float, eps: float, backend: str
 ) -> torch.Tensor:
-    return _registry.kernel(backend, _STEM, "proto_logits_fwd")(query, protos, metric, scale, eps)
+    return registry.kernel(backend, _STEM, "proto_logits_fwd")(query, protos, metric, scale, eps)
 
 
 @_logits_fwd.register_fake
@@ -112,7 +112,7 @@ def _logits_bwd(
     grad: torch.Tensor, query: torch.Tensor, protos: torch.Tensor, metric: int, scale: float,
     eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "proto_logits_bwd")
+    fn = registry.kernel(backend, _STEM, "proto_logits_bwd")
     return fn(grad, query, protos, metric, scale, eps)
 
 
@@ -141,7 +141,7 @@ def _loss_fwd(
     query: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, metric: int, scale: float,
     eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "proto_loss_fwd")
+    fn = registry.kernel(backend, _STEM, "proto_loss_fwd")
     return fn(query, protos, labels, metric, scale, eps)
 
 
@@ -157,7 +157,7 @@ def _loss_bwd(
     grad_loss: torch.Tensor, query: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
     lse: torch.Tensor, metric: int, scale: float, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _registry.kernel(backend, _STEM, "proto_loss_bwd")
+    fn = registry.kernel(backend, _STEM, "proto_loss_bwd")
     return fn(grad_loss, query, protos, labels, lse, metric, scale, eps)
 
 
@@ -188,14 +188,14 @@ _loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def _check_pair(query, protos, metric, scale):
-    _checks.float_tensor("query", query, 3, "[B, Q, D]")
-    _checks.float_tensor("protos", protos, 3, "[B, N, D]")
-    _checks.same_dtype(query=query, protos=protos)
-    _checks.same_device(query=query, protos=protos)
-    _checks.dim_match("episode count B", query_B=query.shape[0], protos_B=protos.shape[0])
-    _checks.dim_match("feature size D", query_D=query.shape[2], protos_D=protos.shape[2])
-    _checks.nonempty(B=query.shape[0], Q=query.shape[1], N=protos.shape[1], D=query.shape[2])
-    return _checks.metric_code(metric, METRICS)
+    checks.float_tensor("query", query, 3, "[B, Q, D]")
+    checks.float_tensor("protos", protos, 3, "[B, N, D]")
+    checks.same_dtype(query=query, protos=protos)
+    checks.same_device(query=query, protos=protos)
+    checks.dim_match("episode count B", query_B=query.shape[0], protos_B=protos.shape[0])
+    checks.dim_match("feature size D", query_D=query.shape[2], protos_D=protos.shape[2])
+    checks.nonempty(B=query.shape[0], Q=query.shape[1], N=protos.shape[1], D=query.shape[2])
+    return checks.metric_code(metric, METRICS)
 
 
 def _learnable(scale) -> bool:
@@ -241,8 +241,8 @@ def proto_logits(
     code = _check_pair(query, protos, metric, 1.0)
     if _learnable(scale):
         return scale * proto_logits(query, protos, metric, 1.0, backend=backend)
-    scale = _checks.scalar("scale", scale)
-    name = _registry.select("proto_logits", [query, protos], backend, metric=metric)
+    scale = checks.scalar("scale", scale)
+    name = registry.select("proto_logits", [query, protos], backend, metric=metric)
     if name in ("reference", "composite"):  # the reference is already the fewest-op form
         return proto_logits_ref(query, protos, metric, scale)
     return _logits_fwd(query, protos, code, scale, EPS, name)
@@ -292,15 +292,15 @@ def proto_loss(
         acc = (logits.argmax(-1) == query_labels).float().mean()
     """
     code = _check_pair(query, protos, metric, 1.0)
-    reduction = _checks.reduction_value(reduction)
-    labels = _checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
-    _checks.same_device(query=query, query_labels=query_labels)
-    _checks.labels_in_range("query_labels", labels, protos.shape[1], "N, the number of prototypes")
+    reduction = checks.reduction_value(reduction)
+    labels = checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
+    checks.same_device(query=query, query_labels=query_labels)
+    checks.labels_in_range("query_labels", labels, protos.shape[1], "N, the number of prototypes")
     if _learnable(scale):
         logits = proto_logits(query, protos, metric, scale, backend=backend)
         return nll_accuracy(logits, labels, reduction)
-    scale = _checks.scalar("scale", scale)
-    name = _registry.select("proto_loss", [query, protos], backend, metric=metric)
+    scale = checks.scalar("scale", scale)
+    name = registry.select("proto_loss", [query, protos], backend, metric=metric)
     if name == "composite":
         return _proto_loss_composite(query, protos, labels, metric, scale, reduction)
     if name == "reference":

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _checks, _registry
+from fastmeta.ops import checks, registry
 
 _STEM = "prototypes"
-_registry.register(
+registry.register(
     "prototypes",
-    [_registry.triton_backend(), _registry.cpp_backend(), _registry.reference_backend()],
+    [registry.triton_backend(), registry.cpp_backend(), registry.reference_backend()],
 )
 
 
@@ -34,7 +34,7 @@ def prototypes_ref(support: torch.Tensor, support_labels: torch.Tensor, n_way: i
 def _prototypes_fwd(
     support: torch.Tensor, labels: torch.Tensor, n_way: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _registry.kernel(backend, _STEM, "prototypes_fwd")(support, labels, n_way)
+    return registry.kernel(backend, _STEM, "prototypes_fwd")(support, labels, n_way)
 
 
 @_prototypes_fwd.register_fake
@@ -47,7 +47,7 @@ def _(support, labels, n_way, backend):
 def _prototypes_bwd(
     grad_protos: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    return _registry.kernel(backend, _STEM, "prototypes_bwd")(grad_protos, labels, counts)
+    return registry.kernel(backend, _STEM, "prototypes_bwd")(grad_protos, labels, counts)
 
 
 @_prototypes_bwd.register_fake
@@ -114,15 +114,15 @@ def prototypes(
         onehot = F.one_hot(support_labels, n_way).to(support.dtype)       # [B,S,N]
         protos = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
     """
-    _checks.float_tensor("support", support, 3, "[B, S, D]")
-    n_way = _checks.n_way_value(n_way)
-    labels = _checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")
-    _checks.same_device(support=support, support_labels=support_labels)
+    checks.float_tensor("support", support, 3, "[B, S, D]")
+    n_way = checks.n_way_value(n_way)
+    labels = checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")
+    checks.same_device(support=support, support_labels=support_labels)
     b, s, d = support.shape
-    _checks.nonempty(B=b, S=s, D=d)
-    _checks.labels_in_range("support_labels", labels, n_way, "n_way")
-    _checks.every_class_present(labels, n_way)
-    name = _registry.select("prototypes", [support], backend)
+    checks.nonempty(B=b, S=s, D=d)
+    checks.labels_in_range("support_labels", labels, n_way, "n_way")
+    checks.every_class_present(labels, n_way)
+    name = registry.select("prototypes", [support], backend)
     if name == "reference":
         return prototypes_ref(support, labels, n_way)
     return _prototypes_fwd(support, labels.contiguous(), n_way, name)[0]

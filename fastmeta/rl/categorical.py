@@ -4,7 +4,7 @@ A tanh MLP (64-64 by default) gives the logits; a :class:`fastmeta.nn.TaskModule
 for T tasks at once with per-task parameters ``{name: [T, *shape]}`` (``"logits.<i>.weight"``,
 ``"logits.<i>.bias"``). It implements the policy protocol of :mod:`fastmeta.rl.policy`: the
 Fisher product is analytic (:func:`fastmeta.rl.curvature.categorical_fisher`); the inner-loss
-Hessian products come from :func:`fastmeta.ops.task_hvp` (``hvp`` returns None).
+Hessian products come from :func:`fastmeta.func.task_hvp` (``hvp`` returns None).
 
 Actions are int64 indices ``[T, E]`` (sampling) / ``[T, N]`` (losses).
 """

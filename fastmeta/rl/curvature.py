@@ -12,7 +12,7 @@ backward in float64 (tests/rl/test_maml_trpo.py).
 * :func:`categorical_fisher` -- the same for a softmax policy: ``J^T (diag(p) - p p^T) J``.
 * :func:`pg_hvp` -- ``H_t v_t``, the Hessian of the inner policy-gradient loss
   ``L_t = mean_n -c_n log pi(a_n | s_n)`` (:func:`fastmeta.rl.policy.pg_loss`), the same
-  products ``fastmeta.ops.task_hvp`` gives by double backward: Pearlmutter's R-operator
+  products ``fastmeta.func.task_hvp`` gives by double backward: Pearlmutter's R-operator
   (Neural Computation 1994) through the tanh MLP -- forward tangents, then the backward
   signals' tangents -- plus the exact log-std blocks
   ``d^2 L / d mu d log_std = -2 dL/dmu``, ``d^2 L / d log_std^2 = mean_n 2 c_n (a - mu)^2 e^{-2 log_std}``.

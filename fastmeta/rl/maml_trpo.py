@@ -51,7 +51,7 @@ class MAMLTRPO:
         max_kl, cg_iters, cg_damping, ls_steps, ls_backtrack: the TRPO outer step.
         baseline_reg: ridge coefficient of the linear feature baseline.
         hvp: inner-loss Hessian products for the meta-Fisher: ``"analytic"`` (cached R-operator,
-            fastmeta.rl.curvature) or ``"task_hvp"`` (fastmeta.ops.task_hvp); both exact.
+            fastmeta.rl.curvature) or ``"task_hvp"`` (fastmeta.func.task_hvp); both exact.
     """
 
     def __init__(self, policy, fast_lr: float = 0.1, inner_steps: int = 1, gamma: float = 0.99,

@@ -12,7 +12,7 @@ with ``H_{t,i}`` the inner-loss Hessian at iterate i and ``F_t`` the analytic Ga
 of the adapted policy on task t's validation states (fastmeta.rl.curvature; the categorical policy's ``J^T (diag p - p p^T) J``). Each product is 2k
 batched HVPs plus one batched Fisher product, all tasks at once; no per-task loop, no
 third-order graph. The HVPs are ``hvp="analytic"`` (default: fastmeta.rl.curvature.pg_hvp,
-activations cached once per operator) or ``hvp="task_hvp"`` (:func:`fastmeta.ops.task_hvp`,
+activations cached once per operator) or ``hvp="task_hvp"`` (:func:`fastmeta.func.task_hvp`,
 double backward of the batched loss, recomputed per product); both are exact. (Peers -- pytorch-maml-rl,
 learn2learn, garage -- double-backward through every task's inner graph per product.)
 
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from fastmeta.func import task_function, task_losses
-from fastmeta.ops import inner_update, task_hvp
+from fastmeta.ops import inner_update
+from fastmeta.func import task_hvp
 
 
 def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, steps: int = 1,

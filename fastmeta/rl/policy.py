@@ -3,7 +3,7 @@
 The policy of Finn et al. 2017, section 5.3 (and pytorch-maml-rl): a 64-64 tanh MLP for the
 mean, a learned state-independent log standard deviation. It is a :class:`fastmeta.nn.TaskModule`,
 so ``fastmeta.func.task_function(policy)`` runs it for T tasks at once with per-task
-parameters ``{name: [T, *shape]}`` and ``fastmeta.ops.task_hvp`` gives its per-task Hessians.
+parameters ``{name: [T, *shape]}`` and ``fastmeta.func.task_hvp`` gives its per-task Hessians.
 
 Output of the task-batched call: ``[T, N, 2 * act_dim]`` = ``cat(mu, log_std)`` (the log-std
 repeated over N), which the losses below read.
@@ -14,7 +14,7 @@ The policy protocol MAML-TRPO uses (shared with :class:`fastmeta.rl.categorical.
 ``discrete``, ``log_prob(out, actions)``, ``kl(out_new, out_old)``, ``loss(out, target,
 reduction)`` (the inner policy-gradient loss), ``pack(actions, weights) -> target``,
 ``fisher(params, obs, weights)`` and ``hvp(params, x, target)`` (analytic curvature operators;
-``hvp`` may return None: then fastmeta.ops.task_hvp serves), ``actor(params, generator)``.
+``hvp`` may return None: then fastmeta.func.task_hvp serves), ``actor(params, generator)``.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def gaussian_kl(out_new: Tensor, out_old: Tensor) -> Tensor:
 
 def pg_loss(out: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Policy-gradient (REINFORCE) loss ``-w * log pi(a | s)`` per state, for
-    ``fastmeta.func.task_losses`` / ``fastmeta.ops.task_hvp``.
+    ``fastmeta.func.task_losses`` / ``fastmeta.func.task_hvp``.
 
     ``out [..., 2A]`` is the policy output; ``target [..., A + 1]`` packs the action ``[..., :A]``
     and the weight ``w`` (advantage x mask, scaled so that the per-task mean over states is the

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import DEVICE, ON_CPU, assert_close64, assert_close_measured
 
-from fastmeta.ops import BackendError, _registry, inner_update, inner_update_ref
+from fastmeta.ops import BackendError, registry, inner_update, inner_update_ref
 
 iu_mod = importlib.import_module("fastmeta.ops.inner_update")
 
@@ -21,7 +21,7 @@ F64 = torch.float64
 def _skip_unbuilt_backend(request):
     callspec = getattr(request.node, "callspec", None)
     name = callspec.params.get("backend") if callspec else None
-    for b in _registry._TABLE["inner_update"]:
+    for b in registry._TABLE["inner_update"]:
         if b.name == name and b.available():
             pytest.skip(f"backend {name}: {b.available()}")
 
@@ -438,7 +438,7 @@ def test_auto_selection_and_mixed_dtypes_fall_back():
     for o, p, g in zip(out, ps, gs):
         assert o.dtype == p.dtype
         torch.testing.assert_close(o, p - 0.5 * g)
-    if _registry.select("inner_update", [ps[0]]) != "reference":
+    if registry.select("inner_update", [ps[0]]) != "reference":
         with pytest.raises(BackendError, match="several dtypes"):
             inner_update(ps, gs, 0.5, backend=FAST[0])
 
@@ -448,7 +448,7 @@ def test_cpp_declines_float16():
     p = [torch.randn(2, 3, dtype=torch.float16)]
     out = inner_update(p, p, 0.5)
     torch.testing.assert_close(out[0], p[0] - 0.5 * p[0])
-    if _registry.select("inner_update", [torch.randn(1)]) == "cpp":
+    if registry.select("inner_update", [torch.randn(1)]) == "cpp":
         with pytest.raises(BackendError, match="dtype float16 not supported"):
             inner_update(p, p, 0.5, backend="cpp")
 

@@ -263,13 +263,13 @@ def test_torch_compile_fullgraph(backend, compiler):
 def test_auto_backend_on_cpu_is_cpp_when_built():
     from helpers import unavailable_reason
 
-    from fastmeta.ops import _registry
+    from fastmeta.ops import registry
 
     if not ON_CPU or unavailable_reason("cpp"):
         pytest.skip("cpp backend not available")
     x = torch.zeros(1, 1, 1)
-    assert _registry.select("matching_attention", [x, x]) == "cpp"
-    assert _registry.select("matching_loss", [x, x]) == "cpp"
+    assert registry.select("matching_attention", [x, x]) == "cpp"
+    assert registry.select("matching_loss", [x, x]) == "cpp"
 
 
 # ---- bad inputs ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastmeta.func import task_function, task_losses
-from fastmeta.ops import task_hvp
+from fastmeta.func import task_hvp
 from fastmeta.rl.curvature import categorical_fisher, gaussian_fisher, pg_hvp
 from fastmeta.rl.categorical import CategoricalMLPPolicy
 from fastmeta.rl.maml_trpo import MAMLTRPO

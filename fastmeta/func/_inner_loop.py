@@ -6,7 +6,7 @@ Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks"
 The backward is reverse-mode through the k updates ``theta_{i+1} = theta_i - lr * g(theta_i)``
 (the "backprop through the optimizer" recursion of Maclaurin et al., ICML 2015), with each
 step's vector-Jacobian product ``v - H_i (lr * v)`` taken by one batched Hessian-vector
-product (:func:`fastmeta.ops.task_hvp`) that recomputes the step's activations.
+product (:func:`fastmeta.func.task_hvp`) that recomputes the step's activations.
 
 Memory: the forward keeps the parameter iterates ``theta_0 .. theta_{k-1}`` (``theta_0`` is
 usually a zero-copy ``expand`` view of the shared parameters) and nothing else -- each step's
@@ -24,21 +24,15 @@ This is a model-level op (it runs the module), so it is a ``torch.autograd.Funct
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _checks
-
-# the submodule (``fastmeta.ops.task_hvp`` the attribute is the public function)
-_hvp = importlib.import_module("fastmeta.ops.task_hvp")
+from fastmeta.func import _task_hvp as _hvp
+from fastmeta.ops import checks, inner_update
 
 
 def _update(theta: list, grads: list, lrs: list) -> list:
     """One inner step for every tensor (the single place the update rule lives)."""
-    from fastmeta.ops.inner_update import inner_update
-
     if all(isinstance(lr, float) for lr in lrs) and len(set(lrs)) == 1:
         lrs = lrs[0]  # one python step size: inner_update's scalar fast path
     return inner_update(list(theta), list(grads), lrs if isinstance(lrs, float) else list(lrs))
@@ -192,14 +186,14 @@ def _check_lr(lr, names, params):
             raise ValueError(f"lr is missing keys {missing}; give a learning rate for each of {list(names)}")
         spec, tensors = [], []
         for k in names:
-            v = _checks.lr_value(f"lr[{k!r}]", lr[k], params[k], repr(k))
+            v = checks.lr_value(f"lr[{k!r}]", lr[k], params[k], repr(k))
             if isinstance(v, torch.Tensor):
                 spec.append(len(tensors))
                 tensors.append(v)
             else:
                 spec.append(("const", v))
         return spec, tensors
-    v = _checks.lr_value("lr", lr, one_of="a dict name -> float or tensor")
+    v = checks.lr_value("lr", lr, one_of="a dict name -> float or tensor")
     if isinstance(v, torch.Tensor):
         return [0] * len(names), [v.reshape(())]
     return [("const", v)] * len(names), []
@@ -224,7 +218,7 @@ def inner_loop(
 
     Backward gives the EXACT meta-gradient w.r.t. ``params`` and (learnable) ``lr``: it walks
     the steps in reverse, ``v <- v - H_t(theta_i) (lr * v)`` and ``d lr += -g_i * v``, with one
-    batched Hessian-vector product per step (:func:`fastmeta.ops.task_hvp`) that recomputes
+    batched Hessian-vector product per step (:func:`fastmeta.func.task_hvp`) that recomputes
     the step's activations. The forward stores only ``theta_0 .. theta_{steps-1}``: memory
     grows with ``steps`` by the parameters, not the activations. ``first_order=True`` (FOMAML)
     treats each step's Jacobian as the identity (no HVPs; ``lr`` still gets ``-sum g_i * v``).
@@ -263,7 +257,7 @@ def inner_loop(
     Example::
 
         >>> fn = fastmeta.func.task_function(model)
-        >>> fast = fastmeta.ops.inner_loop(fn, fn.expand(T), sx, sy, steps=5, lr=0.4)
+        >>> fast = fastmeta.func.inner_loop(fn, fn.expand(T), sx, sy, steps=5, lr=0.4)
         >>> F.cross_entropy(fn(fast, qx).flatten(0, 1), qy.flatten()).backward()
 
     Equivalent PyTorch code (per task, keeping every step's graph)::
@@ -277,7 +271,7 @@ def inner_loop(
     fn = _hvp.task_fn(model)
     T = _hvp.check_data(support_x, support_y, "support_x", "support_y")
     _hvp.check_param_dict(fn, "params", params, T)
-    steps = _checks.steps_value(steps)
+    steps = checks.steps_value(steps)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     names = tuple(fn.names)

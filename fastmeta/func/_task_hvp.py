@@ -10,9 +10,9 @@ This is a *model-level* op: it takes a module (or a :class:`fastmeta.func.TaskFu
 runs its forward, so it is not a ``torch.library`` custom op (a schema cannot carry a module
 or a loss function; the tensor-level analytic kernels it calls, ``fastmeta.ops.mlp_grad_hvp``,
 are). Its results carry no autograd graph: it feeds the backward of
-:func:`fastmeta.ops.inner_loop` (and TRPO/iMAML-style solvers), which never differentiate it.
+:func:`fastmeta.func.inner_loop` (and TRPO/iMAML-style solvers), which never differentiate it.
 
-Backends (``fastmeta.ops._registry`` table ``task_hvp``, first that fits wins, in this order
+Backends (``fastmeta.ops.registry`` table ``task_hvp``, first that fits wins, in this order
 except ``func``, which is tried after ``reference`` (see ``_BACKENDS`` for the measurement)):
 
 * ``analytic`` -- the model is a pure Linear/activation stack (``TaskFunction.mlp`` is set)
@@ -32,7 +32,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastmeta.ops import _registry
+from fastmeta.func._losses import task_losses
+from fastmeta.func._task_function import TaskFunction, task_function
+from fastmeta.ops import mlp_grad, mlp_grad_hvp, registry
 
 _OP = "task_hvp"
 _NAMES = ("analytic", "func", "reference")
@@ -43,11 +45,7 @@ _LOSS_NAMES = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse"}
 
 
 def _mlp_hvp_available() -> str:
-    try:
-        from fastmeta.ops import mlp_hvp  # noqa: F401
-    except ImportError as e:  # written by another module of the package; absent in old trees
-        return f"fastmeta.ops.mlp_hvp is not importable ({e})"
-    return ""
+    return ""  # fastmeta.ops.mlp_grad_hvp always imports (its own backends decide the kernel)
 
 
 def _analytic_limits(*tensors, fn, loss_fn) -> list[str]:
@@ -67,12 +65,12 @@ _ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
 # torch's jvp decompositions), so "func" runs only when forced; measured in
 # bench/results/inner_loop_hvp.md.
 _BACKENDS = (
-    _registry.Backend("analytic", frozenset({"cpu", "cuda"}), _registry.ALL_FLOATS, _mlp_hvp_available,
+    registry.Backend("analytic", frozenset({"cpu", "cuda"}), registry.ALL_FLOATS, _mlp_hvp_available,
                       _analytic_limits),
-    _registry.Backend("reference", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
-    _registry.Backend("func", _ANY_DEVICE, _registry.ALL_FLOATS, lambda: ""),
+    registry.Backend("reference", _ANY_DEVICE, registry.ALL_FLOATS, lambda: ""),
+    registry.Backend("func", _ANY_DEVICE, registry.ALL_FLOATS, lambda: ""),
 )
-_registry.register(_OP, _BACKENDS)
+registry.register(_OP, _BACKENDS)
 
 
 def select_backend(fn, tensors, loss_fn, backend: str | None = None) -> str:
@@ -81,16 +79,16 @@ def select_backend(fn, tensors, loss_fn, backend: str | None = None) -> str:
     FASTMETA_BACKEND naming a kernel backend (``cpp``, ``triton``, ``cuda``) does not force a
     task_hvp strategy: it is left to the analytic backend's tensor-level kernel choice.
     """
-    env = os.environ.get(_registry._ENV_VAR) or None
+    env = os.environ.get(registry.ENV_VAR) or None
     if backend is not None or env in _NAMES:
-        return _registry.select(_OP, tensors, backend, fn=fn, loss_fn=loss_fn)
+        return registry.select(_OP, tensors, backend, fn=fn, loss_fn=loss_fn)
     all_reasons = []
     for b in _BACKENDS:
         reasons = b.not_supported_reasons(tensors, fn=fn, loss_fn=loss_fn)
         if not reasons:
             return b.name
         all_reasons.append(f"  {b.name}: " + "; ".join(reasons))
-    raise _registry.BackendError(f"{_OP}: no backend can run this call:\n" + "\n".join(all_reasons))
+    raise registry.BackendError(f"{_OP}: no backend can run this call:\n" + "\n".join(all_reasons))
 
 
 # ---- validation shared with inner_loop ---------------------------------------------------------
@@ -98,8 +96,6 @@ def select_backend(fn, tensors, loss_fn, backend: str | None = None) -> str:
 
 def task_fn(model):
     """``model`` as a :class:`fastmeta.func.TaskFunction` (nn.Module -> cached task_function)."""
-    from fastmeta.func import TaskFunction, task_function
-
     if isinstance(model, TaskFunction):
         return model
     if isinstance(model, torch.nn.Module):
@@ -160,8 +156,6 @@ def _leaves(params: dict, names) -> dict:
 
 
 def _summed_losses(fn, params, x, y, loss_fn):
-    from fastmeta.func import task_losses
-
     return task_losses(loss_fn, fn(params, x), y)
 
 
@@ -247,8 +241,6 @@ def _mlp_dict(fn, ws, bs):
 
 
 def grad_analytic(fn, params, x, y, loss_fn):
-    from fastmeta.ops.mlp_hvp import mlp_grad
-
     weights, biases = mlp_lists(fn, {k: t.detach() for k, t in params.items()})
     with torch.no_grad():
         losses, gw, gb = mlp_grad(weights, biases, x, y, fn.mlp.activation, _LOSS_NAMES[loss_fn])
@@ -256,8 +248,6 @@ def grad_analytic(fn, params, x, y, loss_fn):
 
 
 def _hvp_analytic(fn, params, x, y, v, loss_fn):
-    from fastmeta.ops.mlp_hvp import mlp_grad_hvp
-
     weights, biases = mlp_lists(fn, {k: t.detach() for k, t in params.items()})
     vw, vb = mlp_lists(fn, {k: t.detach() for k, t in v.items()})
     with torch.no_grad():
@@ -319,7 +309,7 @@ def task_hvp(
 
         >>> fn = fastmeta.func.task_function(fastmeta.nn.TaskMLP([1, 40, 40, 1], "relu"))
         >>> p = fn.expand(25)
-        >>> hv = fastmeta.ops.task_hvp(fn, p, x, y, {k: torch.randn_like(t) for k, t in p.items()},
+        >>> hv = fastmeta.func.task_hvp(fn, p, x, y, {k: torch.randn_like(t) for k, t in p.items()},
         ...                            loss_fn=F.mse_loss)
 
     Equivalent PyTorch code::

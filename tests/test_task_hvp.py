@@ -4,13 +4,12 @@ and gradients of return_grad); backend selection and bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from helpers import assert_close64
+from torch import nn
 
-from fastmeta.func import task_function
+from fastmeta.func import task_function, task_hvp, task_hvp_ref
 from fastmeta.nn import TaskConv4, TaskMLP
-from fastmeta.ops import BackendError, task_hvp, task_hvp_ref
-
+from fastmeta.ops import BackendError
 
 # torch's forward-AD decompositions (loaded by the first torch.func.jvp) call torch.jit.script
 pytestmark = [

@@ -5,13 +5,11 @@ memory (only parameter iterates saved), randomness, bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from helpers import assert_close64
+from torch import nn
 
-from fastmeta.func import task_function
+from fastmeta.func import inner_loop, task_function
 from fastmeta.nn import TaskConv4, TaskMLP
-from fastmeta.ops import inner_loop
-
 
 # torch's forward-AD decompositions (loaded by the first torch.func.jvp) call torch.jit.script
 pytestmark = [

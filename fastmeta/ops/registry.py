@@ -33,7 +33,7 @@ from fastmeta import _ext
 
 # kernel backends, then the model-level strategies of task_hvp (analytic R-op, torch.func)
 BACKEND_NAMES = ("triton", "cuda", "cpp", "composite", "reference", "analytic", "func")
-_ENV_VAR = "FASTMETA_BACKEND"
+ENV_VAR = "FASTMETA_BACKEND"
 
 
 class BackendError(RuntimeError):
@@ -190,13 +190,13 @@ def select(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None,
     if op not in _TABLE:
         raise KeyError(f"op {op!r} has no backends registered; known ops: {ops()}")
     entries = _TABLE[op]
-    forced = backend if backend is not None else (os.environ.get(_ENV_VAR) or None)
+    forced = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if forced is not None:
         if not isinstance(forced, str):
             raise TypeError(f"backend must be a str or None, got {type(forced).__name__}")
         by_name = {b.name: b for b in entries}
         if forced not in by_name:
-            source = "backend=" if backend is not None else f"{_ENV_VAR}="
+            source = "backend=" if backend is not None else f"{ENV_VAR}="
             raise ValueError(
                 f"{source}{forced!r} is not a backend of {op}; choose one of {list(by_name)}"
             )
@@ -252,7 +252,7 @@ def format_table() -> str:
     rows = table()
     lines = [
         f"fastmeta backends (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
-        f"forced: {os.environ.get(_ENV_VAR) or 'none'})",
+        f"forced: {os.environ.get(ENV_VAR) or 'none'})",
         f"  C++ extension: {'built' if _ext.available() else 'not available: ' + _ext.reason()}",
         f"  Triton: {triton_unavailable_reason() or 'available'}"
         + (" (interpreter mode)" if triton_interpreting() else ""),
