@@ -165,3 +165,9 @@ def test_cli_trains_and_evaluates(name, tmp_path, monkeypatch):
     assert cli.main(args[:args.index("--steps") + 1] + ["5"] + args[args.index("--steps") + 2:] + ["--resume"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 5
     assert name in recipes.DEMO_SKIP
+
+
+def test_default_finetune_lr_depends_on_the_head():
+    assert Baseline(Conv4(1), 64, 5).finetune_lr == 0.1
+    assert Baseline(Conv4(1), 64, 5, head="cosine").finetune_lr == 0.03
+    assert Baseline(Conv4(1), 64, 5, head="cosine", finetune_lr=0.5).finetune_lr == 0.5

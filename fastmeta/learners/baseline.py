@@ -114,7 +114,11 @@ class Baseline(FewShotLearner):
         head: ``"linear"`` (Baseline) or ``"cosine"`` (Baseline++).
         scale: the cosine head's scale (Chen et al.: 2 with <= 200 classes, else 10);
             ``learn_scale=True`` makes it a parameter of the pretraining head.
-        finetune_steps, finetune_lr, seed: the test-time fit (:func:`fit_heads`).
+        finetune_steps, finetune_lr, seed: the test-time fit (:func:`fit_heads`). Chen et
+            al. use lr 0.01 on minibatches of 4 for 100 epochs (200 steps at 5-way 1-shot, 700 at
+            5-shot); full-batch, 100 steps need larger rates: the default (``None``) is 0.1 for
+            the linear head, 0.03 for the cosine head (chosen on glyphs' validation split;
+            bench/results/baseline.md).
 
     ``forward(support_x, support_y, query_x, query_y, n_way=None, reduction="mean",
     classes=None) -> (loss, acc)``: given ``classes`` (``[B, N]``, the dataset id of each
@@ -131,7 +135,7 @@ class Baseline(FewShotLearner):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, classes, head: str = "linear",
                  scale: float = 10.0, learn_scale: bool = False, finetune_steps: int = 100,
-                 finetune_lr: float = 0.01, seed: int = 0):
+                 finetune_lr: float | None = None, seed: int = 0):
         super().__init__()
         _check_head(head)
         ids = torch.arange(max(classes, 0)) if isinstance(classes, int) and not isinstance(classes, bool) \
@@ -148,6 +152,8 @@ class Baseline(FewShotLearner):
         linear = nn.Linear(feature_dim, ids.numel(), bias=head == "linear")
         self.weight, self.bias = linear.weight, linear.bias
         self.scale = nn.Parameter(torch.tensor(float(scale))) if learn_scale else float(scale)
+        if finetune_lr is None:
+            finetune_lr = 0.1 if head == "linear" else 0.03
         self.finetune_steps, self.finetune_lr, self.seed = finetune_steps, finetune_lr, seed
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
