@@ -48,9 +48,9 @@ class ConvBlock(nn.Module):
 class OmniglotCNN(nn.Module):
     """learn2learn's OmniglotCNN: the body is ``self.base`` AND ``self.features[1]``."""
 
-    def __init__(self, n_way=3, hidden=4, layers=2, size=8, track=True):
+    def __init__(self, n_way=3, hidden=4, layers=2, size=8, track=True, traceable=True):
         super().__init__()
-        self.size = size
+        self.size, self.traceable = size, traceable
         self.base = nn.Sequential(*[ConvBlock(1 if i == 0 else hidden, hidden, track) for i in range(layers)])
         self.features = nn.Sequential(
             Lambda(lambda x: x.view(-1, 1, self.size, self.size)),
@@ -61,7 +61,20 @@ class OmniglotCNN(nn.Module):
         self.classifier = nn.Linear(hidden, n_way)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        if self.traceable:
+            return self.classifier(self.features(x))
+        # a parameter used outside its module: the traced path refuses it (vmap or loop path)
+        return F.linear(self.features(x), self.classifier.weight, self.classifier.bias)
+
+
+# the three paths a tied OmniglotCNN can take: traced (running statistics never updated),
+# vmap (untraceable, no running statistics), loop (untraceable, running statistics: vmap fails)
+PATHS = {"traced": dict(track=True), "vmap": dict(track=False, traceable=False),
+         "loop": dict(track=True, traceable=False)}
+
+
+def omniglot(path):
+    return OmniglotCNN(**PATHS[path]).to(DT)
 
 
 def omniglot_reference(p, x, layers=2, size=8):
@@ -109,18 +122,18 @@ def assert_intact(model, params_before):
         assert a is b and isinstance(a, nn.Parameter) and a.is_leaf
 
 
-@pytest.mark.parametrize("track", [False, True], ids=["vmap", "loop"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_omniglot_cnn_meta_gradient(track, first_order, steps):
-    model = OmniglotCNN(track=track).to(DT)
+def test_omniglot_cnn_meta_gradient(path, first_order, steps):
+    model = omniglot(path)
     before = list(model.parameters())
     assert len(before) == 10  # the tied body counted once
     maml = fastmeta.MAML(model, lr=0.3, first_order=first_order)
     data = batch()
-    with pytest.warns(UserWarning, match="vmap failed") if track else _no_warning():
+    with pytest.warns(UserWarning, match="vmap failed") if path == "loop" else _no_warning():
         res = maml.meta_loss(*data, steps=steps)
-    assert maml.task_function().path == ("loop" if track else "vmap")
+    assert maml.task_function().path == path
     g_fast = grads(res.loss, before)
     assert_intact(model, before)
     ref = naive_meta_loss(omniglot_reference, dict(model.named_parameters()), data, steps, 0.3, first_order)
@@ -145,11 +158,11 @@ class _no_warning:
         return self._cm.__exit__(*exc)
 
 
-@pytest.mark.parametrize("track", [False, True], ids=["vmap", "loop"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("learner", ["MAML", "MetaSGD"])
-def test_training_steps_update_every_parameter(track, learner):
+def test_training_steps_update_every_parameter(path, learner):
     torch.manual_seed(1)
-    model = OmniglotCNN(track=track).to(DT)
+    model = omniglot(path)
     before = list(model.parameters())
     meta = fastmeta.MAML(model, lr=0.3) if learner == "MAML" else fastmeta.MetaSGD(model, lr=0.3)
     named = list(meta.named_parameters())
@@ -158,7 +171,7 @@ def test_training_steps_update_every_parameter(track, learner):
     for step in range(2):  # the second step runs on what the first left in the module
         values = [p.detach().clone() for _, p in named]
         opt.zero_grad()
-        with pytest.warns(UserWarning) if (track and step == 0) else _no_warning():
+        with pytest.warns(UserWarning) if (path == "loop" and step == 0) else _no_warning():
             meta.meta_loss(*batch(seed=step), steps=1).loss.backward()
         opt.step()
         for (n, p), v in zip(named, values):
@@ -174,7 +187,7 @@ def test_training_steps_update_every_parameter(track, learner):
 
 
 def test_metasgd_tied_matches_naive():
-    model = OmniglotCNN(track=False).to(DT)
+    model = omniglot("vmap")
     msgd = fastmeta.MetaSGD(model, lr=0.2)
     with torch.no_grad():
         for v in msgd.lrs.values():
@@ -213,7 +226,7 @@ def test_anil_shared_head_matches_naive():
     before_h = list(head.parameters())
     wrt = list(features.parameters()) + before_h
     g_fast = grads(anil.meta_loss(*data, steps=2).loss, wrt)
-    assert anil.head_function().path == "vmap"
+    assert anil.head_function().path == "traced"  # the shared head module, traced
     assert_intact(head, before_h)
 
     def head_ref(p, z):
@@ -249,11 +262,12 @@ def same_module_twice_net():
 
 
 @pytest.mark.parametrize("make", [tied_parameter_net, same_module_twice_net])
-def test_tied_sequential_takes_vmap_and_matches_naive(make):
+def test_tied_sequential_is_traced_and_matches_naive(make):
     net = make()
     before = list(net.parameters())
     fn = task_function(net)
-    assert fn.path == "vmap" and "tied weights" in fn.reason
+    # the Sequential conversion refuses tied weights; the traced path serves them
+    assert fn.path == "traced", fn.reason
     slots = param_slots(net)
 
     def ref(p, x):
@@ -281,7 +295,7 @@ def test_tied_sequential_takes_vmap_and_matches_naive(make):
 def test_inner_loop_func_hvp_on_shared_body():
     """The torch.func (forward-over-reverse) HVP backend runs the module through the same call:
     its adapted parameters' gradients equal the double-backward backend's."""
-    model = OmniglotCNN(track=False).to(DT)
+    model = omniglot("vmap")
     fn = task_function(model)
     sx, sy, qx, qy = batch(seed=5)
     out = {}
@@ -315,14 +329,14 @@ def test_call_with_restores_on_error():
     assert m.alias.weight is before[0]
 
 
-@pytest.mark.parametrize("track", [False, True], ids=["vmap", "loop"])
-def test_task_chunks_on_tied_model_match_one_chunk(track):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_task_chunks_on_tied_model_match_one_chunk(path):
     """task_chunk computes each chunk's gradients inside its forward: same as one chunk."""
-    model = OmniglotCNN(track=track).to(DT)
+    model = omniglot(path)
     before = list(model.parameters())
     maml = fastmeta.MAML(model, lr=0.3)
     data = batch(T=3, seed=6)
-    with pytest.warns(UserWarning) if track else _no_warning():
+    with pytest.warns(UserWarning) if path == "loop" else _no_warning():
         g_one = grads(maml.meta_loss(*data, steps=1).loss, before)
     g_chunked = grads(maml.meta_loss(*data, steps=1, task_chunk=2).loss, before)
     assert_intact(model, before)

@@ -19,8 +19,9 @@ reshape that keep the first dimension, reductions and indexing over dimensions >
 anything that could mix the examples of different tasks in one batch (a reduction over all
 dimensions, ``.item()``, a functional batch norm), a parameter or buffer used directly in the
 forward (a ``get_attr`` node: ``F.linear(x, self.weight)``), a leaf without a task-batched
-layer, and tied weights are refused with a reason, and the caller
-(:class:`fastmeta.func.TaskFunction`) falls back to ``torch.func.vmap``.
+layer are refused with a reason, and the caller (:class:`fastmeta.func.TaskFunction`) falls
+back to ``torch.func.vmap``. Tied weights are served: every use of a Parameter reachable under
+several names reads the per-task tensor of its first name in ``named_parameters()``.
 
 The trace is taken once (at planning time), with every forward argument after the first bound
 to its default value; Python control flow and attributes read by the forward (e.g. an image
@@ -343,11 +344,6 @@ def _kind(node: fx.Node, kinds: dict) -> str:
 def trace(module: nn.Module) -> tuple[TracedTaskModel | None, str, bool]:
     """``(model, "", False)``, or ``(None, reason, trace_failed)`` when ``module`` cannot run on
     the traced task-batched path (``trace_failed``: ``torch.fx`` itself could not trace it)."""
-    seen = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            return None, f"parameter {name} is the same tensor as {seen[id(p)]} (tied weights)", False
-        seen[id(p)] = name
     try:
         sig = inspect.signature(module.forward)
         extra = list(sig.parameters.values())[1:]
@@ -369,6 +365,10 @@ def trace(module: nn.Module) -> tuple[TracedTaskModel | None, str, bool]:
 
 
 def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
+    # tied weights (one Parameter reachable under several names, e.g. a submodule registered
+    # twice): every use reads the per-task tensor of its first name, so it is adapted once per
+    # task and its gradient sums over the uses
+    canonical = {id(p): n for n, p in module.named_parameters()}
     kinds: dict = {}
     steps, mapping = [], []
     covered = set()
@@ -391,7 +391,7 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
                 layer = to_task_batched(leaf)
             except UnsupportedModuleError as e:
                 raise _Refused(f"{node.target}: {str(e).removeprefix('<root>: ')}") from None
-            keys = tuple((n, f"{node.target}.{n}") for n, p in leaf._parameters.items() if p is not None)
+            keys = tuple((n, canonical[id(p)]) for n, p in leaf._parameters.items() if p is not None)
             covered.update(full for _, full in keys)
             steps.append(_Step(node, "layer", layer, f"{node.target}.", keys))
             kinds[node] = _BATCH

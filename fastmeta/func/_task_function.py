@@ -130,7 +130,8 @@ class TaskFunction:
     first name in ``named_parameters()``) and is substituted everywhere it is held; the module
     holds its own Parameters again after every call, also when the call raises.
     ``torch.func.functional_call`` would leave such a module holding the per-task tensors. The
-    batched path refuses tied weights, so such modules take the vmap or loop path.
+    batched path (``nn.Sequential`` conversion) refuses tied weights; the traced path serves
+    them (each use reads the first name's tensor), else they take the vmap or loop path.
 
     Path choice is cached (:func:`task_function`); each call compares a cheap fingerprint of
     the module tree (submodules, training flags, parameter/buffer identities, requires_grad)
