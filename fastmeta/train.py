@@ -44,7 +44,8 @@ class TrainConfig:
     (higher is better), ``"mse"`` (regression; lower is better) or ``"return"`` (RL agents;
     higher is better). ``extra_fields``: further CSV columns, averaged over each log window
     from the dict a step function may return third (e.g. an RL agent's pre/post-adaptation
-    returns); they are plotted beside ``metric``."""
+    returns, KL, step size); ``plot_fields``: those of them drawn beside ``metric`` (same
+    scale)."""
 
     steps: int = 1000
     minutes: float | None = None
@@ -57,6 +58,7 @@ class TrainConfig:
     progress: bool = True
     metric: str = "acc"
     extra_fields: tuple[str, ...] = ()
+    plot_fields: tuple[str, ...] = ()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -111,6 +113,9 @@ class Trainer:
         self.metric = config.metric
         if self.metric not in METRICS:
             raise ValueError(f"TrainConfig.metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+        if not set(config.plot_fields) <= set(config.extra_fields):
+            raise ValueError(f"TrainConfig.plot_fields {config.plot_fields} must be among extra_fields "
+                             f"{config.extra_fields}")
         self.lower_is_better = METRICS[self.metric]
         self.fields = csv_fields(self.metric, tuple(config.extra_fields))
         self.best_val = math.inf if self.lower_is_better else -math.inf
@@ -190,7 +195,7 @@ class Trainer:
             ax1.set_yscale("log")  # a surrogate loss can be negative
         ax1.legend()
         ax2.plot(*col(m), label=f"train {m}", alpha=0.7)
-        for name in self.cfg.extra_fields:
+        for name in self.cfg.plot_fields:
             ax2.plot(*col(name), label=name.replace("_", " "), alpha=0.7)
         ax2.plot(*col(f"val_{m}"), "o-", label=f"val {m}")
         ax2.set_xlabel("step")

@@ -98,7 +98,8 @@ def _agent_trainer(run_dir, steps, resume=False):
         return (torch.full((3,), float(i % 4)) for i in range(start, 10**6))
 
     cfg = TrainConfig(steps=steps, log_every=2, val_every=10**9, ckpt_every=3, run_dir=run_dir, resume=resume,
-                      progress=False, metric="return", extra_fields=("pre_return", "post_return"))
+                      progress=False, metric="return", extra_fields=("pre_return", "post_return"),
+                      plot_fields=("post_return",))
     return Trainer(agent, None, batches, agent.step, None, cfg), agent
 
 
@@ -124,6 +125,9 @@ def test_agent_without_optimizer_logs_extra_columns_and_resumes(tmp_path):
 def test_unknown_metric_is_refused(tmp_path):
     with pytest.raises(ValueError, match="metric must be one of"):
         Trainer(_SelfUpdating(), None, iter, None, None, TrainConfig(metric="reward", run_dir=tmp_path))
+    with pytest.raises(ValueError, match="plot_fields"):
+        Trainer(_SelfUpdating(), None, iter, None, None,
+                TrainConfig(extra_fields=("kl",), plot_fields=("post_return",), run_dir=tmp_path))
 
 
 def test_every_zero_means_never(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fastmeta import rl
+from fastmeta.cli.run import intra_op_threads
 from fastmeta.learners import confidence_interval
 from fastmeta.train import Trainer, TrainConfig, load_checkpoint
 
@@ -24,6 +25,7 @@ AGENTS = ("maml-trpo",)
 # pytorch-maml-rl's configs: meta-batch 20 tasks (HalfCheetah 40), 20 episodes per task
 META_BATCH = {"nav2d": 20, "cheetah-vel": 40, "cheetah-dir": 40}
 LOG_FIELDS = ("pre_return", "post_return", "kl", "step_size")
+PLOT_FIELDS = ("pre_return", "post_return")  # beside the return; kl and step size only in the CSV
 # the seed streams of one iteration (tasks, train rollouts, valid rollouts, actions) and of the
 # held-out tasks; iteration i of stream s uses _seed(seed, s, i)
 _TASKS, _TRAIN, _VALID, _ACTIONS = range(4)
@@ -55,7 +57,7 @@ def add_rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
     # the 64-64 policy's ops are too small for intra-op threads: on this 2-core machine, busy, a
-    # nav2d iteration took 3-7 s at 1 thread and 34-52 s at 2 (bench/results/meta_fvp.md)
+    # nav2d iteration took 3-7 s at 1 thread and 34-52 s at 2 (bench/results/maml_trpo.md)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -103,7 +105,7 @@ class _Runner:
         a = self.args
         tasks = self.dist.sample_tasks(n_tasks, _seed(a.seed, which, 0))
         train, valid = self.rollouts(tasks, a.seed, which, 0)
-        per_task = [r.rewards.mul(r.mask).sum(-1).mean(1) for r in (train, valid)]  # [T]
+        per_task = [r.returns().mean(1) for r in (train, valid)]  # [T]: mean episode return
         return tuple(confidence_interval(t, metric="return") for t in per_task)
 
 
@@ -122,15 +124,8 @@ def run_rl(args: argparse.Namespace) -> dict:
     """Train ``args.agent`` on ``args.env``, evaluate it on held-out tasks; the results dict."""
     if args.meta_batch is None:
         args.meta_batch = META_BATCH.get(args.env, 20)
-    saved = torch.get_num_threads()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    try:
+    with intra_op_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -142,7 +137,7 @@ def _run(args: argparse.Namespace) -> dict:
     def validate():
         return runner.evaluate(args.val_tasks, _VAL_SET)[1]
 
-    cfg = TrainConfig(steps=args.iterations, minutes=args.minutes, log_every=1,
+    cfg = TrainConfig(steps=args.iterations, minutes=args.minutes, log_every=1, plot_fields=PLOT_FIELDS,
                       val_every=args.eval_every or 10**12, ckpt_every=args.ckpt_every,
                       episodes_per_step=args.meta_batch * args.episodes * 2, run_dir=run_dir, resume=args.resume,
                       progress=not args.no_progress, metric="return", extra_fields=LOG_FIELDS)

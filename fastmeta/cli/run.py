@@ -4,6 +4,7 @@ the test split, write ``results.json``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,6 +17,20 @@ from fastmeta.cli.sinusoid import sinusoid_figure, sinusoid_loader
 from fastmeta.train import Trainer, TrainConfig
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """Run the block with ``threads`` torch intra-op threads (None: leave them), then restore."""
+    if threads is not None and threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_training(args: argparse.Namespace) -> dict:
     """Train ``args.learner`` and evaluate it on the test split; returns the results dict."""
     spec = LEARNERS[args.learner]
@@ -23,13 +38,8 @@ def run_training(args: argparse.Namespace) -> dict:
     # sinusoid's 40-unit MLP is far too small for intra-op threads: they only add
     # synchronisation (and on a shared CPU a descheduled thread stalls every op)
     threads = args.threads if args.threads is not None else (1 if args.dataset == "sinusoid" else None)
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         return _run_training(args, spec)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
