@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmeta", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train", help="train a learner"))
-    add_rl_args(sub.add_parser("rl", help="train a meta-RL agent (maml-trpo)"))
+    add_rl_args(sub.add_parser("rl", help="train a meta-RL agent (rl <agent> --help)"))
     sub.add_parser("demo", help="short training runs of every learner + baselines", add_help=False)
     sub.add_parser("backends", help="print the backend table")
     return p
