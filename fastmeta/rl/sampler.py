@@ -25,12 +25,16 @@ class Rollout:
     * ``rewards`` ``[T, E, H]`` float32, the reward of step h
     * ``mask`` ``[T, E, H]`` float32: 1 for steps that happened, 0 for padding after an
       episode ended (obs, actions and rewards are 0 there)
+    * ``next_obs`` ``[T, E, H, obs_dim]`` float32: the observation step h led to (also after the
+      last step of an episode, which ``obs`` does not hold; off-policy agents store (s, a, r, s'));
+      None when a Rollout is built without it
     """
 
     obs: Tensor
     actions: Tensor
     rewards: Tensor
     mask: Tensor
+    next_obs: Tensor | None = None
 
     @property
     def T(self) -> int:
@@ -47,14 +51,16 @@ class Rollout:
     def to(self, device) -> "Rollout":
         """A copy with every tensor on ``device``."""
         # not dataclasses.astuple: it deep-copies every tensor first
-        return Rollout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return Rollout(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                         for f in dataclasses.fields(self)))
 
     def flat(self) -> "Rollout":
         """The same data as views ``[T, E*H, ...]`` (episodes and steps merged per task)."""
         T, EH = self.T, self.E * self.H
         return Rollout(self.obs.view(T, EH, -1),
                        self.actions.view(T, EH, *self.actions.shape[3:]),
-                       self.rewards.view(T, EH), self.mask.view(T, EH))
+                       self.rewards.view(T, EH), self.mask.view(T, EH),
+                       None if self.next_obs is None else self.next_obs.view(T, EH, -1))
 
     def returns(self) -> Tensor:
         """Undiscounted return of every episode, ``[T, E]``."""
@@ -116,6 +122,7 @@ def sample(dist: TaskDistribution, policy: Callable[[Tensor], Tensor],
         # is multi-threaded, and at 2 threads on a busy 2-core machine each such op cost
         # ~15 ms (a thread waiting for a descheduled partner), more than the whole rollout.
         buf_obs = torch.empty(T, E, H, dist.obs_dim)
+        buf_next = torch.empty(T, E, H, dist.obs_dim)
         buf_act = torch.empty(act_shape, dtype=torch.long if dist.discrete else torch.float32)
         buf_rew = torch.empty(T, E, H)
         mask = torch.empty(T, E, H)
@@ -126,13 +133,15 @@ def sample(dist: TaskDistribution, policy: Callable[[Tensor], Tensor],
             actions = policy(obs)
             next_obs, rew, done, _ = dist.step(actions)  # checks the actions
             _check_finite(dist, "reward", rew, alive, h)
-            act = actions.detach()
+            act, nxt = actions.detach(), next_obs
             if not all_alive:  # what an env returns after an episode ended is not data
                 live = alive.view(T, E, *([1] * (act.dim() - 2)))
                 obs = torch.where(alive[..., None], obs, 0.0)
                 act = torch.where(live.to(act.device), act, torch.zeros((), dtype=act.dtype))
                 rew = torch.where(alive, rew, 0.0)
+                nxt = torch.where(alive[..., None], nxt, 0.0)
             buf_obs[:, :, h] = obs
+            buf_next[:, :, h] = nxt
             buf_act[:, :, h] = act
             buf_rew[:, :, h] = rew
             mask[:, :, h] = alive
@@ -142,6 +151,6 @@ def sample(dist: TaskDistribution, policy: Callable[[Tensor], Tensor],
                 break
             all_alive = all_alive and bool(alive.all())
             obs = next_obs
-        for buf in (buf_obs, buf_act, buf_rew, mask):  # steps never taken
+        for buf in (buf_obs, buf_act, buf_rew, mask, buf_next):  # steps never taken
             buf[:, :, steps:] = 0
-    return Rollout(buf_obs, buf_act, buf_rew, mask)
+    return Rollout(buf_obs, buf_act, buf_rew, mask, buf_next)
