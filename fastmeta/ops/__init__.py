@@ -17,6 +17,7 @@ from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
 from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 from fastmeta.ops.prototypes import prototypes, prototypes_ref
 from fastmeta.ops.mlp_hvp import mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
+from fastmeta.ops._gaussian_product import gaussian_product, gaussian_product_ref
 
 __all__ = [
     "nll_accuracy",
@@ -39,4 +40,6 @@ __all__ = [
     "mlp_grad_hvp",
     "mlp_grad_hvp_ref",
     "mlp_grad_ref",
+    "gaussian_product",
+    "gaussian_product_ref",
 ]
