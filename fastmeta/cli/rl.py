@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from fastmeta.cli import rl_maml_trpo
+from fastmeta.cli import rl_maml_trpo, rl_pearl
 from fastmeta.cli.run import intra_op_threads
 
 AGENTS = {
     "maml-trpo": rl_maml_trpo,
+    "pearl": rl_pearl,
 }
 
 

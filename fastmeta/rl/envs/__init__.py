@@ -8,6 +8,7 @@
 | ``cheetah-vel`` / ``cheetah-dir`` | :class:`HalfCheetahTasks` | ``horizon=100`` |
 | ``bandit-k{K}-n{N}`` (e.g. ``bandit-k5-n10``) | :class:`BernoulliBandit` | -- |
 | ``tabular-mdp`` | :class:`TabularMDP` | ``states=10, actions=5, horizon=10`` |
+| ``point-sparse`` | :class:`PointRobotSparse` | ``horizon=20, goal_radius=0.2`` |
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from .bandit import BernoulliBandit
 from .base import TaskDistribution
 from .cheetah import HalfCheetahTasks
 from .navigation import Navigation2D
+from .point_sparse import PointRobotSparse
 from .tabular import TabularMDP
 
-__all__ = ["BernoulliBandit", "HalfCheetahTasks", "Navigation2D", "TabularMDP",
+__all__ = ["BernoulliBandit", "HalfCheetahTasks", "Navigation2D", "PointRobotSparse", "TabularMDP",
            "TaskDistribution", "KNOWN", "make"]
 
-KNOWN = ("nav2d", "cheetah-vel", "cheetah-dir", "bandit-k{K}-n{N}", "tabular-mdp")
+KNOWN = ("nav2d", "cheetah-vel", "cheetah-dir", "bandit-k{K}-n{N}", "tabular-mdp", "point-sparse")
 _BANDIT = re.compile(r"bandit-k(\d+)-n(\d+)")
 
 
@@ -41,6 +43,8 @@ def make(name: str, **kw) -> TaskDistribution:
         return HalfCheetahTasks(kind=name.split("-")[1], **kw)
     if name == "tabular-mdp":
         return TabularMDP(**kw)
+    if name == "point-sparse":
+        return PointRobotSparse(**kw)
     m = _BANDIT.fullmatch(name)
     if m:
         if kw:

@@ -1,0 +1,59 @@
+"""Sparse-reward point robot (Rakelly et al. 2019, section 6.3: "sparse 2D navigation").
+
+A point starts at the origin; the goal lies on the upper half of the unit circle, at an angle
+drawn uniformly from [0, pi]. The reward is zero unless the point is within ``goal_radius``
+(0.2) of the goal, where it is ``1 - distance``; so an agent must explore the semicircle to find
+out which goal is the task's, the case PEARL's posterior sampling is built for.
+
+* task: ``{"goal": [T, 2] float32}`` (points of the unit circle with y >= 0)
+* observation: the position ``[T, E, 2]`` (zeros after ``reset``)
+* action: ``[T, E, 2]`` float, the displacement, clipped to [-0.1, 0.1] per coordinate
+* reward: ``1 - ||position - goal||`` if that distance is <= ``goal_radius``, else 0 (after the move)
+* horizon: ``horizon`` steps (default 20, as PEARL), every episode runs all of them
+
+All T x E episodes move in one batched tensor operation; the dynamics are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import TaskDistribution, positive_int
+
+
+class PointRobotSparse(TaskDistribution):
+    """Point-mass navigation to a goal on a semicircle with a sparse reward; see module doc."""
+
+    obs_dim = 2
+    act_dim = 2
+    discrete = False
+    max_action = 0.1
+
+    def __init__(self, horizon: int = 20, goal_radius: float = 0.2) -> None:
+        super().__init__()
+        self.name = "point-sparse"
+        self.horizon = positive_int(horizon, "horizon")
+        if not (isinstance(goal_radius, (int, float)) and 0 < goal_radius < 1):
+            raise ValueError(f"point-sparse: goal_radius must be a number in (0, 1), got {goal_radius!r}")
+        self.goal_radius = float(goal_radius)
+        self.task_shapes = {"goal": (2,)}
+        self._pos: Tensor | None = None
+
+    def _sample_tasks(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        angle = math.pi * torch.rand(n, generator=generator, dtype=torch.float32)
+        return {"goal": torch.stack([angle.cos(), angle.sin()], dim=-1)}
+
+    def _reset(self, tasks: dict[str, Tensor], episodes: int, seed: int) -> Tensor:
+        T = tasks["goal"].shape[0]
+        self._goal = tasks["goal"].float()[:, None, :]
+        self._pos = torch.zeros(T, episodes, 2)
+        return self._pos  # never modified in place: safe to hand out
+
+    def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+        self._pos = self._pos + actions.clamp(-self.max_action, self.max_action)
+        dist = torch.linalg.vector_norm(self._pos - self._goal, dim=-1)
+        reward = torch.where(dist <= self.goal_radius, 1.0 - dist, torch.zeros(()))
+        return self._pos, reward, torch.zeros_like(dist, dtype=torch.bool), {"distance": dist}

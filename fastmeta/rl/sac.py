@@ -1,0 +1,146 @@
+"""Soft actor-critic (Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications"):
+twin Q-networks with Polyak-averaged targets, a tanh-squashed Gaussian actor and an
+automatically tuned temperature -- the off-policy learner inside PEARL (Rakelly et al. 2019).
+
+Inputs are "states" ``x [N, in_dim]``: for PEARL the observation concatenated with the latent
+context z. Actions live in ``[-1, 1]^act_dim`` (the agent scales them to the environment).
+
+Losses, for a batch ``(x, a, r, x', not_done)``::
+
+    a' ~ pi(.|x'),   y = r + gamma * not_done * (min_i Qtarg_i(x', a') - alpha * log pi(a'|x'))
+    L_Q     = sum_i mean (Q_i(x, a) - y)^2                  (y carries no gradient)
+    a~ ~ pi(.|x):  L_pi = mean (alpha * log pi(a~|x) - min_i Q_i(x, a~))
+    L_alpha = -mean log_alpha * (log pi(a~|x) + target_entropy)   (target_entropy = -act_dim)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """ReLU MLP with a linear last layer."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """``log pi(tanh(u))`` for ``u ~ N(mean, exp(log_std)^2)``, summed over the last dim: the
+    Gaussian log-density minus ``log(1 - tanh(u)^2)`` (written ``2 (log 2 - u - softplus(-2u))``,
+    stable for large ``|u|``)."""
+    z = (u - mean) * torch.exp(-log_std)
+    gauss = -0.5 * z * z - log_std - _HALF_LOG_2PI
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (gauss - log_det).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """``pi(a | x)``: ``a = tanh(u)``, ``u ~ N(mean(x), std(x)^2)``; log-std clamped to [-20, 2]."""
+
+    def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp([in_dim, *hidden, 2 * act_dim])
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """``(action [N, act_dim] in (-1, 1), log_prob [N])``; reparameterised (differentiable in
+        the network's parameters). ``deterministic``: ``tanh(mean)`` (its log-prob at u = mean)."""
+        mean, log_std = self.net(x).chunk(2, dim=-1)
+        log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        if deterministic:
+            u = mean
+        else:
+            u = mean + log_std.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+
+
+class TwinQ(nn.Module):
+    """Two independent Q-networks ``Q_i(x, a)``; ``forward -> (q1 [N], q2 [N])``."""
+
+    def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.q1 = mlp([in_dim + act_dim, *hidden, 1])
+        self.q2 = mlp([in_dim + act_dim, *hidden, 1])
+
+    def forward(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        xa = torch.cat([x, a], dim=-1)
+        return self.q1(xa).squeeze(-1), self.q2(xa).squeeze(-1)
+
+
+class SAC(nn.Module):
+    """The SAC networks and losses (see the module docstring); optimisers live with the caller.
+
+    Args:
+        in_dim, act_dim: state and action sizes. hidden: MLP widths of actor and critics.
+        gamma: discount. tau: Polyak rate of the target critics. init_alpha: initial temperature.
+        target_entropy: default ``-act_dim``.
+    """
+
+    def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...] = (128, 128), gamma: float = 0.99,
+                 tau: float = 0.005, init_alpha: float = 1.0, target_entropy: float | None = None):
+        super().__init__()
+        for what, v in (("in_dim", in_dim), ("act_dim", act_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SAC: {what} must be a positive int, got {v!r}")
+        if not (0 <= gamma <= 1 and 0 < tau <= 1 and init_alpha > 0):
+            raise ValueError(f"SAC: need 0 <= gamma <= 1, 0 < tau <= 1, init_alpha > 0; got gamma={gamma}, "
+                             f"tau={tau}, init_alpha={init_alpha}")
+        self.gamma, self.tau = float(gamma), float(tau)
+        self.target_entropy = float(-act_dim if target_entropy is None else target_entropy)
+        self.actor = TanhGaussianActor(in_dim, act_dim, hidden)
+        self.critic = TwinQ(in_dim, act_dim, hidden)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
+
+    @property
+    def alpha(self) -> Tensor:
+        return self.log_alpha.exp().detach()
+
+    def q_target(self, reward: Tensor, next_x: Tensor, not_done: Tensor,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The soft Bellman target ``y [N]`` (no gradient)."""
+        with torch.no_grad():
+            a2, logp2 = self.actor(next_x, generator)
+            q1, q2 = self.critic_target(next_x, a2)
+            return reward + self.gamma * not_done * (torch.minimum(q1, q2) - self.alpha * logp2)
+
+    def critic_loss(self, x: Tensor, a: Tensor, y: Tensor) -> Tensor:
+        """``sum_i mean (Q_i(x, a) - y)^2``; differentiable in the critics and in ``x`` (PEARL's
+        encoder learns through it)."""
+        q1, q2 = self.critic(x, a)
+        return F.mse_loss(q1, y) + F.mse_loss(q2, y)
+
+    def actor_alpha_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(L_pi, L_alpha, mean log pi)``. ``x`` should carry no gradient to an encoder; the
+        critic's parameters receive gradient from ``L_pi``: zero them before the next critic step."""
+        a, logp = self.actor(x, generator)
+        q1, q2 = self.critic(x, a)
+        actor_loss = (self.alpha * logp - torch.minimum(q1, q2)).mean()
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        return actor_loss, alpha_loss, logp.detach().mean()
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """``theta_targ <- (1 - tau) theta_targ + tau theta``."""
+        for t, s in zip(self.critic_target.parameters(), self.critic.parameters()):
+            t.lerp_(s, self.tau)
+
+    @torch.no_grad()
+    def act(self, x: Tensor, generator: torch.Generator | None = None, deterministic: bool = False) -> Tensor:
+        """Actions ``[..., act_dim]`` in (-1, 1) for states ``x [..., in_dim]`` (no graph)."""
+        lead = x.shape[:-1]
+        a, _ = self.actor(x.reshape(-1, x.shape[-1]), generator, deterministic)
+        return a.reshape(*lead, -1)
