@@ -6,6 +6,11 @@ Exact resume rests on two facts: the training batch of step ``i`` is a pure func
 the model, the optimizer, torch's RNG state and the step. A checkpoint is written to a
 temporary file and renamed over the old one, so a crash never leaves a half-written file in
 place of a good one; Ctrl-C saves one before exiting.
+
+Under torchrun (:mod:`fastmeta.distributed`) every rank runs the same loop on its share of each
+batch: the trainer averages the gradients (and BatchNorm running statistics) over the ranks
+after ``backward()``, averages the logged metrics, and only rank 0 writes checkpoints, the CSV
+and the plot; every rank resumes from the same checkpoint (the run folder must be shared).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fastmeta import distributed
 from fastmeta.learners import EvalResult
 
 CSV_FIELDS = ["step", "loss", "acc", "val_acc", "val_ci95", "episodes_per_s", "elapsed_s"]
@@ -119,6 +125,7 @@ class Trainer:
         self.lower_is_better = METRICS[self.metric]
         self.fields = csv_fields(self.metric, tuple(config.extra_fields))
         self.best_val = math.inf if self.lower_is_better else -math.inf
+        self.writes = distributed.is_main()  # rank 0 (or the only process) writes the run folder
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict:
@@ -133,7 +140,8 @@ class Trainer:
         }
 
     def save(self) -> None:
-        save_checkpoint(self.ckpt_path, self.state())
+        if self.writes:
+            save_checkpoint(self.ckpt_path, self.state())
 
     def restore(self) -> bool:
         if not self.ckpt_path.exists():
@@ -147,7 +155,8 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         torch.set_rng_state(state["torch_rng"])
-        self._truncate_csv(self.step)
+        if self.writes:
+            self._truncate_csv(self.step)
         return True
 
     # -- metrics ----------------------------------------------------------------------------
@@ -160,6 +169,8 @@ class Trainer:
         self._write_csv(rows, mode="w")
 
     def _write_csv(self, rows: list[dict], mode: str = "a") -> None:
+        if not self.writes:
+            return
         new = mode == "w" or not self.csv_path.exists()
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.csv_path, mode, newline="") as f:
@@ -176,7 +187,7 @@ class Trainer:
 
     def plot(self) -> Path | None:
         rows = self.history()
-        if not rows:
+        if not rows or not self.writes:
             return None
         import matplotlib
 
@@ -212,14 +223,18 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        """Train until ``config.steps`` (or ``config.minutes``); returns the metrics CSV's rows
+        (on rank 0; the other ranks of a torchrun job get ``[]``)."""
         cfg = self.cfg
         if cfg.resume and self.restore():
-            print(f"resumed from {self.ckpt_path} at step {self.step}")
-        elif self.csv_path.exists() and not cfg.resume:
+            if self.writes:
+                print(f"resumed from {self.ckpt_path} at step {self.step}")
+        elif self.writes and self.csv_path.exists() and not cfg.resume:
             self.csv_path.unlink()
+        self._agree_on_start()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.writes), dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)
         start = time.perf_counter()
         window_t, window_loss, window_acc, window_n = time.perf_counter(), 0.0, 0.0, 0
@@ -229,7 +244,7 @@ class Trainer:
         consistent = True
         try:
             while self.step < cfg.steps:
-                if cfg.minutes is not None and time.perf_counter() - start > 60 * cfg.minutes:
+                if cfg.minutes is not None and distributed.any_rank(time.perf_counter() - start > 60 * cfg.minutes):
                     break
                 batch = next(it)
                 consistent = False  # an interrupt inside the update must not be saved
@@ -237,6 +252,7 @@ class Trainer:
                 if self.optimizer is not None:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.all_reduce_gradients(self.model)
                     self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step()
@@ -252,10 +268,12 @@ class Trainer:
                 if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.steps:
                     now = time.perf_counter()
                     m = self.metric
-                    row = {"step": self.step, "loss": window_loss / window_n, m: window_acc / window_n,
+                    # the ranks' window means, averaged (equal shards: the global batch's means)
+                    means = distributed.mean_over_ranks([window_loss, window_acc, *window_extra.values()]) / window_n
+                    row = {"step": self.step, "loss": means[0].item(), m: means[1].item(),
                            f"val_{m}": "", "val_ci95": ""}
                     row.update(episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
-                               elapsed_s=now - start, **{k: v / window_n for k, v in window_extra.items()})
+                               elapsed_s=now - start, **dict(zip(window_extra, means[2:].tolist())))
                     bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"}, refresh=False)
                     window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
                     window_extra = dict.fromkeys(cfg.extra_fields, 0.0)
@@ -265,7 +283,8 @@ class Trainer:
                     row = row or {"step": self.step, "loss": "", self.metric: "", "episodes_per_s": "",
                                   "elapsed_s": time.perf_counter() - start}
                     row.update({f"val_{self.metric}": res.mean, "val_ci95": res.ci95})
-                    bar.write(f"step {self.step}: val {'acc ' if self.metric == 'acc' else ''}{res}")
+                    if self.writes:
+                        bar.write(f"step {self.step}: val {'acc ' if self.metric == 'acc' else ''}{res}")
                     better = min if self.lower_is_better else max
                     self.best_val = better(self.best_val, res.mean)
                 if row is not None:
@@ -273,14 +292,25 @@ class Trainer:
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            if consistent:
+            if self.writes and consistent:
                 bar.write(f"interrupted at step {self.step}: saving {self.ckpt_path}")
                 self.save()
-            else:
+            elif self.writes:
                 bar.write(f"interrupted mid-update: keeping the last checkpoint {self.ckpt_path}")
             raise
         finally:
             bar.close()
         self.save()
         self.plot()
-        return self.history()
+        return self.history() if self.writes else []
+
+    def _agree_on_start(self) -> None:
+        """Under torchrun: every rank must start at the same step (one checkpoint, seen by all);
+        then rank 0's weights are copied to all, so they agree even if they were built apart."""
+        if not distributed.is_active():
+            return
+        steps = distributed.mean_over_ranks([self.step, self.step ** 2])
+        if steps[1].item() != steps[0].item() ** 2:  # the variance over ranks is not 0
+            raise RuntimeError(f"rank {distributed.rank()} starts at step {self.step} but the ranks disagree: "
+                               f"is {self.ckpt_path} on a folder every rank sees?")
+        distributed.broadcast_module(self.model)

@@ -1,5 +1,10 @@
 """``python -m fastmeta train``: train one learner through the shared trainer, evaluate it on
-the test split, write ``results.json``."""
+the test split, write ``results.json``.
+
+Under ``torchrun`` (see :mod:`fastmeta.distributed`) each rank trains on episodes
+``rank::world`` of every global batch (``--batch`` must be a multiple of the world size), the
+validation and test episodes are split the same way and gathered, and rank 0 alone writes the
+run folder and prints."""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from fastmeta import data
+from fastmeta import data, distributed
 from fastmeta.cli.recipes import LEARNERS, LearnerSpec, resolve_defaults
 from fastmeta.cli.sinusoid import sinusoid_figure, sinusoid_loader
+from fastmeta.learners import confidence_interval
 from fastmeta.train import Trainer, TrainConfig
 
 
@@ -65,9 +71,13 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
                              num_workers=args.workers, device=device)
 
     loader = sinusoid_loader(args, device) if regression else episode_loader
+    try:
+        distributed.check_divisible(args.batch, "--batch")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
-    def batches(start_step):
-        return iter(loader("train", train_ways, start=start_step, queries=args.train_queries))
+    def batches(start_step):  # this rank's episodes of each global batch (all of them in one process)
+        return (distributed.shard(b) for b in loader("train", train_ways, start=start_step, queries=args.train_queries))
 
     def step_fn(batch):
         sx, sy, qx, qy, classes = batch
@@ -79,10 +89,21 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     # same episodes (comparable across steps and across runs)
     eval_batch = 16
 
+    def evaluate(split, n, seed):
+        """Mean +- 95% CI over ``n`` episodes of ``split``; under torchrun the ranks split every batch."""
+        batches = loader(split, args.ways, -(-n // eval_batch), seed=seed, batch=eval_batch)
+        if not distributed.is_active():
+            return learner.evaluate(batches, episodes=n)
+        was_training = learner.training
+        learner.eval()
+        try:
+            per_episode = distributed.evaluate(learner.episode_accuracy, batches, n)
+        finally:
+            learner.train(was_training)
+        return confidence_interval(per_episode, "mse" if regression else "accuracy")
+
     def validate():
-        n = args.val_episodes
-        return learner.evaluate(loader("val", args.ways, -(-n // eval_batch), seed=10_000 + args.seed,
-                                       batch=eval_batch), episodes=n)
+        return evaluate("val", args.val_episodes, 10_000 + args.seed)
 
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, val_every=args.val_every,
                       ckpt_every=args.ckpt_every, episodes_per_step=args.batch, run_dir=run_dir,
@@ -94,15 +115,17 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     trainer.fit()
     train_s = time.perf_counter() - t0
 
-    n = args.test_episodes
     t0 = time.perf_counter()
-    test = loader("test", args.ways, -(-n // eval_batch), seed=20_000 + args.seed, batch=eval_batch)
-    result = learner.evaluate(test, episodes=n)
+    result = evaluate("test", args.test_episodes, 20_000 + args.seed)
     test_s = time.perf_counter() - t0
     out = dict(learner=args.learner, dataset=args.dataset, ways=args.ways, shots=args.shots,
                steps=trainer.step, train_seconds=round(train_s, 1), test_seconds=round(test_s, 1),
                test_accuracy=result.mean, test_ci95=result.ci95, test_episodes=result.episodes,
                run_dir=str(run_dir))
+    if distributed.world_size() > 1:
+        out["world_size"] = distributed.world_size()
+    if not distributed.is_main():
+        return out
     files = "checkpoint.pt, metrics.csv, learning_curve.png, results.json"
     if regression:
         del out["ways"], out["test_accuracy"]
