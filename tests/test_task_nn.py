@@ -423,3 +423,23 @@ def test_grouped_conv_double_backward(bias, x_grad):
     assert_same_derivatives(ours, ref, p, x)
     ins = (x.clone().requires_grad_(x_grad), *[v.clone().requires_grad_() for v in p.values()])
     assert torch.autograd.gradgradcheck(lambda xx, w, b=None: _GroupedConv.apply(xx, w, b, cfg), ins, fast_mode=True)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_task_linear_function_derivatives_and_grad_layout(bias):
+    """TaskLinear's autograd Function: first, second and forward-mode derivatives in float64,
+    and the weight gradient contiguous in the weight's [T, out, in] layout (autograd's bmm
+    formula gave a transposed view, which made the sum over tasks ~40x slower)."""
+    from fastmeta.nn.task import _TaskLinearFn
+
+    x = torch.randn(3, 4, 5, dtype=D, requires_grad=True)
+    w = torch.randn(3, 6, 5, dtype=D, requires_grad=True)
+    b = torch.randn(3, 6, dtype=D, requires_grad=True) if bias else None
+    inputs = (x, w, b)
+    assert torch.autograd.gradcheck(_TaskLinearFn.apply, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(_TaskLinearFn.apply, inputs)
+    out = _TaskLinearFn.apply(*inputs)
+    ref = torch.einsum("tni,toi->tno", x, w) + (b.unsqueeze(1) if bias else 0)
+    torch.testing.assert_close(out, ref)
+    gw = torch.autograd.grad(out.square().sum(), w)[0]
+    assert gw.is_contiguous()
