@@ -14,6 +14,8 @@ steps instead. It predicts each query's label at its step with a stack of
   kernels), the read values concatenated to the input;
 * a final linear layer (the paper's 1x1 convolution) to the class logits.
 
+The blocks live in :mod:`fastmeta.nn.snail_blocks` (shared with the meta-RL SNAIL policy).
+
 The paper's Omniglot architecture (the default): attention(64, 32), TC(128),
 attention(256, 128), TC(128), attention(512, 256).
 
@@ -53,109 +55,11 @@ steps per episode.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.learners._sequence import SequenceLearner, episode_sequence
-
-
-def _shift(x: torch.Tensor, d: int) -> torch.Tensor:
-    """``x[:, t - d]`` (zeros for ``t < d``) of ``[N, T, C]``."""
-    return F.pad(x, (0, 0, d, 0))[:, : x.shape[1]]
-
-
-def _support_at(xs: torch.Tensor, t: int) -> torch.Tensor:
-    """Support step ``t`` ``[B, 1, C]``, zeros if ``t < 0`` (the causal padding)."""
-    return xs[:, t : t + 1] if t >= 0 else xs.new_zeros(xs.shape[0], 1, xs.shape[2])
-
-
-class DenseBlock(nn.Module):
-    """Causal dilated convolution (kernel 2) with a gated activation; output ``[x, act]``.
-
-    The kernel-2 convolution is one linear map of ``[x_{t-d}, x_t]`` (the same weights as
-    ``nn.Conv1d(c, 2 * filters, 2, dilation=d)`` on a left-padded sequence, in the
-    channels-last layout the attention uses)."""
-
-    def __init__(self, in_channels: int, filters: int, dilation: int):
-        super().__init__()
-        self.dilation, self.filters = dilation, filters
-        self.conv = nn.Linear(2 * in_channels, 2 * filters)
-
-    def _gate(self, prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-        xf, xg = self.conv(torch.cat([prev, cur], -1)).chunk(2, -1)
-        return torch.tanh(xf) * torch.sigmoid(xg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self._gate(_shift(x, self.dilation), x)], -1)
-
-    def forward_branch(self, xs: torch.Tensor, xq: torch.Tensor):
-        s = xs.shape[1]
-        prev_q = _support_at(xs, s - self.dilation).expand(-1, xq.shape[1], -1)
-        return self.forward(xs), torch.cat([xq, self._gate(prev_q, xq)], -1)
-
-
-class TCBlock(nn.Module):
-    """Dense blocks with dilations ``1, 2, 4, ..., 2**(ceil(log2(seq_len)) - 1)``: the last
-    step's receptive field covers the whole sequence."""
-
-    def __init__(self, in_channels: int, seq_len: int, filters: int = 128):
-        super().__init__()
-        n = max(1, math.ceil(math.log2(max(seq_len, 2))))
-        self.blocks = nn.ModuleList(DenseBlock(in_channels + i * filters, filters, 2**i) for i in range(n))
-        self.out_channels = in_channels + n * filters
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return x
-
-    def forward_branch(self, xs, xq):
-        for blk in self.blocks:
-            xs, xq = blk.forward_branch(xs, xq)
-        return xs, xq
-
-
-class AttentionBlock(nn.Module):
-    """Single-head causal attention (key size ``key``, value size ``value``); output
-    ``[x, attention(x)]``."""
-
-    def __init__(self, in_channels: int, key: int, value: int):
-        super().__init__()
-        self.key, self.value = key, value
-        self.proj = nn.Linear(in_channels, 2 * key + value)
-        self.out_channels = in_channels + value
-        # The query projection starts equal to the key projection (both then train freely):
-        # a score starts as (W x_i + b) . (W x_j + b), a similarity of the two steps, so a
-        # query already attends more to the supports that look like it and the label it reads
-        # there carries a gradient. Independent random projections give scores unrelated to
-        # similarity and near-uniform attention, which reads the average label (measured
-        # effect: bench/results/blackbox_glyphs.md).
-        with torch.no_grad():
-            self.proj.weight[:key] = self.proj.weight[key : 2 * key]
-            self.proj.bias[:key] = self.proj.bias[key : 2 * key]
-
-    def _qkv(self, x):
-        q, k, v = self.proj(x).split([self.key, self.key, self.value], -1)
-        return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # [N, 1 head, T, E]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        return torch.cat([x, F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)], -1)
-
-    def forward_branch(self, xs: torch.Tensor, xq: torch.Tensor):
-        s, nq = xs.shape[1], xq.shape[1]
-        qs, ks, vs = self._qkv(xs)
-        qq, kq, vq = self._qkv(xq)
-        # query i sees the S support steps and itself, never another query
-        mask = torch.cat([torch.ones(nq, s, dtype=torch.bool, device=xq.device),
-                          torch.eye(nq, dtype=torch.bool, device=xq.device)], 1)
-        out_q = F.scaled_dot_product_attention(qq, torch.cat([ks, kq], 2), torch.cat([vs, vq], 2),
-                                               attn_mask=mask)
-        out_s = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        return torch.cat([xs, out_s.squeeze(1)], -1), torch.cat([xq, out_q.squeeze(1)], -1)
+from fastmeta.nn.snail_blocks import AttentionBlock, TCBlock
 
 
 class SNAIL(SequenceLearner):

@@ -1,9 +1,11 @@
-"""Models: the standard few-shot backbones, the task-batched layers (params ``[T, *shape]``) and
-the few-shot losses as modules (:class:`ProtoLoss`, :class:`MatchingLoss`)."""
+"""Models: the standard few-shot backbones, SNAIL's sequence blocks (``snail_blocks``), the
+task-batched layers (params ``[T, *shape]``) and the few-shot losses as modules
+(:class:`ProtoLoss`, :class:`MatchingLoss`)."""
 
 from fastmeta.nn import task as _task
 from fastmeta.nn.backbones import Conv4, ResNet12
 from fastmeta.nn.losses import MatchingLoss, ProtoLoss
+from fastmeta.nn.snail_blocks import AttentionBlock, DenseBlock, TCBlock
 from fastmeta.nn.task import (
     TaskActivation,
     TaskAvgPool2d,
@@ -23,5 +25,5 @@ from fastmeta.nn.task import (
     to_task_batched,
 )
 
-__all__ = ["Conv4", "MatchingLoss", "ProtoLoss", "ResNet12",
+__all__ = ["AttentionBlock", "Conv4", "DenseBlock", "MatchingLoss", "ProtoLoss", "ResNet12", "TCBlock",
            *(n for n in _task.__all__ if n != "UnsupportedModuleError")]
