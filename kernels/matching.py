@@ -1,4 +1,4 @@
-"""Triton kernels for ``fastmeta.ops.matching``: Matching Networks attention and its fused loss.
+"""Triton kernels for ``fastmeta/ops/_matching.py`` (``matching_attention``, ``matching_loss``): Matching Networks attention and its fused loss.
 
 Launchers (contract: the kernel spec of the matching op; all per-row results in acc dtype):
 

@@ -1,7 +1,8 @@
-"""Triton kernel for ``fastmeta.ops.mlp_hvp``: per-task loss, gradient and exact
-Hessian-vector product of a small MLP (Pearlmutter's R-operator), one program per task.
+"""Triton kernel for ``fastmeta/ops/_mlp_hvp.py`` (``mlp_grad``, ``mlp_grad_hvp``): per-task loss,
+gradient and exact Hessian-vector product of a small MLP (Pearlmutter's R-operator), one
+program per task.
 
-Launchers (contract: ``fastmeta.ops.mlp_hvp``; activation 0 identity, 1 relu, 2 tanh,
+Launchers (contract: ``fastmeta/ops/_mlp_hvp.py``; activation 0 identity, 1 relu, 2 tanh,
 3 sigmoid; loss 0 mse, 1 cross_entropy):
 
 * ``mlp_grad_fwd(weights[], biases[], x[T,N,in], y, activation, loss)
@@ -29,7 +30,7 @@ spilled up to 250 KB at BW = 64; chunked, fp32 spills nothing at any shape the b
 accepts (``tools/aot_check.py``, sm_80 and sm_90). ``tl.debug_barrier()`` orders each scratch
 store before the other threads of the program read it back. ``L``, the activation, the loss
 and the block sizes are compile-time constants (one compile per combination). Bounded by
-``fastmeta.ops.mlp_hvp.TRITON_MAX_WIDTH`` / ``TRITON_MAX_N`` (larger shapes fall back to the
+``fastmeta.ops._mlp_hvp.TRITON_MAX_WIDTH`` / ``TRITON_MAX_N`` (larger shapes fall back to the
 C++/reference backends with a reason).
 
 Precision: fp16/bf16/fp32 inputs compute in fp32, fp64 in fp64; outputs in the input dtype.

@@ -1,4 +1,4 @@
-"""Triton kernels for ``fastmeta.ops.proto_loss``: prototype logits and the fused ProtoNet loss.
+"""Triton kernels for ``fastmeta/ops/_proto_loss.py`` (``proto_logits``, ``proto_loss``): prototype logits and the fused ProtoNet loss.
 
 Launchers (contract: the kernel spec of the proto_loss op; metric 0 = sqeuclidean, 1 = cosine):
 

@@ -1,4 +1,4 @@
-"""Triton kernels for ``fastmeta.ops.prototypes``: per-class means of support embeddings.
+"""Triton kernels for ``fastmeta/ops/_prototypes.py`` (``prototypes``): per-class means of support embeddings.
 
 Launchers (contract: the kernel spec of the prototypes op):
 

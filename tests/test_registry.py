@@ -20,7 +20,7 @@ def test_auto_selection_on_cpu_prefers_cpp_then_composite():
 
 def test_auto_selection_takes_composite_where_the_kernel_is_slower():
     """Short features or many prototypes: plain ATen beats the C++ kernel (measured rule in
-    fastmeta/ops/proto_loss.py); forcing cpp still runs the kernel."""
+    fastmeta/ops/_proto_loss.py); forcing cpp still runs the kernel."""
     for q, p in [(torch.randn(1, 75, 64), torch.randn(1, 5, 64)), (torch.randn(2, 9, 256), torch.randn(2, 20, 256))]:
         assert registry.select("proto_loss", [q, p]) == "composite"
         # the logits alone: the kernel stays faster at every shape measured

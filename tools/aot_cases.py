@@ -218,7 +218,7 @@ def _matching_cases(quick):
 
 def _mlp_hvp_cases(quick):
     from fastmeta.kernels import mlp_hvp as kh
-    from fastmeta.ops.mlp_hvp import TRITON_MAX_N, TRITON_MAX_WIDTH
+    from fastmeta.ops._mlp_hvp import TRITON_MAX_N, TRITON_MAX_WIDTH
 
     acts = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
     losses = {"mse": 0, "cross_entropy": 1}

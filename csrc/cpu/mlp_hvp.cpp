@@ -1,6 +1,6 @@
 // mlp_grad_fwd / mlp_grad_hvp_fwd: per-task loss, gradient and exact Hessian-vector product of
 // a task-batched MLP (weights [T,out,in], nn.Linear layout), by Pearlmutter's R-operator:
-// forward + R-forward, loss and its R, backward + R-backward (see fastmeta/ops/mlp_hvp.py for
+// forward + R-forward, loss and its R, backward + R-backward (see fastmeta/ops/_mlp_hvp.py for
 // the equations). No autograd: the whole recursion is one op call.
 //
 // Every step is a batched GEMM over the T tasks (at::bmm / baddbmm, MKL's batched GEMM) or an

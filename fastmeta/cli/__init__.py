@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import fastmeta
-from fastmeta.cli.demo import demo
+from fastmeta.cli import demo
 from fastmeta.cli.recipes import LEARNERS, add_train_args, resolve_defaults
 from fastmeta.cli.rl import add_rl_args, run_rl
 from fastmeta.cli.run import run_training
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
-        return demo(argv[1:])
+        return demo.demo(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "backends":
         fastmeta.backends()

@@ -20,7 +20,7 @@ import os
 
 from fastmeta.data._io import data_dir
 from fastmeta.data.dataset import SPLITS, FewShotDataset, split_by_fraction
-from fastmeta.data.episodes import Episode, EpisodeDataset, EpisodeLoader, episodes, stream_seed, to_float
+from fastmeta.data._episodes import Episode, EpisodeDataset, EpisodeLoader, episodes, stream_seed, to_float
 from fastmeta.data.glyphs import load_glyphs, script_split
 from fastmeta.data.miniimagenet import load_miniimagenet
 from fastmeta.data.omniglot import load_omniglot

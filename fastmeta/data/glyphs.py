@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastmeta.data._episodes import stream_seed
 from fastmeta.data._io import data_dir, fingerprint, load_npz, save_npz
 from fastmeta.data.dataset import FewShotDataset
 
@@ -204,8 +205,6 @@ def _drop_lookalikes(letters: dict[int, list[int]], renders: dict[tuple[int, int
 
 
 def _generator(seed: int, cp: int) -> torch.Generator:
-    from fastmeta.data.episodes import stream_seed
-
     return torch.Generator().manual_seed(stream_seed(seed, cp))
 
 

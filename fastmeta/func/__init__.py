@@ -6,7 +6,7 @@
   last resort. :func:`explain` says which path a module takes and why.
 * :func:`task_losses`: the ``[T]`` per-task mean losses of a task-batched output.
 * :class:`MLPSpec`: set on ``TaskFunction.mlp`` for pure Linear/activation stacks (the
-  analytic Hessian-vector product of ``fastmeta.ops.mlp_hvp`` applies).
+  analytic Hessian-vector product of ``fastmeta.ops.mlp_grad_hvp`` applies).
 * :func:`task_hvp`: Hessian-vector products of T tasks at once (``task_hvp_ref``: the double
   backward oracle).
 * :func:`inner_loop`: k task-batched inner steps as one autograd op whose backward is the exact

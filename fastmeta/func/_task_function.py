@@ -29,7 +29,7 @@ _MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 
 @dataclass(frozen=True)
 class MLPSpec:
-    """A pure ``Linear (act Linear)*`` stack, for the analytic HVP (``fastmeta.ops.mlp_hvp``).
+    """A pure ``Linear (act Linear)*`` stack, for the analytic HVP (``fastmeta.ops.mlp_grad_hvp``).
 
     weights: parameter name of each Linear weight ``[out, in]``, input to output.
     biases: parameter name of each Linear bias, or None where the Linear has no bias.

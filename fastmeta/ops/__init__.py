@@ -6,17 +6,17 @@ public function); ``registry`` decides which backend runs a call.
 
 from fastmeta.ops._loss import nll_accuracy
 from fastmeta.ops.registry import BackendError, backends_for
-from fastmeta.ops.inner_update import inner_update, inner_update_ref
-from fastmeta.ops.matching import (
+from fastmeta.ops._inner_update import inner_update, inner_update_ref
+from fastmeta.ops._matching import (
     matching_attention,
     matching_attention_ref,
     matching_loss,
     matching_loss_ref,
 )
-from fastmeta.ops.proto_loss import METRICS as PROTO_METRICS
-from fastmeta.ops.proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
-from fastmeta.ops.prototypes import prototypes, prototypes_ref
-from fastmeta.ops.mlp_hvp import mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
+from fastmeta.ops._proto_loss import METRICS as PROTO_METRICS
+from fastmeta.ops._proto_loss import proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
+from fastmeta.ops._prototypes import prototypes, prototypes_ref
+from fastmeta.ops._mlp_hvp import mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
 from fastmeta.ops._gaussian_product import gaussian_product, gaussian_product_ref
 
 __all__ = [

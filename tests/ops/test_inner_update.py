@@ -2,15 +2,13 @@
 gradients (gradcheck and gradgradcheck in params, grads and lr), opcheck, torch.compile,
 edge shapes (0-size, 1-element, many tensors, chunk boundaries), bad inputs."""
 
-import importlib
-
 import pytest
 import torch
 from helpers import DEVICE, ON_CPU, assert_close64, assert_close_measured
 
+import fastmeta.ops._inner_update as iu_mod
 from fastmeta.ops import BackendError, registry, inner_update, inner_update_ref
 
-iu_mod = importlib.import_module("fastmeta.ops.inner_update")
 
 FAST = ["cpp"] if ON_CPU else ["cuda"]
 BACKENDS = ["reference", *FAST]

@@ -1,17 +1,14 @@
 """matching_attention / matching_loss: every backend against a float64 oracle, autograd,
 opcheck, torch.compile, edge shapes, finiteness of far classes and bad inputs."""
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, case_id
 
+import fastmeta.ops._matching as matching_mod
 from fastmeta.ops import BackendError, matching_attention, matching_attention_ref, matching_loss, matching_loss_ref
 
-# the submodule (fastmeta.ops.matching is not shadowed, but import it the same way as the others)
-matching_mod = importlib.import_module("fastmeta.ops.matching")
 
 # (B, Q, S, N, D): singletons, block boundaries (15, 16, 17, 33) in Q, S, N and D.
 SMALL = [(1, 1, 1, 1, 1), (2, 5, 7, 3, 6), (1, 17, 16, 16, 15), (2, 16, 33, 17, 17), (1, 15, 17, 5, 33)]

@@ -2,15 +2,13 @@
 against a float64 double-backward oracle, for every activation x loss x 1..3 layers and edge
 shapes; HVP symmetry; no_grad semantics; opcheck; backend limits; bad inputs."""
 
-import importlib
-
 import pytest
 import torch
 from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, HAS_TRITON, ON_CPU, assert_close64, assert_close_measured, case_id
 
+import fastmeta.ops._mlp_hvp as mlp_mod
 from fastmeta.ops import BackendError, mlp_grad, mlp_grad_hvp, mlp_grad_hvp_ref, mlp_grad_ref
 
-mlp_mod = importlib.import_module("fastmeta.ops.mlp_hvp")
 
 ACTS = ["relu", "tanh", "sigmoid", "identity"]
 LOSSES = ["mse", "cross_entropy"]

@@ -1,16 +1,13 @@
 """proto_logits / proto_loss: every backend against a float64 oracle, autograd, opcheck,
 torch.compile, edge shapes and bad inputs."""
 
-import importlib
-
 import pytest
 import torch
 from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
 
+import fastmeta.ops._proto_loss as proto_loss_mod
 from fastmeta.ops import BackendError, proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 
-# the submodule (fastmeta.ops.proto_loss the attribute is the public function)
-proto_loss_mod = importlib.import_module("fastmeta.ops.proto_loss")
 
 METRICS = ["sqeuclidean", "cosine"]
 # composite: plain ATen arranged for speed (chosen automatically where it beats the kernels)

@@ -1,14 +1,12 @@
 """prototypes: every backend against a float64 oracle, autograd, opcheck, compile, bad inputs."""
 
-import importlib
-
 import pytest
 import torch
 from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
 
+import fastmeta.ops._prototypes as prototypes_mod
 from fastmeta.ops import prototypes, prototypes_ref
 
-prototypes_mod = importlib.import_module("fastmeta.ops.prototypes")
 
 # (B, S, N, D) with block-boundary sizes
 SMALL = [(1, 1, 1, 1), (2, 7, 3, 5), (1, 33, 16, 17), (2, 17, 17, 33)]
