@@ -2,7 +2,7 @@
 
 from fastmeta.learners._evaluate import EvalResult, FewShotLearner, confidence_interval
 from fastmeta.learners.baseline import Baseline, cosine_logits, fit_heads
-from fastmeta.learners.baselines import PixelNN
+from fastmeta.learners.pixel_nn import PixelNN
 from fastmeta.learners.imaml import iMAML
 from fastmeta.learners.mann import MANN
 from fastmeta.learners.maml import ANIL, MAML, EpisodicLearner, MetaLossResult, MetaSGD, clone_module

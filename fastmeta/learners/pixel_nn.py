@@ -1,4 +1,5 @@
-"""Non-learned baselines, evaluated with the same episodes and evaluator as the learners."""
+"""PixelNN: the non-learned pixel nearest-neighbour baseline, evaluated with the same episodes and
+evaluator as the learners (the pretraining baselines of Chen et al. 2019 are in baseline.py)."""
 
 from __future__ import annotations
 
