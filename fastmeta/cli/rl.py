@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from fastmeta.cli import rl_maml_trpo, rl_pearl
+from fastmeta.cli import rl_maml_trpo, rl_pearl, rl_rl2
 from fastmeta.cli.run import intra_op_threads
 
 AGENTS = {
     "maml-trpo": rl_maml_trpo,
     "pearl": rl_pearl,
+    "rl2": rl_rl2,
 }
 
 

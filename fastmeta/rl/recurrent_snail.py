@@ -1,0 +1,70 @@
+"""SNAIL as a meta-RL policy (Mishra, Rohaninejad, Chen & Abbeel, "A Simple Neural Attentive
+Meta-Learner", ICLR 2018, section 4.2 and appendix C.2): temporal-convolution and causal
+attention blocks over the whole trial instead of a recurrent state.
+
+Architecture (the paper's bandit/MDP policy, width ``channels``): a linear embedding of
+:func:`fastmeta.rl.recurrent.step_input`, TC(seq_len, channels), TC(seq_len, channels),
+attention(key=channels, value=channels), then the policy and value heads of
+:class:`~fastmeta.rl.recurrent.SequencePolicy`. The blocks are :mod:`fastmeta.nn.snail_blocks`
+(shared with the few-shot SNAIL learner).
+
+The "state" of a trial is its history: ``[N, seq_len, in_dim]`` inputs seen so far. ``step``
+writes the new input at the trial's position and runs the blocks over the history (every
+block is causal, so the output at a trial's position depends on its own past only); this
+re-reads the prefix at every step, O(L^2) over a trial of L steps, where a GRU step is O(1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastmeta.nn.snail_blocks import AttentionBlock, TCBlock
+from fastmeta.rl.recurrent import SequencePolicy
+
+
+class SNAILPolicy(SequencePolicy):
+    """SNAIL policy over trials of at most ``seq_len`` steps (see the module docstring).
+
+    Args:
+        obs_dim, act_dim, discrete: as :class:`~fastmeta.rl.recurrent.GRUPolicy`.
+        seq_len: the trial length L = episodes x horizon (sizes the TC dilations and the history).
+        channels: embedding width, TC filters and attention key/value size (paper: 32).
+        init_std: initial standard deviation of the Gaussian head.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, seq_len: int, channels: int = 32,
+                 init_std: float = 1.0):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        tc1 = TCBlock(channels, seq_len, channels)
+        tc2 = TCBlock(tc1.out_channels, seq_len, channels)
+        att = AttentionBlock(tc2.out_channels, channels, channels)
+        super().__init__(obs_dim, act_dim, discrete, att.out_channels, init_std)
+        self.seq_len = seq_len
+        self.embed = nn.Linear(self.in_dim, channels)
+        self.blocks = nn.Sequential(tc1, tc2, att)
+
+    def initial_state(self, n: int) -> Tensor:
+        p = self.embed.weight
+        return torch.zeros(n, self.seq_len, self.in_dim, dtype=p.dtype, device=p.device)
+
+    def step(self, x: Tensor, state: Tensor, pos: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_inputs(x)
+        if bool((pos[alive] >= self.seq_len).any()):
+            raise ValueError(f"a trial ran past seq_len = {self.seq_len} steps")
+        rows = torch.arange(x.shape[0], device=x.device)[alive]
+        state = state.clone()
+        state[rows, pos[alive]] = x[alive]
+        at = pos.clamp(max=self.seq_len - 1)
+        feats = self.blocks(self.embed(state[:, : int(at.max()) + 1]))
+        out = self._heads(feats[torch.arange(x.shape[0], device=x.device), at])[0]
+        return out, state
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_inputs(x)
+        if x.shape[1] > self.seq_len:
+            raise ValueError(f"x has {x.shape[1]} steps, more than seq_len = {self.seq_len}")
+        return self._heads(self.blocks(self.embed(x)))
