@@ -34,6 +34,12 @@ TORCH_LIBRARY(fastmeta_cpp, m) {
   m.def("prototypes_fwd(Tensor support, Tensor labels, int n_way) -> (Tensor, Tensor)");
   m.def("prototypes_bwd(Tensor grad_protos, Tensor labels, Tensor counts) -> Tensor");
   m.def(
+      "gaussian_product_fwd(Tensor mu, Tensor var, Tensor weights, float min_var)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "gaussian_product_bwd(Tensor grad_mu, Tensor grad_var, Tensor mu, Tensor var, "
+      "Tensor weights, Tensor mu_out, Tensor var_out, float min_var) -> (Tensor, Tensor)");
+  m.def(
       "proto_logits_fwd(Tensor query, Tensor protos, int metric, float scale, float eps)"
       " -> Tensor");
   m.def(
@@ -67,6 +73,8 @@ TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
   m.impl("mlp_grad_hvp_fwd", &fastmeta::cpu::mlp_grad_hvp_fwd);
   m.impl("prototypes_fwd", &fastmeta::cpu::prototypes_fwd);
   m.impl("prototypes_bwd", &fastmeta::cpu::prototypes_bwd);
+  m.impl("gaussian_product_fwd", &fastmeta::cpu::gaussian_product_fwd);
+  m.impl("gaussian_product_bwd", &fastmeta::cpu::gaussian_product_bwd);
   m.impl("proto_logits_fwd", &fastmeta::cpu::proto_logits_fwd);
   m.impl("proto_logits_bwd", &fastmeta::cpu::proto_logits_bwd);
   m.impl("proto_loss_fwd", &fastmeta::cpu::proto_loss_fwd);

@@ -17,6 +17,16 @@ std::tuple<at::Tensor, at::Tensor> prototypes_fwd(const at::Tensor& support,
 at::Tensor prototypes_bwd(const at::Tensor& grad_protos, const at::Tensor& labels,
                           const at::Tensor& counts);
 
+// gaussian_product: product of weighted diagonal Gaussian factors [B, C, D] -> (mu, var) [B, D].
+std::tuple<at::Tensor, at::Tensor> gaussian_product_fwd(const at::Tensor& mu,
+                                                        const at::Tensor& var,
+                                                        const at::Tensor& weights,
+                                                        double min_var);
+std::tuple<at::Tensor, at::Tensor> gaussian_product_bwd(
+    const at::Tensor& grad_mu, const at::Tensor& grad_var, const at::Tensor& mu,
+    const at::Tensor& var, const at::Tensor& weights, const at::Tensor& mu_out,
+    const at::Tensor& var_out, double min_var);
+
 // metric logits between queries and prototypes (metric 0: -scale*sqdist, 1: scale*cosine).
 at::Tensor proto_logits_fwd(const at::Tensor& query, const at::Tensor& protos, int64_t metric,
                             double scale, double eps);

@@ -18,7 +18,7 @@ MIN_VAR = 1e-7  # PEARL's clamp of the factors' variances (product_of_gaussians)
 
 registry.register(
     "gaussian_product",
-    [registry.reference_backend()],
+    [registry.triton_backend(), registry.cpp_backend(), registry.reference_backend()],
 )
 
 
@@ -108,7 +108,11 @@ _fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _weights(mask, b: int, c: int, like: torch.Tensor) -> torch.Tensor:
-    """The mask as ``[B, C]`` factor weights in ``like``'s dtype (ones when ``mask`` is None)."""
+    """The mask as ``[B, C]`` factor weights in ``like``'s dtype (ones when ``mask`` is None).
+
+    A negative or NaN weight raises here (one reduction); a row without a valid factor makes the
+    output infinite and is named by :func:`_diagnose`, so a valid call pays no extra pass for it.
+    """
     if mask is None:
         return like.new_ones(b, c)
     if not isinstance(mask, torch.Tensor):
@@ -118,38 +122,42 @@ def _weights(mask, b: int, c: int, like: torch.Tensor) -> torch.Tensor:
     if tuple(mask.shape) != (b, c):
         raise ValueError(f"mask must have shape [B, C] = {(b, c)}, got {tuple(mask.shape)}")
     checks.same_device(mu=like, mask=mask)
-    if not torch.compiler.is_compiling():
-        if mask.dtype != torch.bool:
-            bad = ~torch.isfinite(mask) | (mask < 0)
-            if bool(bad.any()):
-                i, j = (int(x) for x in bad.nonzero()[0])
-                raise ValueError(
-                    f"mask must be finite and >= 0 (a factor weight; 0 = padding), "
-                    f"got {mask[i, j].item()} at [{i}, {j}]"
-                )
-        empty = ~(mask != 0).any(1)
-        if bool(empty.any()):
-            rows = empty.nonzero()[:, 0].tolist()
-            raise ValueError(
-                f"mask: row {rows[0]} has no valid factor (every row needs at least one nonzero "
-                f"mask entry); {len(rows)} such rows: {rows[:10]}"
-            )
+    if mask.dtype != torch.bool and not torch.compiler.is_compiling() and not bool(mask.min() >= 0):
+        bad = (~(mask >= 0)).nonzero()[0]
+        i, j = int(bad[0]), int(bad[1])
+        raise ValueError(
+            f"mask must be >= 0 (a factor weight; 0 = padding), got {mask[i, j].item()} at [{i}, {j}]"
+        )
     return mask.detach().to(like.dtype).contiguous()
 
 
-def _diagnose(mu, var, weights) -> None:
-    """The output is not finite: name the first valid factor that made it so."""
+def _check_output(mu_out, var_out, mu, var, weights) -> None:
+    """The result must be finite; if not, name the row or the valid factor that made it so."""
+    if math.isfinite(float(mu_out.detach().sum()) + float(var_out.detach().sum())):
+        return
+    if bool(torch.isfinite(mu_out).all()) and bool(torch.isfinite(var_out).all()):
+        return  # only the sums overflowed
+    empty = ~(weights > 0).any(1)
+    if bool(empty.any()):
+        rows = empty.nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"mask: row {rows[0]} has no valid factor (every row needs at least one nonzero "
+            f"mask entry); {len(rows)} such rows: {rows[:10]}"
+        )
+    if not bool(torch.isfinite(weights).all()):
+        i, j = (int(x) for x in (~torch.isfinite(weights)).nonzero()[0])
+        raise ValueError(f"mask must be finite, got {weights[i, j].item()} at [{i}, {j}]")
     valid = (weights > 0).unsqueeze(-1)
-    for name, bad in (
-        ("mu", valid & ~torch.isfinite(mu)),
-        ("var", valid & torch.isnan(var)),
-        ("var", valid & (var < 0)),
+    for name, t, bad in (
+        ("mu", mu, valid & ~torch.isfinite(mu)),
+        ("var", var, valid & torch.isnan(var)),
+        ("var", var, valid & (var < 0)),
     ):
         if bool(bad.any()):
-            b, c, d = (int(x) for x in bad.nonzero()[0])
+            i, j, k = (int(x) for x in bad.nonzero()[0])
             raise ValueError(
-                f"{name}[{b}, {c}, {d}] = {(mu if name == 'mu' else var)[b, c, d].item()} in a valid "
-                f"factor (mask != 0); mu must be finite and var >= 0 (not NaN) wherever mask != 0"
+                f"{name}[{i}, {j}, {k}] = {t[i, j, k].item()} in a valid factor (mask != 0); mu "
+                "must be finite and var >= 0 (not NaN) wherever mask != 0"
             )
     raise ValueError(
         "gaussian_product overflowed: the result is not finite although every valid factor is "
@@ -236,8 +244,6 @@ def gaussian_product(
         out = gaussian_product_ref(mu, var, weights, min_var)
     else:
         out = _fwd(mu.contiguous(), var.contiguous(), weights, min_var, name)
-    if not torch.compiler.is_compiling() and not (
-        bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(out[1]).all())
-    ):
-        _diagnose(mu, var, weights)
+    if not torch.compiler.is_compiling():
+        _check_output(*out, mu, var, weights)
     return out
