@@ -1,0 +1,66 @@
+"""``python -m fastmeta rl rl2``: results.json with per-episode returns, metrics, exact resume
+(Adam state included), the SNAIL flag, refused checkpoints."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fastmeta import cli
+from fastmeta.train import load_checkpoint
+
+SMALL = ["--tasks", "6", "--hidden", "8", "--minibatches", "2", "--epochs", "2", "--val-tasks", "4",
+         "--eval-tasks", "5", "--ckpt-every", "1", "--no-progress"]
+
+
+def run(run_dir, env="tabular-mdp", *extra):
+    return cli.main(["rl", "rl2", "--env", env, "--run-dir", str(run_dir), *SMALL, *extra])
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_results_json_has_trial_and_episode_returns(tmp_path):
+    assert run(tmp_path, "tabular-mdp", "--iterations", "2", "--episodes", "3", "--eval-every", "1") == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["iterations"] == 2 and res["episodes"] == 3 and res["eval_tasks"] == 5
+    assert len(res["episode_returns"]) == 3 and len(res["episode_returns_ci95"]) == 3
+    assert sum(res["episode_returns"]) == pytest.approx(res["trial_return"], rel=1e-6)  # float32 sums
+    for key in ("trial_return_ci95", "random_trial_return", "random_trial_return_ci95"):
+        assert isinstance(res[key], float) and res[key] == res[key], key
+    assert res["env_steps"] == 2 * 6 * 3 * 10
+    r = rows(tmp_path)
+    assert [int(x["step"]) for x in r] == [1, 2]
+    assert all(x["episode_1"] != "" and x["episode_3"] != "" and x["val_return"] != "" for x in r)
+    assert (tmp_path / "learning_curve.png").exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("--episodes", "2", "--eval-every", "0")
+    assert run(a, "bandit-k3-n5", "--iterations", "3", *args) == 0
+    assert run(b, "bandit-k3-n5", "--iterations", "2", *args) == 0
+    assert run(b, "bandit-k3-n5", "--iterations", "3", "--resume", *args) == 0
+    assert [x["loss"] for x in rows(a)] == [x["loss"] for x in rows(b)]
+    sa, sb = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
+    for k in sa:
+        if k != "_extra_state":
+            assert torch.equal(sa[k], sb[k]), k
+    adam_a, adam_b = sa["_extra_state"]["optimizer"]["state"], sb["_extra_state"]["optimizer"]["state"]
+    assert adam_a.keys() == adam_b.keys()
+    assert all(torch.equal(adam_a[k]["exp_avg_sq"], adam_b[k]["exp_avg_sq"]) for k in adam_a)
+
+
+def test_snail_policy_flag_and_refused_checkpoint(tmp_path):
+    assert run(tmp_path, "nav2d", "--iterations", "1", "--policy", "snail", "--eval-every", "0") == 0
+    assert any(k.startswith("policy.blocks.") for k in load_checkpoint(tmp_path / "checkpoint.pt")["model"])
+    with pytest.raises(SystemExit, match="--policy 'snail'"):
+        run(tmp_path, "nav2d", "--iterations", "2", "--policy", "gru", "--resume")
+
+
+def test_unknown_env_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task distribution 'moon-walk'"):
+        run(tmp_path, "moon-walk", "--iterations", "1")
