@@ -111,7 +111,7 @@ def _weights(mask, b: int, c: int, like: torch.Tensor) -> torch.Tensor:
     """The mask as ``[B, C]`` factor weights in ``like``'s dtype (ones when ``mask`` is None).
 
     A negative or NaN weight raises here (one reduction); a row without a valid factor makes the
-    output infinite and is named by :func:`_diagnose`, so a valid call pays no extra pass for it.
+    output infinite and is named by :func:`_check_output`, so a valid call pays no pass for it.
     """
     if mask is None:
         return like.new_ones(b, c)
