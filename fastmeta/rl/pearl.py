@@ -110,7 +110,8 @@ class PEARL:
         """Roll out train tasks ``task_ids [K]`` for ``episodes`` episodes each, all stepped
         together, z drawn once per episode from the prior or from the posterior of a context
         sampled from the task's context buffer; the transitions go to the replay (and, if
-        ``to_context``, to the context buffer). Returns the sampler's Rollout."""
+        ``to_context``, to the context buffer). Returns the Rollout as stored: actions in the
+        policy's [-1, 1] space (the env received them times ``action_scale``)."""
         tasks = {k: v[task_ids] for k, v in self.train_tasks.items()}
         K, D = task_ids.shape[0], self.latent_dim
         if posterior:

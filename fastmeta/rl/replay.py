@@ -123,9 +123,11 @@ class TaskReplay:
         return {**self.data, "ptr": self.ptr, "size": self.size}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k in (*FIELDS, "ptr", "size"):
-            cur = self.data[k] if k in self.data else getattr(self, k)
+        """Restore :meth:`state_dict` (checked whole before anything is overwritten)."""
+        mine = self.state_dict()
+        for k, cur in mine.items():
             if k not in state or tuple(state[k].shape) != tuple(cur.shape):
                 raise ValueError(f"TaskReplay.load_state_dict: {k} must have shape {list(cur.shape)}, got "
                                  f"{list(state[k].shape) if k in state else 'nothing'}")
+        for k, cur in mine.items():
             cur.copy_(state[k])
