@@ -43,10 +43,9 @@ def step_input(obs: Tensor, prev_action: Tensor, prev_reward: Tensor, prev_done:
                act_dim: int, discrete: bool) -> Tensor:
     """``[..., obs_dim + act_dim + 2]`` = ``cat(obs, a_prev, r_prev, d_prev)``.
 
-    ``obs [..., obs_dim]``; ``prev_action [...]`` int64 (discrete; one-hot encoded here) or
-    ``[..., act_dim]``; ``prev_reward``, ``prev_done [...]``. At the first step of a trial the
-    caller passes zeros (an action "0" with ``prev_done`` 0 is told apart by the zero one-hot:
-    it is multiplied by ``has_prev``, see :func:`trial_inputs`).
+    ``obs [..., obs_dim]``; ``prev_action [...]`` int64 (discrete; one-hot encoded here, -1 for
+    "none": an all-zero code) or ``[..., act_dim]``; ``prev_reward``, ``prev_done [...]``. At the
+    first step of a trial the caller passes :func:`no_action` and zero reward and done flag.
     """
     if discrete:
         a = F.one_hot(prev_action.long().clamp_min(0), act_dim).to(obs.dtype)

@@ -47,6 +47,12 @@ class TrialRollout(Rollout):
     episodes: int = 1
     states: Tensor | None = None
 
+    def to(self, device) -> "TrialRollout":
+        """A copy with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if torch.is_tensor(getattr(self, f.name))}
+        return dataclasses.replace(self, **moved)
+
     def episode_returns(self) -> Tensor:
         """``[T, E, episodes]``: the undiscounted return of each episode of each trial."""
         out = torch.zeros(*self.rewards.shape[:2], self.episodes + 1, dtype=self.rewards.dtype)

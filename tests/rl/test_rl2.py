@@ -69,6 +69,8 @@ def test_packed_layout_done_flags_and_episode_returns():
     ep = ro.episode.reshape(12, -1)
     assert (ep[:, 1:] >= ep[:, :-1]).all() and (ep[m == 0] == 2).all()
     torch.testing.assert_close(ro.episode_returns().sum(-1), ro.returns())
+    moved = ro.to("cpu")
+    assert moved.episodes == 2 and torch.equal(moved.episode, ro.episode) and moved.states is None
     assert (ro.rewards[ro.mask == 0] == 0).all() and (ro.obs[ro.mask == 0] == 0).all()
 
 
