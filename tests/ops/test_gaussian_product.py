@@ -242,3 +242,19 @@ def test_padding_gets_zero_gradient(backend):
     pad = ~mask[..., None].expand_as(ga)
     assert (ga[pad] == 0).all() and (gv[pad] == 0).all()
     assert torch.isfinite(ga).all() and torch.isfinite(gv).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_no_grad_and_torch_func(backend):
+    """Without autograd the kernel runs directly; under torch.func the reference serves."""
+    mu, var, mask = make(3, 7, 4)
+    with torch.no_grad():
+        out = gaussian_product(mu, var, mask, backend=backend)
+    ref = gaussian_product_ref(mu, var, mask)
+    assert_close64(out[0], ref[0], rtol=1e-9)
+    assert_close64(out[1], ref[1], rtol=1e-9)
+    f = lambda m: gaussian_product(m, var, mask, backend=backend)[0].sum()  # noqa: E731
+    g_ref = torch.autograd.grad(gaussian_product_ref(mu.requires_grad_(), var, mask)[0].sum(), mu)[0]
+    assert_close64(torch.func.grad(f)(mu.detach()), g_ref)
+    per_task = torch.func.vmap(lambda m, v, k: gaussian_product(m[None], v[None], k[None], backend=backend)[0])
+    assert_close64(per_task(mu.detach(), var, mask)[:, 0], ref[0], rtol=1e-9)
