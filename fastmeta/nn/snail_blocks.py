@@ -8,7 +8,10 @@ Meta-Learner", ICLR 2018), channels-last ``[N, T, C]`` sequences:
   ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, the read values
   concatenated to the input.
 
-Step ``t`` of every block's output depends on steps ``<= t`` only. ``forward_branch(xs, xq)``
+Step ``t`` of every block's output depends on steps ``<= t`` only. ``step(x, cache, pos, write)``
+runs one step of N sequences at their own positions ``pos [N]`` from a per-block cache of the
+past (``init_cache``; incremental decoding: O(L) per step instead of a pass over the prefix),
+equal to ``forward`` of the whole sequence at those positions. ``forward_branch(xs, xq)``
 runs a support sequence ``xs [B, S, C]`` plus queries ``xq [B, Q, C]`` that each see the whole
 support and themselves only (the few-shot learner :class:`fastmeta.learners.SNAIL` uses it);
 the meta-RL policy :class:`fastmeta.rl.recurrent_snail.SNAILPolicy` uses ``forward``.
@@ -23,6 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["AttentionBlock", "DenseBlock", "TCBlock"]
+
+
+def _store(cache: torch.Tensor, entry: torch.Tensor, pos: torch.Tensor, write: torch.Tensor) -> None:
+    """``cache[n, pos[n]] = entry[n]`` for the rows with ``write[n]`` (in place)."""
+    rows = torch.arange(cache.shape[0], device=cache.device)[write]
+    cache[rows, pos[write]] = entry[write].to(cache.dtype)
 
 
 def _shift(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -53,6 +62,19 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self._gate(_shift(x, self.dilation), x)], -1)
+
+    def init_cache(self, n: int, seq_len: int, dtype=None, device=None) -> torch.Tensor:
+        """The step cache of ``n`` sequences of up to ``seq_len`` steps: the block's past inputs."""
+        return torch.zeros(n, seq_len, self.conv.in_features // 2, dtype=dtype, device=device)
+
+    def step(self, x: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        """Output ``[N, C + filters]`` of step ``x [N, C]`` at positions ``pos [N]``; stores ``x`` in
+        ``cache`` (in place) for the rows with ``write [N]`` (others: output unspecified)."""
+        _store(cache, x, pos, write)
+        back = pos - self.dilation
+        prev = cache[torch.arange(x.shape[0], device=x.device), back.clamp_min(0)]
+        prev = prev * (back >= 0).unsqueeze(-1).to(prev.dtype)  # causal zero padding
+        return torch.cat([x, self._gate(prev, x)], -1)
 
     def forward_branch(self, xs: torch.Tensor, xq: torch.Tensor):
         s = xs.shape[1]
@@ -107,6 +129,22 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
         return torch.cat([x, F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)], -1)
+
+    def init_cache(self, n: int, seq_len: int, dtype=None, device=None) -> torch.Tensor:
+        """The step cache of ``n`` sequences of up to ``seq_len`` steps: past keys and values."""
+        return torch.zeros(n, seq_len, self.key + self.value, dtype=dtype, device=device)
+
+    def step(self, x: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        """Output ``[N, C + value]`` of step ``x [N, C]`` at positions ``pos [N]``, attending over
+        the cached steps ``<= pos``; stores this step's key and value in ``cache`` (in place) for
+        the rows with ``write [N]`` (others: output unspecified)."""
+        q, k, v = self.proj(x).split([self.key, self.key, self.value], -1)
+        _store(cache, torch.cat([k, v], -1), pos, write)
+        keys, values = cache.split([self.key, self.value], -1)
+        seen = torch.arange(cache.shape[1], device=x.device) <= pos.unsqueeze(-1)  # [N, L]
+        out = F.scaled_dot_product_attention(q[:, None, None], keys.unsqueeze(1), values.unsqueeze(1),
+                                             attn_mask=seen[:, None, None])
+        return torch.cat([x, out.reshape(x.shape[0], self.value)], -1)
 
     def forward_branch(self, xs: torch.Tensor, xq: torch.Tensor):
         s, nq = xs.shape[1], xq.shape[1]

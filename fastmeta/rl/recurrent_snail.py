@@ -8,10 +8,10 @@ attention(key=channels, value=channels), then the policy and value heads of
 :class:`~fastmeta.rl.recurrent.SequencePolicy`. The blocks are :mod:`fastmeta.nn.snail_blocks`
 (shared with the few-shot SNAIL learner).
 
-The "state" of a trial is its history: ``[N, seq_len, in_dim]`` inputs seen so far. ``step``
-writes the new input at the trial's position and runs the blocks over the history (every
-block is causal, so the output at a trial's position depends on its own past only); this
-re-reads the prefix at every step, O(L^2) over a trial of L steps, where a GRU step is O(1).
+The "state" of a trial is one cache per block (its past inputs for a dense block, past keys
+and values for the attention block; :mod:`fastmeta.nn.snail_blocks`): ``step`` extends them by
+the trial's new step at its own position, O(L) per step for the attention read, and gives the
+output ``forward`` gives there (every block is causal).
 """
 
 from __future__ import annotations
@@ -47,21 +47,24 @@ class SNAILPolicy(SequencePolicy):
         self.embed = nn.Linear(self.in_dim, channels)
         self.blocks = nn.Sequential(tc1, tc2, att)
 
-    def initial_state(self, n: int) -> Tensor:
-        p = self.embed.weight
-        return torch.zeros(n, self.seq_len, self.in_dim, dtype=p.dtype, device=p.device)
+    def _steppers(self):
+        return [*self.blocks[0].blocks, *self.blocks[1].blocks, self.blocks[2]]
 
-    def step(self, x: Tensor, state: Tensor, pos: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
+    def initial_state(self, n: int) -> list[Tensor]:
+        p = self.embed.weight
+        return [b.init_cache(n, self.seq_len, p.dtype, p.device) for b in self._steppers()]
+
+    def step(self, x: Tensor, state: list[Tensor], pos: Tensor, alive: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """One step of every trial (see :class:`~fastmeta.rl.recurrent.SequencePolicy`); the caches
+        in ``state`` are extended in place for the ``alive`` trials."""
         self.check_inputs(x)
         if bool((pos[alive] >= self.seq_len).any()):
             raise ValueError(f"a trial ran past seq_len = {self.seq_len} steps")
-        rows = torch.arange(x.shape[0], device=x.device)[alive]
-        state = state.clone()
-        state[rows, pos[alive]] = x[alive]
-        at = pos.clamp(max=self.seq_len - 1)
-        feats = self.blocks(self.embed(state[:, : int(at.max()) + 1]))
-        out = self._heads(feats[torch.arange(x.shape[0], device=x.device), at])[0]
-        return out, state
+        at = pos.clamp(max=self.seq_len - 1)  # finished trials: output unused
+        h = self.embed(x)
+        for block, cache in zip(self._steppers(), state):
+            h = block.step(h, cache, at, alive)
+        return self._heads(h)[0], state
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_inputs(x)

@@ -93,6 +93,29 @@ def test_step_by_step_rollout_equals_the_whole_trial_pass(kind):
             torch.testing.assert_close(out[..., :2][real], f["actions"][real], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["gru", "snail"])
+def test_policy_step_with_ragged_positions_equals_forward(kind):
+    """Trials advance at different wall-clock steps (``alive`` varies); each trial's outputs at
+    its own positions equal ``forward`` over its packed sequence (SNAIL: the block caches)."""
+    torch.manual_seed(0)
+    N, L, obs_dim, A = 3, 9, 2, 2
+    policy = (GRUPolicy(obs_dim, A, False, hidden=8) if kind == "gru"
+              else SNAILPolicy(obs_dim, A, False, seq_len=L, channels=4)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, L, policy.in_dim, generator=g, dtype=torch.float64)
+    state, pos = policy.initial_state(N), torch.zeros(N, dtype=torch.long)
+    got = torch.zeros(N, L, 2 * A, dtype=torch.float64)
+    with torch.no_grad():
+        while bool((pos < L).any()):
+            alive = (torch.rand(N, generator=g) < 0.6) & (pos < L)
+            rows = torch.arange(N)[alive]
+            out, state = policy.step(x[torch.arange(N), pos.clamp(max=L - 1)], state, pos, alive)
+            got[rows, pos[alive]] = out[alive]
+            pos += alive.long()
+        want, _ = policy(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_batched_rollout_equals_one_task_at_a_time():
     dist = Navigation2D(goal_box=0.05)
     torch.manual_seed(1)
