@@ -28,13 +28,14 @@ from fastmeta.train import Trainer, TrainConfig
 
 HELP = "RL^2 (Duan et al. 2016): a GRU or SNAIL policy trained by PPO on trials of several episodes"
 # per distribution: episodes per trial (the RL^2 paper: a bandit trial is one episode of n pulls,
-# a tabular-MDP trial n = 10 episodes), tasks per iteration, GAE lambda, Gaussian init std
+# a tabular-MDP trial n = 10 episodes), tasks per iteration, GAE lambda, Gaussian init std, and the
+# reward scale of the value targets (trial returns of ~100 in magnitude -> ~10)
 DEFAULTS = {
-    "bandit": dict(episodes=1, tasks=250, lam=0.3, init_std=1.0),
-    "tabular-mdp": dict(episodes=10, tasks=100, lam=0.3, init_std=1.0),
-    "nav2d": dict(episodes=2, tasks=50, lam=0.95, init_std=0.1),
-    "cheetah-vel": dict(episodes=2, tasks=20, lam=0.95, init_std=0.5),
-    "cheetah-dir": dict(episodes=2, tasks=20, lam=0.95, init_std=0.5),
+    "bandit": dict(episodes=1, tasks=250, lam=0.3, init_std=1.0, reward_scale=1.0),
+    "tabular-mdp": dict(episodes=10, tasks=100, lam=0.3, init_std=1.0, reward_scale=0.1),
+    "nav2d": dict(episodes=2, tasks=50, lam=0.95, init_std=0.1, reward_scale=0.1),
+    "cheetah-vel": dict(episodes=2, tasks=20, lam=0.95, init_std=0.5, reward_scale=0.1),
+    "cheetah-dir": dict(episodes=2, tasks=20, lam=0.95, init_std=0.5, reward_scale=0.1),
 }
 _TASKS, _ENV, _ACTIONS, _SHUFFLE = range(4)
 _VAL_SET, _TEST_SET = 10, 11
@@ -64,6 +65,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None, help="GAE lambda (bandits, tabular 0.3; else 0.95)")
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--entropy", type=float, default=0.003, help="entropy bonus coefficient")
+    p.add_argument("--reward-scale", type=float, default=None, help="scale of the rewards the value function "
+                   "learns (default: bandits 1, else 0.1)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out validation every N iterations (0: never)")
     p.add_argument("--val-tasks", type=int, default=100)
     p.add_argument("--eval-tasks", type=int, default=1000, help="held-out tasks of the final evaluation")
@@ -75,6 +78,7 @@ def _fill_defaults(args: argparse.Namespace, dist) -> None:
     args.episodes = args.episodes or d["episodes"]
     args.tasks = args.tasks or d["tasks"]
     args.lam = d["lam"] if args.lam is None else args.lam
+    args.reward_scale = d["reward_scale"] if args.reward_scale is None else args.reward_scale
     per_iter = args.tasks * args.trials * args.episodes * dist.horizon
     if args.env_steps is not None:
         args.iterations = max(1, math.ceil(args.env_steps / per_iter))
@@ -89,7 +93,7 @@ def build_agent(args: argparse.Namespace, dist) -> RL2:
         policy = SNAILPolicy(dist.obs_dim, dist.act_dim, dist.discrete, seq_len=args.episodes * dist.horizon,
                              channels=args.hidden // 4, init_std=init_std)
     cfg = PPOConfig(lr=args.lr, clip=args.clip, epochs=args.epochs, minibatches=args.minibatches, gamma=args.gamma,
-                    lam=args.lam, entropy_coef=args.entropy)
+                    lam=args.lam, entropy_coef=args.entropy, reward_scale=args.reward_scale)
     return RL2(policy, cfg)
 
 

@@ -28,7 +28,9 @@ from fastmeta.rl.returns import check_padded, gae
 @dataclasses.dataclass
 class PPOConfig:
     """PPO's hyperparameters (defaults: Schulman et al. 2017's Atari/MuJoCo values where they
-    exist). ``epochs`` passes over the batch, each in ``minibatches`` minibatches of trials."""
+    exist). ``epochs`` passes over the batch, each in ``minibatches`` minibatches of trials.
+    ``reward_scale`` multiplies the rewards the value function learns (returns of tens or
+    hundreds would let the value loss dominate the clipped gradient norm of a shared trunk)."""
 
     lr: float = 1e-3
     clip: float = 0.2
@@ -39,9 +41,10 @@ class PPOConfig:
     value_coef: float = 0.5
     entropy_coef: float = 0.01
     max_grad_norm: float = 0.5
+    reward_scale: float = 1.0
 
     def __post_init__(self):
-        for name in ("lr", "clip", "value_coef", "entropy_coef", "max_grad_norm"):
+        for name in ("lr", "clip", "value_coef", "entropy_coef", "max_grad_norm", "reward_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
                 raise ValueError(f"PPOConfig.{name} must be a number >= 0, got {v!r}")
@@ -108,7 +111,7 @@ class PPO:
         with torch.no_grad():
             out, values = self.policy(x)
             logp_old = self.policy.log_prob(out, actions)
-            adv, ret = advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+            adv, ret = advantages(rewards * cfg.reward_scale, values, mask, cfg.gamma, cfg.lam)
         for _ in range(cfg.epochs):
             stats = []
             for idx in torch.randperm(N, generator=generator).tensor_split(cfg.minibatches):
