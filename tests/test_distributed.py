@@ -1,0 +1,221 @@
+"""fastmeta.distributed and ``torchrun ... -m fastmeta train``: 2 CPU processes (gloo) against
+one process with the same global batch, exact resume, rank 0 the only writer, a failing rank.
+
+The multi-process cases run tests/dist_helper.py in a subprocess (ranks forked by
+torch.multiprocessing with torchrun's environment, on a tiny 28x28 dataset) or under torchrun
+itself, always with a subprocess timeout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helper import grad_batch, grad_models, learner_grads
+
+from fastmeta import distributed
+from fastmeta.data import Episode
+from fastmeta.learners import confidence_interval
+from fastmeta.learners._evaluate import evaluate_episodes
+
+HERE = Path(__file__).parent
+TIMEOUT_S = 240
+LR = 1e-3  # the CLI's default --lr (Adam)
+# Gradients: 2 ranks (each averaging its half of the tasks, then all_reduce) against one process
+# over all tasks differ only by float reduction order. Measured (test_gradients_...), relative to
+# the largest gradient entry of the model: float64 <= 1.3e-16, float32 <= 7e-7 (MAML) and
+# 1.7e-6 (ProtoNet); the bounds below are 6-80x those.
+GRAD_RTOL = {torch.float64: 1e-14, torch.float32: 1e-5}
+# Parameters after a few Adam steps: Adam divides by sqrt(v) + 1e-8, so on an entry whose
+# gradient is ~1e-9 (the conv biases before a BatchNorm, whose exact gradient is 0; dead ReLU
+# regions) float noise of 1e-9 moves the step by a good fraction of lr. So: every entry within
+# steps * lr, and most (>= 90%) within 1e-6 (measured: MAML 1.2e-7 outside the BN-fed biases).
+PARAM_ATOL = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_jobs(tmp_path: Path, jobs: list[dict]) -> None:
+    for job in jobs:
+        job["port"] = _free_port()
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(HERE / "dist_helper.py"), str(tmp_path / "jobs.json")], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _model(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _rows(run: Path) -> list[tuple[str, ...]]:
+    """The metrics CSV without its timing columns."""
+    with open(run / "metrics.csv", newline="") as f:
+        return [(r["step"], r["loss"], r["acc"], r["val_acc"], r["val_ci95"]) for r in csv.DictReader(f)]
+
+
+def _cli(learner: str, run: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", learner, "--batch", "4", "--steps", str(steps), "--queries", "2", "--train-queries", "1",
+            "--val-every", "2", "--val-episodes", "6", "--test-episodes", "10", "--threads", "1", "--no-progress",
+            "--run-dir", str(run), *extra]
+
+
+def _assert_adam_close(one: dict, two: dict, steps: int) -> None:
+    diff = torch.cat([(one[k].double() - two[k].double()).abs().flatten() for k in one])
+    assert diff.max().item() <= steps * LR * 1.01, diff.max().item()
+    assert (diff <= PARAM_ATOL).double().mean().item() >= 0.9, (diff <= PARAM_ATOL).double().mean().item()
+
+
+# ---- one process: the helpers degrade to no-ops ------------------------------------------------
+
+
+def test_shard_takes_every_world_th_task():
+    b = Episode(torch.arange(5)[:, None].float(), torch.arange(5)[:, None], torch.zeros(5, 2), torch.zeros(5, 2),
+                torch.arange(10).view(5, 2))
+    parts = [distributed.shard(b, r, 2) for r in range(2)]
+    assert all(isinstance(p, Episode) for p in parts)
+    assert parts[0].support_x.flatten().tolist() == [0, 2, 4] and parts[1].support_x.flatten().tolist() == [1, 3]
+    union = torch.cat([p.classes for p in parts]).sort(0).values
+    assert torch.equal(union, b.classes)
+    assert distributed.shard((b.support_x, None), 1, 3)[1] is None
+    assert distributed.shard(b.support_x, 4, 5).shape[0] == 1 and distributed.shard(b.support_x[:2], 3, 5).shape[0] == 0
+    assert distributed.shard(b) is not None and torch.equal(distributed.shard(b).support_x, b.support_x)  # no group
+
+
+def test_shard_rejects_bad_input():
+    with pytest.raises(ValueError, match="leading dim B"):
+        distributed.shard((torch.zeros(4, 1), torch.zeros(3, 1)), 0, 2)
+    with pytest.raises(ValueError, match=r"rank_ must be in \[0, world=2\)"):
+        distributed.shard(torch.zeros(4), 2, 2)
+    with pytest.raises(TypeError, match="got str"):
+        distributed.shard(("a",), 0, 2)
+    with pytest.raises(ValueError, match="0-dim"):
+        distributed.shard(torch.tensor(1.0), 0, 2)
+
+
+def test_without_a_process_group_everything_is_local(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert not distributed.init() and not distributed.is_active()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    distributed.check_divisible(3)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    distributed.all_reduce_gradients([p])
+    assert p.grad.tolist() == [3.0, 3.0]
+    assert distributed.mean_over_ranks([1.0, 2.0]).tolist() == [1.0, 2.0] and distributed.any_rank(True)
+
+
+def test_init_checks_backend_and_timeout(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(ValueError, match="backend must be one of .* got 'carrier-pigeon'"):
+        distributed.init("carrier-pigeon")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="timeout_s .* got 'soon'"):
+        distributed.init("gloo")
+    assert not distributed.is_active()
+
+
+def test_evaluate_in_one_process_matches_evaluate_episodes():
+    g = torch.Generator().manual_seed(0)
+    batches = [tuple(torch.rand(5, 3, generator=g) for _ in range(4)) for _ in range(3)]
+
+    def metric(sx, sy, qx, qy):
+        return (sx * qy).sum(1)
+
+    got = distributed.evaluate(metric, batches, 12)
+    want = evaluate_episodes(metric, batches, 12)
+    assert got.shape == (12,) and confidence_interval(got) == want
+    with pytest.raises(ValueError, match="ran out after 15 of 16"):
+        distributed.evaluate(metric, batches, 16)
+    with pytest.raises(ValueError, match="episodes must be an int >= 1"):
+        distributed.evaluate(metric, batches, 0)
+
+
+# ---- two processes ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """One subprocess (one interpreter start-up) runs every forked job of the tests below:
+    the library recipe's gradients on 2 ranks, and MAML through the CLI: 1 process x 4 tasks,
+    2 ranks x 2 tasks, and 2 ranks stopped at step 2 then resumed to step 4."""
+    tmp = tmp_path_factory.mktemp("dist")
+    common = ("--hidden", "8")
+    _run_jobs(tmp, [
+        {"world": 2, "grads": str(tmp / "grads.pt")},
+        {"world": 1, "argv": _cli("maml", tmp / "one", 4, *common)},
+        {"world": 2, "argv": _cli("maml", tmp / "two", 4, *common)},
+        {"world": 2, "argv": _cli("maml", tmp / "resumed", 2, *common), "writes": str(tmp / "w1")},
+        {"world": 2, "argv": _cli("maml", tmp / "resumed", 4, "--resume", *common), "writes": str(tmp / "w2")},
+    ])
+    return tmp
+
+
+def test_gradients_of_two_ranks_equal_one_process_with_the_global_batch(two_rank_runs, one_thread):
+    """The library recipe (shard + backward + all_reduce_gradients) on 2 forked ranks against
+    one process with all 4 tasks, in float64 and float32: MAML on a task-batched Conv4
+    (per-task BatchNorm) and ProtoNet (a Conv4 without BatchNorm: Conv4's BatchNorm normalises
+    over all the episodes of a forward pass, so a rank's B/2 episodes are another batch)."""
+    got = torch.load(two_rank_runs / "grads.pt", weights_only=True)
+    for dtype in (torch.float32, torch.float64):
+        for name, model in grad_models(dtype).items():
+            want = learner_grads(model, grad_batch(dtype), reduce=False)
+            scale = max(g.abs().max().item() for g in want.values())
+            for k in want:
+                err = (got[f"{name}/{dtype}"][k] - want[k]).abs().max().item()
+                assert err <= GRAD_RTOL[dtype] * scale, (name, dtype, k, err, scale)
+
+
+def test_maml_cli_two_ranks_match_one_process_and_resume_exactly(two_rank_runs):
+    """``train maml`` (Conv4 with per-task BatchNorm): 2 ranks x 2 tasks == 1 process x 4 tasks
+    (up to Adam on float noise, see PARAM_ATOL); stopped at step 2 and resumed under torchrun ==
+    the uninterrupted 2-rank run, bit for bit; validation and test episodes split and gathered."""
+    tmp = two_rank_runs
+    one, two, resumed = (_model(tmp / d) for d in ("one", "two", "resumed"))
+    _assert_adam_close(one, two, steps=4)
+    for k in one:
+        assert torch.equal(two[k], resumed[k]), k
+    validation = [(r[0], *r[3:]) for r in _rows(tmp / "two") if r[3]]
+    assert len(validation) == 2 and validation == [(r[0], *r[3:]) for r in _rows(tmp / "resumed") if r[3]]
+    res = [json.loads((tmp / d / "results.json").read_text()) for d in ("one", "two", "resumed")]
+    assert res[1]["world_size"] == 2 and res[1]["test_episodes"] == 10
+    assert abs(res[0]["test_accuracy"] - res[1]["test_accuracy"]) <= 0.05  # one query in 20 may flip
+    assert res[1]["test_accuracy"] == res[2]["test_accuracy"]
+
+
+def test_rank0_is_the_only_writer(two_rank_runs):
+    for w in ("w1", "w2"):
+        assert (two_rank_runs / w / "rank1.txt").read_text() == ""
+        written = {Path(p).name for p in (two_rank_runs / w / "rank0.txt").read_text().split()}
+        assert {"checkpoint.pt", "metrics.csv", "learning_curve.png", "results.json"} <= written
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "dist_helper.py"), "--fail-rank", "1", "--fail-step", "2", "--",
+           *_cli("protonet", tmp_path / "run", 50)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", FASTMETA_DIST_TIMEOUT="60"),
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "injected failure on rank 1 at step 2" in out, out
+    assert time.perf_counter() - t0 < 120, out
+    assert not (tmp_path / "run" / "results.json").exists()
