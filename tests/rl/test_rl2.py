@@ -13,6 +13,12 @@ from fastmeta.rl.recurrent_snail import SNAILPolicy
 from fastmeta.rl.rl2 import RL2
 from fastmeta.rl.trials import sample_trials
 
+try:
+    import gymnasium
+    import mujoco  # noqa: F401
+except ImportError:  # the rl extra is missing: the torch-only distributions are still tested
+    gymnasium = None
+
 
 def gru_for(dist, hidden=16, **kw):
     return GRUPolicy(dist.obs_dim, dist.act_dim, dist.discrete, hidden=hidden, **kw)
@@ -135,7 +141,19 @@ def test_batched_rollout_equals_one_task_at_a_time():
                 assert torch.equal(a, b), key
 
 
-def test_sampling_is_reproducible_and_trials_of_a_task_share_it():
+@pytest.mark.skipif(gymnasium is None, reason="needs gymnasium + mujoco (rl extra)")
+def test_cheetah_trials_through_the_vector_env():
+    dist = rl.make("cheetah-vel", horizon=5)
+    try:
+        ro = rollout(dist, gru_for(dist, init_std=0.3), T=2, E=2, n=2, keep_states=True)
+    finally:
+        dist.close()
+    assert ro.obs.shape == (2, 2, 10, 17) and ro.actions.shape == (2, 2, 10, 6)
+    assert bool(ro.mask.all()) and torch.equal(ro.done.sum(-1), torch.full((2, 2), 2))
+    assert (ro.states[:, :, 5].abs().sum(-1) > 0).all()  # carried into episode 2
+
+
+def test_sampling_is_reproducible():
     dist = BernoulliBandit(arms=3, pulls=6)
     policy = gru_for(dist)
     a, b = rollout(dist, policy, seed=2), rollout(dist, policy, seed=2)
