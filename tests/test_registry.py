@@ -63,3 +63,42 @@ def test_backends_for():
     names = fastmeta.ops.backends_for("proto_loss", "cpu")
     assert names[-1] == "reference" and "triton" not in names
     assert ("cpp" in names) == _ext.available()
+
+
+def test_select_is_memoised_per_key_and_follows_its_inputs(monkeypatch):
+    """Each answer is remembered under (forced name, device, dtype, the op's key); a new shape,
+    dtype or FASTMETA_BACKEND value is a new key, so the memo never hands back a stale choice."""
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    small, large = torch.randn(1, 75, 64), torch.randn(1, 2, 256)
+    protos_small, protos_large = torch.randn(1, 5, 64), torch.randn(1, 5, 256)
+    memo = registry._MEMO["proto_loss"].chosen
+    for _ in range(2):  # the second round is answered from the memo
+        assert registry.select("proto_loss", [small, protos_small]) == "composite"
+        assert registry.select("proto_loss", [large, protos_large]) == ("cpp" if _ext.available() else "composite")
+        assert registry.select("proto_loss", [small.half(), protos_small.half()]) == "composite"
+    assert len(memo) >= 3
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert registry.select("proto_loss", [large, protos_large]) == "reference"
+    # errors are raised on every call, never memoised
+    for _ in range(2):
+        with pytest.raises(ValueError, match="backend='fast'"):
+            registry.select("proto_loss", [large, protos_large], "fast")
+
+
+def test_env_names_limit_what_the_environment_forces(monkeypatch):
+    """task_hvp's strategies take FASTMETA_BACKEND only when it names one of them (cpp forces the
+    kernels beneath); the inner_update lr-gradient table follows its tensors, never the env."""
+    x = torch.randn(2, 3, 4)
+    fn = fastmeta.func.task_function(torch.nn.Linear(4, 2))
+    monkeypatch.setenv(registry.ENV_VAR, "cpp")
+    assert registry.select("task_hvp", [x], fn=fn, loss_fn=torch.nn.functional.mse_loss) == "analytic"
+    assert registry.select("inner_update_lr_grad", [x]) == ("cpp" if _ext.available() else "composite")
+    assert registry.select("inner_update_lr_grad", [x.half()]) == "composite"
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert registry.select("task_hvp", [x], fn=fn, loss_fn=torch.nn.functional.mse_loss) == "reference"
+    assert registry.select("task_grad", [x], fn=fn, loss_fn=torch.nn.functional.mse_loss) == "reference"
+    monkeypatch.setenv(registry.ENV_VAR, "func")
+    assert registry.select("task_grad", [x], fn=fn, loss_fn=torch.nn.functional.mse_loss) == "analytic"
+    # an op without explicit env_names still refuses a name it does not have
+    with pytest.raises(ValueError, match="FASTMETA_BACKEND='func' is not a backend of prototypes"):
+        registry.select("prototypes", [x])

@@ -8,9 +8,8 @@ from helpers import assert_close64
 from torch import nn
 
 from fastmeta.func import task_function, task_hvp, task_hvp_ref
-from fastmeta.func._task_hvp import select_backend
 from fastmeta.nn import TaskConv4, TaskMLP
-from fastmeta.ops import BackendError
+from fastmeta.ops import BackendError, registry
 
 # torch's forward-AD decompositions (loaded by the first torch.func.jvp) call torch.jit.script
 pytestmark = [
@@ -146,7 +145,8 @@ def test_kernel_backend_env_does_not_break_selection(monkeypatch):
     # a kernel name leaves the strategy to the table (analytic for this MLP + cross-entropy)
     for env, strategy in (("cpp", "analytic"), ("reference", "reference"), ("func", "func")):
         monkeypatch.setenv("FASTMETA_BACKEND", env)
-        assert select_backend(fn, [params[fn.names[0]], x], loss_fn) == strategy, env
+        chosen = registry.select("task_hvp", [params[fn.names[0]], x], fn=fn, loss_fn=loss_fn)
+        assert chosen == strategy, env
         out = task_hvp(fn, params, x, y, v)
         for k in fn.names:
             assert_close64(out[k], ref[k], name=env)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.func import _task_hvp as _hvp
-from fastmeta.ops import checks, inner_update
+from fastmeta.ops import checks, inner_update, registry
 
 
 def _update(theta: list, grads: list, lrs: list) -> list:
@@ -157,21 +157,14 @@ class _Plan:
         self.lr_spec = lr_spec
         self.lr_slot = [s if isinstance(s, int) and not isinstance(s, bool) else None for s in lr_spec]
         # the forward's gradients: closed form for an MLP (no autograd graph at all)
-        self.analytic_grad = (
-            fn.mlp is not None
-            and loss_fn in _hvp._LOSS_NAMES
-            and x.device.type in ("cpu", "cuda")
-            and _hvp._mlp_hvp_available() == ""
-        )
+        self.grad_backend = registry.select(_hvp.GRAD_OP, [x], fn=fn, loss_fn=loss_fn)
         self.cuda_rng = x.device.type == "cuda"
 
     def lr_values(self, lr_inputs):
         return [float(s[1]) if isinstance(s, tuple) else lr_inputs[s].detach() for s in self.lr_spec]
 
     def grad(self, theta: dict):
-        if self.analytic_grad:
-            return _hvp.grad_analytic(self.fn, theta, self.x, self.y, self.loss_fn)
-        return _hvp.grad_reference(self.fn, theta, self.x, self.y, self.loss_fn)
+        return _hvp.run_grad(self.grad_backend, self.fn, theta, self.x, self.y, self.loss_fn)
 
 
 def _check_lr(lr, names, params):
@@ -291,11 +284,11 @@ def inner_loop(
                 f"needs hvp_backend='reference' (double backward), got hvp_backend={hvp_backend!r}; "
                 f"detach support_x or leave hvp_backend=None"
             )
-        backend = _hvp.select_backend(fn, tensors, loss_fn, "reference")
+        backend = registry.select(_hvp.HVP_OP, tensors, "reference", fn=fn, loss_fn=loss_fn)
     elif first_order and hvp_backend is None:
         backend = "none"
     else:
-        backend = _hvp.select_backend(fn, tensors, loss_fn, hvp_backend)
+        backend = registry.select(_hvp.HVP_OP, tensors, hvp_backend, fn=fn, loss_fn=loss_fn)
     plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec,
                  len(lr_tensors), x_grad)
     out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors, *([support_x] if x_grad else []))

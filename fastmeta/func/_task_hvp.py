@@ -13,12 +13,14 @@ are). Its results carry no autograd graph: it feeds the backward of
 :func:`fastmeta.func.inner_loop` (and TRPO/iMAML-style solvers), which never differentiate it.
 
 Backends (``fastmeta.ops.registry`` table ``task_hvp``, first that fits wins, in this order
-except ``func``, which is tried after ``reference`` (see ``_BACKENDS`` for the measurement)):
+except ``func``, which is tried after ``reference`` (see ``_BACKENDS`` for the measurement);
+``FASTMETA_BACKEND`` forces only these names: ``cpp`` etc. force the kernels beneath):
 
 * ``analytic`` -- the model is a pure Linear/activation stack (``TaskFunction.mlp`` is set)
   and ``loss_fn`` is ``F.cross_entropy`` or ``F.mse_loss``: closed-form gradient and R-op
   through ``fastmeta.ops.mlp_grad_hvp`` (which has its own C++ CPU / Triton / reference
-  backends, chosen by its own registry entry).
+  backends, chosen by its own registry entry). The table ``task_grad`` (``analytic``, else
+  ``reference``) picks how :func:`fastmeta.func.inner_loop` computes its forward gradients.
 * ``func`` -- any module: ``torch.func.jvp`` of ``torch.func.grad`` of the summed per-task
   loss (forward-over-reverse; one forward and one backward pass, each carrying a tangent).
 * ``reference`` -- any module: double backward (``autograd.grad(g, params, v)`` of the
@@ -27,8 +29,6 @@ except ``func``, which is tried after ``reference`` (see ``_BACKENDS`` for the m
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -36,16 +36,17 @@ from fastmeta.func._losses import task_losses
 from fastmeta.func._task_function import TaskFunction, task_function
 from fastmeta.ops import mlp_grad, mlp_grad_hvp, registry
 
-_OP = "task_hvp"
-_NAMES = ("analytic", "func", "reference")
-_LOSS_NAMES = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse"}
+HVP_OP = "task_hvp"
+GRAD_OP = "task_grad"
+_LOSSES = ((F.cross_entropy, "cross_entropy"), (F.mse_loss, "mse"))
 
 
-# ---- backend table ---------------------------------------------------------------------------
+def _loss_name(loss_fn) -> str | None:
+    """The analytic kernels' name for ``loss_fn`` (by identity: any callable may be passed)."""
+    return next((name for f, name in _LOSSES if f is loss_fn), None)
 
 
-def _mlp_hvp_available() -> str:
-    return ""  # fastmeta.ops.mlp_grad_hvp always imports (its own backends decide the kernel)
+# ---- backend tables ----------------------------------------------------------------------------
 
 
 def _analytic_limits(*tensors, fn, loss_fn) -> list[str]:
@@ -53,42 +54,29 @@ def _analytic_limits(*tensors, fn, loss_fn) -> list[str]:
     if fn.mlp is None:
         why = f" ({fn.reason})" if getattr(fn, "reason", "") else ""
         reasons.append(f"the model is not a pure Linear/activation stack (TaskFunction.mlp is None){why}")
-    if loss_fn not in _LOSS_NAMES:
+    if _loss_name(loss_fn) is None:
         name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
         reasons.append(f"loss_fn {name} is not F.cross_entropy or F.mse_loss")
     return reasons
 
 
-_ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
+def _analytic_key(*tensors, fn, loss_fn) -> tuple[bool, bool]:
+    """What the analytic backend's verdict depends on (the registry memoises on it)."""
+    return fn.mlp is not None, _loss_name(loss_fn) is not None
+
+
+# fastmeta.ops.mlp_grad_hvp always imports (its own backends decide the kernel): always available
+_ANALYTIC = registry.Backend("analytic", frozenset({"cpu", "cuda"}), registry.ALL_FLOATS, registry.always,
+                             _analytic_limits)
+_REFERENCE = registry.Backend("reference", registry.ANY_DEVICE, registry.ALL_FLOATS, registry.always)
 # Priority: analytic, then double backward, then torch.func. Forward-over-reverse is no
 # faster than double backward on Conv4 and slower on small MLPs (its first call also loads
 # torch's jvp decompositions), so "func" runs only when forced; measured in
 # bench/results/inner_loop_hvp.md.
-_BACKENDS = (
-    registry.Backend("analytic", frozenset({"cpu", "cuda"}), registry.ALL_FLOATS, _mlp_hvp_available,
-                      _analytic_limits),
-    registry.Backend("reference", _ANY_DEVICE, registry.ALL_FLOATS, lambda: ""),
-    registry.Backend("func", _ANY_DEVICE, registry.ALL_FLOATS, lambda: ""),
-)
-registry.register(_OP, _BACKENDS)
-
-
-def select_backend(fn, tensors, loss_fn, backend: str | None = None) -> str:
-    """Name of the task_hvp backend for this call (``backend`` or FASTMETA_BACKEND forces one).
-
-    FASTMETA_BACKEND naming a kernel backend (``cpp``, ``triton``, ``cuda``) does not force a
-    task_hvp strategy: it is left to the analytic backend's tensor-level kernel choice.
-    """
-    env = os.environ.get(registry.ENV_VAR) or None
-    if backend is not None or env in _NAMES:
-        return registry.select(_OP, tensors, backend, fn=fn, loss_fn=loss_fn)
-    all_reasons = []
-    for b in _BACKENDS:
-        reasons = b.not_supported_reasons(tensors, fn=fn, loss_fn=loss_fn)
-        if not reasons:
-            return b.name
-        all_reasons.append(f"  {b.name}: " + "; ".join(reasons))
-    raise registry.BackendError(f"{_OP}: no backend can run this call:\n" + "\n".join(all_reasons))
+_BACKENDS = (_ANALYTIC, _REFERENCE,
+             registry.Backend("func", registry.ANY_DEVICE, registry.ALL_FLOATS, registry.always))
+registry.register(HVP_OP, _BACKENDS, key=_analytic_key, env_names=[b.name for b in _BACKENDS])
+registry.register(GRAD_OP, (_ANALYTIC, _REFERENCE), key=_analytic_key, env_names=("analytic", "reference"))
 
 
 # ---- validation shared with inner_loop ---------------------------------------------------------
@@ -243,7 +231,7 @@ def _mlp_dict(fn, ws, bs):
 def grad_analytic(fn, params, x, y, loss_fn):
     weights, biases = mlp_lists(fn, {k: t.detach() for k, t in params.items()})
     with torch.no_grad():
-        losses, gw, gb = mlp_grad(weights, biases, x, y, fn.mlp.activation, _LOSS_NAMES[loss_fn])
+        losses, gw, gb = mlp_grad(weights, biases, x, y, fn.mlp.activation, _loss_name(loss_fn))
     return losses, _mlp_dict(fn, gw, gb)
 
 
@@ -252,17 +240,24 @@ def _hvp_analytic(fn, params, x, y, v, loss_fn):
     vw, vb = mlp_lists(fn, {k: t.detach() for k, t in v.items()})
     with torch.no_grad():
         losses, gw, gb, hw, hb = mlp_grad_hvp(
-            weights, biases, x, y, vw, vb, fn.mlp.activation, _LOSS_NAMES[loss_fn]
+            weights, biases, x, y, vw, vb, fn.mlp.activation, _loss_name(loss_fn)
         )
     return losses, _mlp_dict(fn, gw, gb), _mlp_dict(fn, hw, hb)
 
 
 _IMPLS = {"analytic": _hvp_analytic, "func": _hvp_func, "reference": hvp_reference}
+_GRAD_IMPLS = {"analytic": grad_analytic, "reference": grad_reference}
 
 
 def run_backend(name, fn, params, x, y, v, loss_fn):
     """Unchecked entry for inner_loop's backward: ``(losses, grads, hvps)``."""
     return _IMPLS[name](fn, params, x, y, v, loss_fn)
+
+
+def run_grad(name, fn, params, x, y, loss_fn):
+    """Unchecked entry for inner_loop's forward (``name`` from the ``task_grad`` table):
+    ``(losses [T], grads dict)``, no graph kept."""
+    return _GRAD_IMPLS[name](fn, params, x, y, loss_fn)
 
 
 # ---- reference and public function -------------------------------------------------------------
@@ -326,6 +321,6 @@ def task_hvp(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     tensors = [params[fn.names[0]], x] if fn.names else [x]
-    name = select_backend(fn, tensors, loss_fn, backend)
+    name = registry.select(HVP_OP, tensors, backend, fn=fn, loss_fn=loss_fn)
     losses, grads, hv = run_backend(name, fn, params, x, y, v, loss_fn)
     return (losses, grads, hv) if return_grad else hv

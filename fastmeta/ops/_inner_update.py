@@ -15,7 +15,6 @@ index arithmetic: nothing is materialised at ``[T, *shape]`` except the outputs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
@@ -39,10 +38,29 @@ def _uniform(*tensors, **_) -> list[str]:
     return reasons
 
 
+def _uniform_key(*tensors, **_) -> bool:
+    """What ``_uniform`` decides, cheaply: the registry's memo key, computed on every call
+    (``Tensor.device`` builds an object per read; the device index and a CPU flag tell the
+    devices one process can hold apart)."""
+    t0 = tensors[0]
+    dtype, index, cpu = t0.dtype, t0.get_device(), t0.is_cpu
+    for t in tensors:
+        if t.dtype != dtype or t.get_device() != index or t.is_cpu != cpu:
+            return False
+    return True
+
+
 registry.register(
     "inner_update",
     [registry.cuda_backend(_uniform), registry.cpp_backend(_uniform), registry.reference_backend()],
+    key=_uniform_key,
 )
+# The gradient w.r.t. the learning rates (a reduction, see _lr_grad_fwd): a fused C++ kernel,
+# else plain torch ops. It follows the tensors, not FASTMETA_BACKEND: the update it
+# differentiates was already forced.
+_LR_GRAD = "inner_update_lr_grad"
+registry.register(_LR_GRAD, [registry.cpp_backend(_uniform), registry.composite_backend()],
+                  key=_uniform_key, env_names=())
 
 
 # ---- argument normalisation -----------------------------------------------------------------
@@ -231,14 +249,19 @@ def _backward(ctx, grad_outs):
 _fwd.register_autograd(_backward, setup_context=_setup)
 
 
-# d lr_i = -alpha * sum over lr_i's broadcast dims of grads_i * grad_outs_i. The cpp backend has
-# a fused kernel (one pass, no [T, *shape] temporary); elsewhere plain torch ops. Its own
-# gradient is the update with no params: d grads_i = -alpha * A_i * grad_outs_i and
-# d grad_outs_i = -alpha * A_i * grads_i for the cotangent A_i of d lr_i.
+# d lr_i = -alpha * sum over lr_i's broadcast dims of grads_i * grad_outs_i. Its own gradient is
+# the update with no params: d grads_i = -alpha * A_i * grad_outs_i and d grad_outs_i =
+# -alpha * A_i * grads_i for the cotangent A_i of d lr_i.
 
 
-def _lr_grad_torch(grads, grad_outs, lrs, alpha):
-    return [(g * go).sum_to_size(lr.shape) * -alpha for g, go, lr in zip(grads, grad_outs, lrs)]
+def _lr_grad(grads, grad_outs, lrs, alpha):
+    """The reduction by the backend the registry's ``inner_update_lr_grad`` table picks: the
+    fused kernel (one pass, no ``[T, *shape]`` temporary) or plain torch ops."""
+    name = registry.select(_LR_GRAD, grads)  # (lrs have their grads' dtype and device)
+    if name == "composite":
+        return [(g * go).sum_to_size(lr.shape).mul(-alpha).contiguous()
+                for g, go, lr in zip(grads, grad_outs, lrs)]
+    return registry.kernel(name, _STEM, _LR_GRAD)(grads, grad_outs, lrs, alpha)
 
 
 @torch.library.custom_op("fastmeta::inner_update_lr_grad", mutates_args=())
@@ -247,10 +270,8 @@ def _lr_grad_fwd(
     backend: str,
 ) -> list[torch.Tensor]:
     """``out_i = -alpha * (grads_i * grad_outs_i).sum_to_size(lrs_i.shape)`` (``lrs`` only give
-    the shapes)."""
-    if backend == "cpp":
-        return registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha)
-    return [t.contiguous() for t in _lr_grad_torch(grads, grad_outs, lrs, alpha)]
+    the shapes); ``backend`` is the update's, for the double backward."""
+    return _lr_grad(grads, grad_outs, lrs, alpha)
 
 
 @_lr_grad_fwd.register_fake
@@ -317,9 +338,7 @@ class _EagerLrGrad(torch.autograd.Function):
         grads, grad_outs, lrs = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n :])
         ctx.alpha, ctx.backend, ctx.n = alpha, backend, n
         ctx.save_for_backward(*grads, *grad_outs)
-        if backend == "cpp":
-            return tuple(registry.kernel(backend, _STEM, "inner_update_lr_grad")(grads, grad_outs, lrs, alpha))
-        return tuple(_lr_grad_torch(grads, grad_outs, lrs, alpha))
+        return tuple(_lr_grad(grads, grad_outs, lrs, alpha))
 
     @staticmethod
     def backward(ctx, *cots):
@@ -391,7 +410,9 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
         return _pack(kind, keys, [])
     tensors = [*glist, *plist, *lrs]
     compiling = torch.compiler.is_compiling()
-    name = registry.select("inner_update", tensors, backend) if compiling else _select(tensors, backend)
+    # (each grad and lr has its parameter's dtype and device, checked above: the parameters
+    # decide what the backends' one-dtype-one-device limit sees)
+    name = registry.select("inner_update", plist, backend)
     if name == "reference" or torch._C._are_functorch_transforms_active():
         # (torch.func transforms run neither custom ops nor autograd.Functions without vmap
         # rules: the reference's plain torch ops serve them)
@@ -408,21 +429,6 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
     else:
         outs = _eager(plist, glist, lrs, alpha, name)
     return _pack(kind, keys, outs)
-
-
-_SELECT_CACHE: dict = {}
-
-
-def _select(tensors, backend):
-    """``registry.select`` memoised on what it depends on for this op (the walk over the
-    backend table costs ~20 us, as much as updating a small MLP)."""
-    t0 = tensors[0]
-    key = (backend, os.environ.get(registry.ENV_VAR), t0.device, t0.dtype, not _uniform(*tensors))
-    name = _SELECT_CACHE.get(key)
-    if name is None:
-        name = registry.select("inner_update", tensors, backend)
-        _SELECT_CACHE[key] = name
-    return name
 
 
 __all__ = ["inner_update", "inner_update_ref"]

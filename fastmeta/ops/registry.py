@@ -3,7 +3,9 @@
 Every op registers an ordered list of :class:`Backend` entries. A call walks that list and
 runs the first backend whose :meth:`Backend.not_supported_reasons` is empty. ``backend=`` on
 the public function, or the ``FASTMETA_BACKEND`` environment variable, forces one backend;
-when nothing fits, :class:`BackendError` lists every backend's reasons.
+when nothing fits, :class:`BackendError` lists every backend's reasons. :func:`select` is
+memoised per op (the walk costs about as much as a small op's whole kernel): ops and
+task_hvp's strategies call it on every call instead of caching a choice themselves.
 
 Backends:
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -102,7 +104,8 @@ class Backend:
         return reasons
 
 
-def _always() -> str:
+def always() -> str:
+    """``available`` of a backend that is pure PyTorch (present wherever torch is)."""
     return ""
 
 
@@ -122,6 +125,7 @@ def _cuda_ext_available() -> str:
 
 FLOAT32_64 = frozenset({torch.float32, torch.float64})
 ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
 
 
 def triton_backend(limits=None) -> Backend:
@@ -140,23 +144,63 @@ def cuda_backend(limits=None) -> Backend:
 
 
 def composite_backend(limits=None) -> Backend:
-    return Backend("composite", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), ALL_FLOATS, _always, limits)
+    return Backend("composite", ANY_DEVICE, ALL_FLOATS, always, limits)
 
 
 def reference_backend() -> Backend:
-    return Backend("reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), ALL_FLOATS, _always)
+    return Backend("reference", ANY_DEVICE, ALL_FLOATS, always)
 
 
 _TABLE: dict[str, tuple[Backend, ...]] = {}
 
 
-def register(op: str, backends: Sequence[Backend]) -> None:
-    """Declare ``op``'s backends in priority order (first that fits wins)."""
+@dataclasses.dataclass
+class _Memo:
+    """What :func:`select` needs to memoise one op: ``key`` (see :func:`register`), the
+    ``FASTMETA_BACKEND`` values that force the op, and the choices made so far."""
+
+    key: Callable[..., Hashable]
+    env_names: frozenset[str] | None  # None: every backend name, and other values are errors
+    chosen: dict = dataclasses.field(default_factory=dict)
+
+
+_MEMO: dict[str, _Memo] = {}
+
+
+def _no_key(*tensors, **shape_info) -> Hashable:
+    return ()
+
+
+def shapes_key(*tensors: torch.Tensor, **shape_info) -> Hashable:
+    """The default memo key: every tensor's shape and the ``shape_info`` values."""
+    return tuple(t.shape for t in tensors), tuple(sorted(shape_info.items()))
+
+
+def register(
+    op: str,
+    backends: Sequence[Backend],
+    key: Callable[..., Hashable] | None = None,
+    env_names: Sequence[str] | None = None,
+) -> None:
+    """Declare ``op``'s backends in priority order (first that fits wins).
+
+    ``key(*tensors, **shape_info)`` must return a hashable that, together with the forced
+    name and the device type and dtype of the call, decides every backend's ``limits`` and
+    ``slower`` verdict: :func:`select` remembers its answer per key. Default: a constant
+    when no backend has ``limits`` or ``slower``, else :func:`shapes_key`. ``env_names``: the
+    ``FASTMETA_BACKEND`` values that force this op (default: all its backends, and any other
+    value is an error); a value outside an explicit ``env_names`` is ignored by this op (e.g.
+    task_hvp's strategies leave ``cpp`` to the kernels they call).
+    """
     names = [b.name for b in backends]
     unknown = set(names) - set(BACKEND_NAMES)
     if unknown:
         raise ValueError(f"unknown backend names {sorted(unknown)} for op {op!r}")
+    if key is None:
+        rules = any(b.limits is not None or b.slower is not None for b in backends)
+        key = shapes_key if rules else _no_key
     _TABLE[op] = tuple(backends)
+    _MEMO[op] = _Memo(key, None if env_names is None else frozenset(env_names))
 
 
 def kernel(backend: str, stem: str, name: str) -> Callable:
@@ -170,8 +214,6 @@ def kernel(backend: str, stem: str, name: str) -> Callable:
             raise BackendError(f"backend {backend!r}: {_ext.reason()}")
         return getattr(torch.ops.fastmeta_cpp, name)
     if backend == "triton":
-        import importlib
-
         return getattr(importlib.import_module(f"fastmeta.kernels.{stem}"), name)
     raise ValueError(f"backend {backend!r} has no compiled entry points")
 
@@ -185,18 +227,41 @@ def select(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None,
 
     ``backend`` (or ``FASTMETA_BACKEND`` when ``backend`` is None) forces one backend; an
     unknown name raises ``ValueError``; a forced backend that cannot serve the call, or no
-    backend at all, raises :class:`BackendError` listing every reason.
+    backend at all, raises :class:`BackendError` listing every reason. ``tensors[0]`` gives
+    the device, the first floating tensor the dtype; ``shape_info`` goes to the backends'
+    ``limits``/``slower`` rules. Answers are memoised (see :func:`register`); errors are not.
+    Backend availability is read once per memo key: it does not change within a process.
     """
-    if op not in _TABLE:
+    entries = _TABLE.get(op)
+    if entries is None:
         raise KeyError(f"op {op!r} has no backends registered; known ops: {ops()}")
-    entries = _TABLE[op]
-    forced = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    memo = _MEMO.get(op)
+    forced = backend
+    if forced is None and (memo is None or memo.env_names is None or memo.env_names):
+        forced = os.environ.get(ENV_VAR) or None
+        ignored = memo is not None and memo.env_names is not None and forced not in memo.env_names
+        forced = None if ignored else forced
+    # (under torch.compile the walk is traced: a memo dict there would become a guard)
+    if memo is None or torch.compiler.is_compiling():
+        return _walk(op, entries, forced, backend is not None, tensors, shape_info)
+    t0 = tensors[0]
+    dtype = t0.dtype if t0.is_floating_point() else next(
+        (t.dtype for t in tensors if t.is_floating_point()), None)
+    key = (forced, t0.device.type, dtype, memo.key(*tensors, **shape_info))
+    name = memo.chosen.get(key)
+    if name is None:
+        name = _walk(op, entries, forced, backend is not None, tensors, shape_info)
+        memo.chosen[key] = name
+    return name
+
+
+def _walk(op, entries, forced, by_argument: bool, tensors, shape_info) -> str:
     if forced is not None:
-        if not isinstance(forced, str):
-            raise TypeError(f"backend must be a str or None, got {type(forced).__name__}")
         by_name = {b.name: b for b in entries}
         if forced not in by_name:
-            source = "backend=" if backend is not None else f"{ENV_VAR}="
+            source = "backend=" if by_argument else f"{ENV_VAR}="
             raise ValueError(
                 f"{source}{forced!r} is not a backend of {op}; choose one of {list(by_name)}"
             )

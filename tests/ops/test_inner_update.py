@@ -451,6 +451,24 @@ def test_cpp_declines_float16():
             inner_update(p, p, 0.5, backend="cpp")
 
 
+@pytest.mark.skipif(not ON_CPU, reason="cpu-only: the fused lr gradient is the cpp kernel's")
+def test_lr_gradient_backend_comes_from_the_registry():
+    """The lr-gradient reduction runs the backend its registry table picks: the fused C++ kernel
+    (``fastmeta_cpp::inner_update_lr_grad`` among the dispatched ops) where it is built, plain
+    torch ops otherwise; both give the float64 oracle's gradient."""
+    ps, gs, _ = make_inputs(SHAPE_SETS["mlp"], 3, F64, "list")
+    lr = make_lr("per_element", SHAPE_SETS["mlp"], 3, F64)
+    lr = [t.detach().requires_grad_() for t in lr]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = inner_update(ps, gs, lr)
+        got = torch.autograd.grad(sum(o.sum() for o in out), lr)
+    ran = {e.name for e in prof.events()}
+    fused = registry.select("inner_update_lr_grad", [*gs, *lr]) == "cpp"
+    assert ("fastmeta_cpp::inner_update_lr_grad" in ran) == fused, sorted(n for n in ran if "fastmeta" in n)
+    for d, g, l in zip(got, gs, lr):
+        assert_close64(d, -g.sum_to_size(l.shape))
+
+
 @pytest.mark.skipif(ON_CPU, reason="needs FASTMETA_TEST_DEVICE=cuda")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lr_form", ["float", "per_element", "per_task", "odd"])
