@@ -266,10 +266,30 @@ def _mlp_hvp_cases(quick):
     return out
 
 
+def _gaussian_product_cases(quick):
+    from fastmeta.kernels import gaussian_product as kg
+
+    shapes = _shapes(_module("bench", "bench_gaussian_product").SHAPES, "BCD",
+                     "test_gaussian_product")
+    if quick:
+        shapes = [s for s in shapes if s in {(16, 100, 5), (128, 512, 64), (1, 1, 1)}]
+    out = []
+    for B, C, D in shapes:
+        def fn(dtype, B=B, C=C, D=D):
+            mu, var = _zeros(B, C, D, dtype=dtype), _zeros(B, C, D, dtype=dtype)
+            w = _zeros(B, C, dtype=dtype)
+            m_out, v_out = kg.gaussian_product_fwd(mu, var, w, 1e-7)
+            kg.gaussian_product_bwd(m_out, v_out, mu, var, w, m_out, v_out, 1e-7)
+
+        for path in ("fp32", "fp16", "bf16", "fp64"):
+            out.append(_path_case(f"gaussian_product B{B} C{C} D{D}", path, fn, 0.5))
+    return out
+
+
 def cases(quick: bool, autotune: bool) -> list[Case]:
     """Every case, in a fixed order (workers find a case by its label)."""
     out = (_prototypes_cases(quick) + _proto_loss_cases(quick, autotune) + _matching_cases(quick)
-           + _mlp_hvp_cases(quick))
+           + _mlp_hvp_cases(quick) + _gaussian_product_cases(quick))
     labels = [c.label for c in out]
     assert len(labels) == len(set(labels)), "duplicate AOT case labels"
     return out

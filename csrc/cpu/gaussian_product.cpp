@@ -62,10 +62,10 @@ FASTMETA_SIMD_CLONES void factor_grads(const T* __restrict m, const T* __restric
 #pragma omp simd
     for (int64_t d = 0; d < n; ++d) {
       const T vd = v[o + d];
-      const T vcl = clamped(vd, min_var);
-      const T r = wc / vcl;
+      const T inv = T(1) / clamped(vd, min_var);  // one division per element
+      const T r = wc * inv;
       gm[o + d] = r * A[d];
-      gv[o + d] = vd >= min_var ? r / vcl * (K[d] - A[d] * m[o + d]) : T(0);
+      gv[o + d] = vd >= min_var ? r * inv * (K[d] - A[d] * m[o + d]) : T(0);
     }
   }
 }
