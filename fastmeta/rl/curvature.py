@@ -20,6 +20,8 @@ backward in float64 (tests/rl/test_maml_trpo.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -50,27 +52,58 @@ def _forward(layers, params, x):
     return acts, h
 
 
-def _workspace(acts, mu) -> list[Tensor]:
-    """One reusable ``[T, N, width]`` buffer per layer output: every product writes its
-    tangents and backward signals there instead of allocating (fresh multi-MB tensors cost
-    page faults on every call; the buffers are reused across the CG iterations)."""
-    return [torch.empty_like(a) for a in acts[1:]] + [torch.empty_like(mu)]
+@dataclasses.dataclass
+class _Net:
+    """One forward of the task-batched tanh MLP and what every product then reuses.
+
+    ``acts``: ``[x, a_1, ..., a_{L-1}]``; ``out``: the output (mean or logits); ``slopes``:
+    ``tanh'`` per hidden layer; ``wcm``: column-major weights; ``bufs`` / ``gbufs``: one
+    reusable ``[T, N, width]`` buffer per layer output for the tangents / backward signals
+    (fresh multi-MB tensors cost page faults on every call; the buffers are reused across the
+    CG iterations); ``x_aug``: ``[x, 1]``, so the first layer's weight and bias are one matmul.
+    """
+
+    layers: list[tuple[str, str]]
+    p: dict[str, Tensor]
+    acts: list[Tensor]
+    out: Tensor
+    slopes: list[Tensor]
+    wcm: list[Tensor]
+    bufs: list[Tensor]
+    gbufs: list[Tensor]
+    x_aug: Tensor
 
 
-def _tangent(layers, params, acts, slopes, v, bufs, x_aug):
-    """Forward-mode tangents ``(Ra [None, Ra_1, ..., Ra_{L-1}], Rmu)`` for direction ``v``,
-    written into ``bufs``. The first layer reads ``x_aug = [x, 1]`` so that its weight and bias
-    tangents are one matmul."""
+def _net(params: dict[str, Tensor], x: Tensor, prefix: str = "mean.") -> _Net:
+    layers = _layers(params, prefix)
+    with torch.no_grad():
+        p = {k: t.detach() for k, t in params.items()}
+        acts, out = _forward(layers, p, x)
+        hidden = acts[1:]
+        return _Net(
+            layers, p, acts, out,
+            slopes=[1.0 - a * a for a in hidden],
+            wcm=[_cm(p[w]) for w, _ in layers],
+            bufs=[torch.empty_like(a) for a in hidden] + [torch.empty_like(out)],
+            gbufs=[torch.empty_like(a) for a in hidden],
+            x_aug=torch.cat([x, torch.ones_like(x[..., :1])], -1),
+        )
+
+
+def _tangent(net: _Net, v):
+    """Forward-mode tangents ``(Ra [None, Ra_1, ..., Ra_{L-1}], Rout)`` for direction ``v``,
+    written into ``net.bufs``."""
     ra = [None]
-    for i, (w, b) in enumerate(layers):
+    for i, (w, b) in enumerate(net.layers):
         if i == 0:
-            z = torch.bmm(x_aug, torch.cat([v[w], v[b].unsqueeze(-1)], -1).transpose(1, 2), out=bufs[0])
+            wb = torch.cat([v[w], v[b].unsqueeze(-1)], -1)
+            z = torch.bmm(net.x_aug, wb.transpose(1, 2), out=net.bufs[0])
         else:
-            z = torch.bmm(acts[i], v[w].transpose(1, 2), out=bufs[i])
-            z.baddbmm_(ra[i], params[w].transpose(1, 2)).add_(v[b].unsqueeze(1))
-        if i == len(layers) - 1:
+            z = torch.bmm(net.acts[i], v[w].transpose(1, 2), out=net.bufs[i])
+            z.baddbmm_(ra[i], net.p[w].transpose(1, 2)).add_(v[b].unsqueeze(1))
+        if i == len(net.layers) - 1:
             return ra, z
-        ra.append(z.mul_(slopes[i]))
+        ra.append(z.mul_(net.slopes[i]))
 
 
 def _input_grads(g, x_aug, w, b, out):
@@ -79,29 +112,19 @@ def _input_grads(g, x_aug, w, b, out):
     out[w], out[b] = gw[..., :-1], gw[..., -1]
 
 
-def _augment(x):
-    return torch.cat([x, torch.ones_like(x[..., :1])], -1)
-
-
 def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
     """``fvp(v) -> {name: F_t v_t}`` at per-task ``params {name: [T, *shape]}`` on states
     ``obs [T, N, obs_dim]`` with KL weights ``weights [T, N]`` (e.g. mask / mask sum)."""
-    layers = _layers(params)
+    net = _net(params, obs)
     with torch.no_grad():
-        p = {k: t.detach() for k, t in params.items()}
-        acts, mu = _forward(layers, p, obs)
-        slopes = [1.0 - a * a for a in acts[1:]]
-        c = weights.unsqueeze(-1) * torch.exp(-2.0 * p["log_std"]).unsqueeze(1)
+        c = weights.unsqueeze(-1) * torch.exp(-2.0 * net.p["log_std"]).unsqueeze(1)
         wsum = weights.sum(1, keepdim=True)
-        wcm = [_cm(p[w]) for w, _ in layers]
-        bufs, gbufs = _workspace(acts, mu), [torch.empty_like(a) for a in acts[1:]]
-        x_aug = _augment(obs)
 
     def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            _, rmu = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
+            _, rmu = _tangent(net, v)
             out = {"log_std": 2.0 * wsum * v["log_std"]}
-            _backward(layers, wcm, acts, slopes, rmu.mul_(c), out, gbufs, x_aug)
+            _backward(net, rmu.mul_(c), out)
             return {k: out[k] for k in v}
 
     return fvp
@@ -111,53 +134,45 @@ def categorical_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
     """``fvp(v) -> {name: F_t v_t}`` for a softmax policy over the logits MLP ``"logits.*"``:
     ``sum_n w_n J_n^T (diag(p_n) - p_n p_n^T) J_n v`` (the Hessian of the weighted-mean
     categorical ``KL(pi_new || pi_t)`` at equality), ``J_n`` the logits' Jacobian."""
-    layers = _layers(params, "logits.")
+    net = _net(params, obs, "logits.")
     with torch.no_grad():
-        p = {k: t.detach() for k, t in params.items()}
-        acts, logits = _forward(layers, p, obs)
-        prob = torch.softmax(logits, -1)
-        slopes = [1.0 - a * a for a in acts[1:]]
+        prob = torch.softmax(net.out, -1)
         c = weights.unsqueeze(-1)
-        wcm = [_cm(p[w]) for w, _ in layers]
-        bufs, gbufs = _workspace(acts, logits), [torch.empty_like(a) for a in acts[1:]]
-        x_aug = _augment(obs)
 
     def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            _, t = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
+            _, t = _tangent(net, v)
             pt = prob * t
             g = (pt - prob * pt.sum(-1, keepdim=True)) * c
             out = {}
-            _backward(layers, wcm, acts, slopes, g, out, gbufs, x_aug)
+            _backward(net, g, out)
             return {k: out[k] for k in v}
 
     return fvp
 
 
-def _backward(layers, wcm, acts, slopes, g, out, gbufs, x_aug):
-    """Reverse mode of the mean network for output cotangent ``g``, into ``out``."""
-    for i in range(len(layers) - 1, -1, -1):
-        w, b = layers[i]
+def _backward(net: _Net, g, out):
+    """Reverse mode of the network for output cotangent ``g``, into ``out``."""
+    for i in range(len(net.layers) - 1, -1, -1):
+        w, b = net.layers[i]
         if i == 0:
-            _input_grads(g, x_aug, w, b, out)
+            _input_grads(g, net.x_aug, w, b, out)
             return
-        out[w] = torch.bmm(g.transpose(1, 2), acts[i])
+        out[w] = torch.bmm(g.transpose(1, 2), net.acts[i])
         out[b] = g.sum(1)
-        g = torch.bmm(g, wcm[i], out=gbufs[i - 1]).mul_(slopes[i - 1])
+        g = torch.bmm(g, net.wcm[i], out=net.gbufs[i - 1]).mul_(net.slopes[i - 1])
 
 
 def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
     """``hvp(v) -> {name: H_t v_t}`` for the inner loss ``pg_loss`` at per-task ``params`` on
     ``x [T, N, obs_dim]``, ``y [T, N, act_dim + 1]`` (actions, weights); also returns the
     per-task gradient ``{name: [T, *shape]}`` as ``hvp.grad``."""
-    layers = _layers(params)
+    net = _net(params, x)
+    layers, p, acts, slopes, wcm, gbufs = net.layers, net.p, net.acts, net.slopes, net.wcm, net.gbufs
     L = len(layers)
     with torch.no_grad():
-        p = {k: t.detach() for k, t in params.items()}
         A = p["log_std"].shape[-1]
-        acts, mu = _forward(layers, p, x)
-        slopes = [1.0 - a * a for a in acts[1:]]
-        wcm = [_cm(p[w]) for w, _ in layers]
+        mu = net.out
         e = torch.exp(-2.0 * p["log_std"]).unsqueeze(1)          # [T, 1, A]
         q = (y[..., A] / x.shape[1]).unsqueeze(-1)                # [T, N, 1]
         diff = mu - y[..., :A]
@@ -176,21 +191,19 @@ def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
                 pre = torch.bmm(d, wcm[i])
                 curv[i - 1] = -2.0 * pre * acts[i]                # d(slope)/d a = -2 a, times e_l
                 d = pre * slopes[i - 1]
-        bufs, gbufs = _workspace(acts, mu), [torch.empty_like(a) for a in acts[1:]]
-        x_aug = _augment(x)
         # the output layer's backward (R(dL/dmu) W + dL/dmu dW) as one matmul over [rd, r]
         out_cat = torch.cat([torch.empty_like(r), r], -1) if L > 1 else None
 
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            ra, rmu = _tangent(layers, p, acts, slopes, v, bufs, x_aug)
+            ra, rmu = _tangent(net, v)
             vls = v["log_std"].unsqueeze(1)
             out = {"log_std": -2.0 * (r * rmu).sum(1) + h_ls * v["log_std"]}
             rd = rmu.mul_(qe).sub_(2.0 * r * vls)                 # R(dL/dmu)
             for i in range(L - 1, -1, -1):
                 w, b = layers[i]
                 if i == 0:
-                    _input_grads(rd, x_aug, w, b, out)
+                    _input_grads(rd, net.x_aug, w, b, out)
                     break
                 hw = torch.bmm(rd.transpose(1, 2), acts[i])
                 out[w], out[b] = hw.baddbmm_(deltas[i].transpose(1, 2), ra[i]), rd.sum(1)
