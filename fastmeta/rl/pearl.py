@@ -40,12 +40,14 @@ class PEARL:
         dist: a continuous-action :class:`fastmeta.rl.TaskDistribution`.
         train_tasks: the N training tasks (``dist.sample_tasks(N, seed)``).
         latent_dim: size of z (paper: 5). hidden: MLP widths of encoder, actor and critics.
-        lr: Adam step of every network and of the temperature. kl_weight: the KL's coefficient
+        lr: Adam step of every network and of the temperature (paper: 3e-4; 1e-3 learned nav2d
+            faster here, bench/results/pearl.md). kl_weight: the KL's coefficient
             (paper's lambda 0.1, applied to the sum over the meta-batch as in their code).
         meta_batch: B tasks per gradient step. batch_size: transitions per task per step.
         context_size: transitions per task in the encoder's context during training.
         capacity: replay transitions kept per task. context_capacity: the context buffer's.
-        gamma, tau, reward_scale: SAC's discount, target rate and reward multiplier.
+        gamma, tau, reward_scale: SAC's discount, target rate and reward multiplier (the CLI uses
+            PEARL's 5).
         seed: seeds the agent's generator (z, actions and replay draws of the updates).
 
     State for exact resume: :meth:`state_dict` holds networks, optimisers, both buffers and the
@@ -53,7 +55,7 @@ class PEARL:
     """
 
     def __init__(self, dist: TaskDistribution, train_tasks: dict[str, Tensor], latent_dim: int = 5,
-                 hidden: tuple[int, ...] = (128, 128), lr: float = 3e-4, kl_weight: float = 0.1,
+                 hidden: tuple[int, ...] = (64, 64), lr: float = 1e-3, kl_weight: float = 0.1,
                  meta_batch: int = 8, batch_size: int = 64, context_size: int = 64, capacity: int = 20_000,
                  context_capacity: int = 400, gamma: float = 0.99, tau: float = 0.005, reward_scale: float = 1.0,
                  seed: int = 0):
