@@ -134,6 +134,13 @@ def cases(device):
                         lambda *a, act=act, sp=split: fm.mlp_grad_hvp(*sp(a), act, "mse", backend="triton"),
                         lambda *a, act=act, sp=split: fm.mlp_grad_hvp_ref(*sp(a), act, "mse"),
                         [*ws, *bs, x, y, *vw, *vb]))
+        for B, C, D in [(16, 100, 5), (16, 256, 32), (1, 1, 1), (3, 33, 17)]:
+            mu, var = rnd(B, C, D, dtype=dtype), rnd(B, C, D, dtype=dtype).abs() + 0.1
+            keep = torch.rand(B, C, generator=g) < 0.7
+            keep[:, 0] = True
+            out.append(("gaussian_product", "triton", f"B{B} C{C} D{D}", dtype,
+                        lambda a, b, k=keep.to(device): fm.gaussian_product(a, b, k, backend="triton"),
+                        lambda a, b, k=keep.to(device): fm.gaussian_product_ref(a, b, k), [mu, var]))
         T = 32
         params = [rnd(T, 64, 3, 3, 3, dtype=dtype), rnd(T, 64, dtype=dtype), rnd(T, 5, 1600, dtype=dtype)]
         grads = [rnd(*p.shape, dtype=dtype) for p in params]
