@@ -228,16 +228,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="sqeuclidean", choices=["sqeuclidean", "cosine"])
     p.add_argument("--fce", action="store_true", help="matching: full context embeddings (bidirectional LSTM g, attention LSTM f)")
     g = p.add_argument_group("maml / metasgd / anil / reptile / imaml")
-    g.add_argument("--inner-steps", type=int, default=1, help="inner gradient steps per task in meta-training")
+    g.add_argument("--inner-steps", type=int, default=None,
+                   help="inner gradient steps per task in meta-training (default 1; imaml on sinusoid: 10)")
     g.add_argument("--test-inner-steps", type=int, default=None,
                    help="inner steps at validation/test time (default: 3 on images, 10 on sinusoid)")
     g.add_argument("--inner-lr", type=float, default=None,
-                   help="inner learning rate (MetaSGD: its initial value; default 0.4 on images, 0.01 on sinusoid)")
+                   help="inner learning rate (MetaSGD: its initial value; default 0.4 on images, 0.01 on sinusoid, "
+                        "imaml on sinusoid 0.05)")
     g.add_argument("--first-order", action="store_true", help="first-order MAML (no second-order terms)")
     g.add_argument("--task-chunk", type=int, default=None,
                    help="adapt this many tasks at a time (bounded memory, same gradients)")
     g.add_argument("--hidden", type=int, default=64, help="channels of MAML's Conv4 (the paper: 64)")
-    g.add_argument("--lam", type=float, default=2.0, help="imaml: proximal regularisation lambda (default 2)")
+    g.add_argument("--lam", type=float, default=None,
+                   help="imaml: proximal regularisation lambda (default 2; sinusoid 0.5)")
     g.add_argument("--cg-steps", type=int, default=5, help="imaml: conjugate-gradient steps (default 5)")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-episodes", type=int, default=200)
@@ -261,15 +264,25 @@ def resolve_defaults(args: argparse.Namespace, spec: LearnerSpec) -> None:
     """Fill the options whose default depends on the learner or the dataset."""
     sinusoid = args.dataset == "sinusoid"
     if sinusoid and not spec.regression:
-        raise SystemExit(f"--dataset sinusoid is regression: train maml, metasgd or anil on it, not {args.learner}")
+        raise SystemExit(f"--dataset sinusoid is regression: train maml, metasgd, anil, reptile or imaml on it, "
+                         f"not {args.learner}")
     if args.shots is None:
         args.shots = 10 if sinusoid else 1
     if args.queries is None:
         args.queries = 10 if sinusoid else 15
     if args.batch is None:
         args.batch = 25 if sinusoid and spec.regression else spec.default_batch
+    # iMAML's implicit gradient holds at the inner optimum: on sinusoid it needs the proximal
+    # problem solved (10 steps of 0.05; lam 0.5 lets phi move): with MAML's 1 step of 0.01 and
+    # lam 2 it did not learn and its support curvature grew until the inner descent diverged
+    # (bench/results/pretraining.md, "iMAML on sinusoid")
+    imaml_sin = sinusoid and args.learner == "imaml"
+    if args.inner_steps is None:
+        args.inner_steps = 10 if imaml_sin else 1
+    if args.lam is None:
+        args.lam = 0.5 if sinusoid else 2.0
     if args.inner_lr is None:
-        args.inner_lr = 0.01 if sinusoid else 0.4
+        args.inner_lr = 0.05 if imaml_sin else 0.01 if sinusoid else 0.4
     if args.test_inner_steps is None:
         args.test_inner_steps = 10 if sinusoid else 3
 
