@@ -49,6 +49,7 @@ import contextlib
 import datetime
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -152,16 +153,17 @@ def session(backend: str | None = None, timeout_s: float | None = None) -> Itera
 
 def shard(batch, rank_: int | None = None, world: int | None = None):
     """This rank's part of a batch of tasks: every tensor ``t`` (leading dim ``B``) becomes
-    ``t[rank::world]``, recursively through tuples, lists and named tuples (an
-    :class:`fastmeta.data.Episode`); ``None`` stays ``None``. The union over ranks is the
+    ``t[rank::world]``, recursively through tuples, lists, dicts (a task dict of
+    :mod:`fastmeta.rl`) and named tuples (an :class:`fastmeta.data.Episode`); ``None`` stays
+    ``None``. The union over ranks is the
     whole batch; rank ``r`` gets ``len(range(r, B, world))`` tasks (0 when ``B <= r``).
 
     Args:
-        batch: a tensor ``[B, ...]`` or a (named) tuple / list of them (and ``None``).
+        batch: a tensor ``[B, ...]`` or a (named) tuple / list / dict of them (and ``None``).
         rank_, world: default this process's rank and the world size (0 and 1 without a group).
 
     Raises:
-        TypeError: something other than a tensor, tuple, list or None.
+        TypeError: something other than a tensor, tuple, list, dict or None.
         ValueError: tensors disagree on ``B``, or ``rank_`` is not in ``[0, world)``.
     """
     r = rank() if rank_ is None else rank_
@@ -178,11 +180,14 @@ def shard(batch, rank_: int | None = None, world: int | None = None):
                 raise ValueError("shard: a 0-dim tensor has no batch dimension to split")
             sizes.add(x.shape[0])
             return x[r::w]
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
         if isinstance(x, tuple) and hasattr(x, "_fields"):
             return type(x)(*(cut(v) for v in x))
         if isinstance(x, (tuple, list)):
             return type(x)(cut(v) for v in x)
-        raise TypeError(f"shard: batch must hold tensors [B, ...], tuples, lists or None, got {type(x).__name__}")
+        raise TypeError(f"shard: batch must hold tensors [B, ...], tuples, lists, dicts or None, got "
+                        f"{type(x).__name__}")
 
     out = cut(batch)
     if len(sizes) > 1:
@@ -268,17 +273,53 @@ def mean_over_ranks(values) -> torch.Tensor:
     return (t / world_size()).cpu()
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on at least one rank (every rank gets the same answer)."""
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is true on at least one rank (every rank gets the same
+    answer; one collective for all of them)."""
     if not is_active():
-        return bool(flag)
-    t = torch.tensor([int(bool(flag))], device=_collective_device())
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([int(bool(f)) for f in flags], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[Callable[[], bool]]:
+    """Inside the block, under a process group, SIGINT and SIGTERM (what torchrun forwards on
+    Ctrl-C) set a flag instead of raising, so that the ranks can agree (:func:`any_rank`) to
+    stop at the same step and rank 0 can save a consistent checkpoint; a second signal raises
+    ``KeyboardInterrupt`` at once. Yields ``interrupted() -> bool``. Without a group (or off the
+    main thread) nothing changes and ``interrupted()`` is always False."""
+    if not is_active() or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt(f"signal {signum} (twice)")
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (``[n_r, ...]``, ``n_r`` may differ) concatenated in rank order, on
+    every rank (as CPU tensors). No group: ``t``."""
+    if not is_active():
+        return t
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, t.detach().cpu())
+    return torch.cat(parts)
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:

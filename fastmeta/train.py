@@ -242,64 +242,70 @@ class Trainer:
         self.model.train()
         it = self.batches(self.step)
         consistent = True
-        try:
-            while self.step < cfg.steps:
-                if cfg.minutes is not None and distributed.any_rank(time.perf_counter() - start > 60 * cfg.minutes):
-                    break
-                batch = next(it)
-                consistent = False  # an interrupt inside the update must not be saved
-                loss, acc, *extras = self.step_fn(batch)
-                if self.optimizer is not None:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.all_reduce_gradients(self.model)
-                    self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                self.step += 1
-                consistent = True
-                window_loss += loss.item() if torch.is_tensor(loss) else float(loss)
-                window_acc += float(acc)
-                window_n += 1
-                for k in window_extra:
-                    window_extra[k] += float(extras[0][k])
-                bar.update(1)
-                row = None
-                if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.steps:
-                    now = time.perf_counter()
-                    m = self.metric
-                    # the ranks' window means, averaged (equal shards: the global batch's means)
-                    means = distributed.mean_over_ranks([window_loss, window_acc, *window_extra.values()]) / window_n
-                    row = {"step": self.step, "loss": means[0].item(), m: means[1].item(),
-                           f"val_{m}": "", "val_ci95": ""}
-                    row.update(episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
-                               elapsed_s=now - start, **dict(zip(window_extra, means[2:].tolist())))
-                    bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"}, refresh=False)
-                    window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
-                    window_extra = dict.fromkeys(cfg.extra_fields, 0.0)
-                if self.validate is not None and cfg.val_every > 0 and self.step % cfg.val_every == 0:
-                    res = self.validate()
-                    self.model.train()
-                    row = row or {"step": self.step, "loss": "", self.metric: "", "episodes_per_s": "",
-                                  "elapsed_s": time.perf_counter() - start}
-                    row.update({f"val_{self.metric}": res.mean, "val_ci95": res.ci95})
-                    if self.writes:
-                        bar.write(f"step {self.step}: val {'acc ' if self.metric == 'acc' else ''}{res}")
-                    better = min if self.lower_is_better else max
-                    self.best_val = better(self.best_val, res.mean)
-                if row is not None:
-                    self._write_csv([row])
-                if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
+        with distributed.deferred_interrupts() as interrupted:
+            try:
+                while self.step < cfg.steps:
+                    # one agreement per step: every rank stops at the same step (torchrun)
+                    out_of_time, stop = distributed.any_rank(
+                        cfg.minutes is not None and time.perf_counter() - start > 60 * cfg.minutes, interrupted())
+                    if stop:
+                        raise KeyboardInterrupt("interrupted: every rank stops after this step")
+                    if out_of_time:
+                        break
+                    batch = next(it)
+                    consistent = False  # an interrupt inside the update must not be saved
+                    loss, acc, *extras = self.step_fn(batch)
+                    if self.optimizer is not None:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        distributed.all_reduce_gradients(self.model)
+                        self.optimizer.step()
+                    if self.scheduler is not None:
+                        self.scheduler.step()
+                    self.step += 1
+                    consistent = True
+                    window_loss += loss.item() if torch.is_tensor(loss) else float(loss)
+                    window_acc += float(acc)
+                    window_n += 1
+                    for k in window_extra:
+                        window_extra[k] += float(extras[0][k])
+                    bar.update(1)
+                    row = None
+                    if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.steps:
+                        now = time.perf_counter()
+                        m = self.metric
+                        # the ranks' window means, averaged (equal shards: the global batch's means)
+                        means = distributed.mean_over_ranks([window_loss, window_acc, *window_extra.values()]) / window_n
+                        row = {"step": self.step, "loss": means[0].item(), m: means[1].item(),
+                               f"val_{m}": "", "val_ci95": ""}
+                        row.update(episodes_per_s=window_n * cfg.episodes_per_step / (now - window_t),
+                                   elapsed_s=now - start, **dict(zip(window_extra, means[2:].tolist())))
+                        bar.set_postfix({"loss": f"{row['loss']:.3f}", self.metric: f"{row[self.metric]:.3f}"}, refresh=False)
+                        window_t, window_loss, window_acc, window_n = now, 0.0, 0.0, 0
+                        window_extra = dict.fromkeys(cfg.extra_fields, 0.0)
+                    if self.validate is not None and cfg.val_every > 0 and self.step % cfg.val_every == 0:
+                        res = self.validate()
+                        self.model.train()
+                        row = row or {"step": self.step, "loss": "", self.metric: "", "episodes_per_s": "",
+                                      "elapsed_s": time.perf_counter() - start}
+                        row.update({f"val_{self.metric}": res.mean, "val_ci95": res.ci95})
+                        if self.writes:
+                            bar.write(f"step {self.step}: val {'acc ' if self.metric == 'acc' else ''}{res}")
+                        better = min if self.lower_is_better else max
+                        self.best_val = better(self.best_val, res.mean)
+                    if row is not None:
+                        self._write_csv([row])
+                    if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
+                        self.save()
+            except KeyboardInterrupt:
+                if self.writes and consistent:
+                    bar.write(f"interrupted at step {self.step}: saving {self.ckpt_path}")
                     self.save()
-        except KeyboardInterrupt:
-            if self.writes and consistent:
-                bar.write(f"interrupted at step {self.step}: saving {self.ckpt_path}")
-                self.save()
-            elif self.writes:
-                bar.write(f"interrupted mid-update: keeping the last checkpoint {self.ckpt_path}")
-            raise
-        finally:
-            bar.close()
+                elif self.writes:
+                    bar.write(f"interrupted mid-update: keeping the last checkpoint {self.ckpt_path}")
+                raise
+            finally:
+                bar.close()
         self.save()
         self.plot()
         return self.history() if self.writes else []

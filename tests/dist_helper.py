@@ -1,5 +1,5 @@
-"""Runs ``python -m fastmeta train ...`` on a tiny image dataset as one rank of a distributed job,
-for tests/test_distributed.py.
+"""Ranks of distributed jobs for tests/test_distributed.py: ``python -m fastmeta train ...`` on a
+tiny image dataset, the library recipe's gradients, a MAML-TRPO step.
 
 Two ways in:
 
@@ -8,8 +8,10 @@ Two ways in:
 * plainly: ``python tests/dist_helper.py JOBS.json`` runs each job of the list in turn, each
   as ``world`` ranks forked by ``torch.multiprocessing.start_processes`` with torchrun's
   environment variables (one interpreter start-up for several jobs keeps the tests fast).
-  A job: ``{"world": 2, "argv": [...], "port": 29512, "writes": dir (optional)}``, or ``{"world": 2, "grads":
-  file}``: the averaged gradients of :func:`grad_models` on :func:`grad_batch`, saved by rank 0.
+  A job: ``{"world": 2, "argv": [...], "port": 29512, "writes": dir (optional)}``: the CLI;
+  ``{"world": 2, "grads": file}``: the averaged gradients of :func:`grad_models` on
+  :func:`grad_batch`, saved by rank 0; ``{"world": 2, "trpo": file}``: each rank's parameters
+  after one MAML-TRPO step on its share of :func:`trpo_problem`'s tasks (``file.rank<r>``).
 
 ``--writes DIR`` records, per rank, every file the rank opened for writing or renamed
 (``DIR/rank<r>.txt``); ``--fail-rank/--fail-step`` make that rank's learner raise in training
@@ -24,6 +26,7 @@ import io
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
@@ -34,6 +37,7 @@ from torch import nn
 from fastmeta import cli, data, distributed
 from fastmeta.learners import MAML, EpisodicLearner, ProtoNet
 from fastmeta.nn import Conv4, TaskConv4
+from fastmeta.rl import GaussianMLPPolicy, MAMLTRPO
 
 
 def _track_writes(out_dir: str):
@@ -157,10 +161,44 @@ def _forked_grads(local_rank: int, world: int, port: int, out: str) -> None:
         torch.save(result, out)
 
 
+def trpo_problem(T: int = 4, E: int = 2, H: int = 5, obs_dim: int = 3, act_dim: int = 2):
+    """A float64 MAML-TRPO agent and synthetic train/valid rollouts of ``T`` tasks, the same in
+    every process: ``(agent, train, valid)``, rollouts as ``(obs, actions, rewards, mask)``."""
+    torch.manual_seed(0)
+    agent = MAMLTRPO(GaussianMLPPolicy(obs_dim, act_dim, hidden=(8, 8)).to(torch.float64))
+    g = torch.Generator().manual_seed(1)
+
+    def rollout():
+        mask = torch.ones(T, E, H, dtype=torch.float64)
+        mask[0, 1, H - 2:] = 0
+        return (torch.randn(T, E, H, obs_dim, generator=g, dtype=torch.float64) * mask[..., None],
+                torch.randn(T, E, H, act_dim, generator=g, dtype=torch.float64) * mask[..., None],
+                torch.randn(T, E, H, generator=g, dtype=torch.float64) * mask, mask)
+
+    return agent, rollout(), rollout()
+
+
+def trpo_step(agent, train, valid) -> torch.Tensor:
+    """One MAML-TRPO step on this rank's tasks (:func:`distributed.shard`); the new parameters, flat."""
+    as_rollout = lambda r: SimpleNamespace(**dict(zip(("obs", "actions", "rewards", "mask"), distributed.shard(r))))
+    agent.step(as_rollout(train), as_rollout(valid))
+    return torch.cat([p.detach().flatten() for p in agent.policy.parameters()])
+
+
+def _forked_trpo(local_rank: int, world: int, port: int, out: str) -> None:
+    _as_torchrun_rank(local_rank, world, port)
+    with distributed.session():
+        torch.save(trpo_step(*trpo_problem()), f"{out}.rank{local_rank}")
+
+
+_FORKED = {"grads": _forked_grads, "trpo": _forked_trpo}
+
+
 def run_jobs(jobs: list[dict]) -> None:
     for job in jobs:
-        if "grads" in job:
-            mp.start_processes(_forked_grads, args=(job["world"], job.get("port", 29512), job["grads"]),
+        kind = next((k for k in _FORKED if k in job), None)
+        if kind is not None:
+            mp.start_processes(_FORKED[kind], args=(job["world"], job.get("port", 29512), job[kind]),
                                nprocs=job["world"], start_method="fork")
             continue
         mp.start_processes(_forked_rank, args=(job["world"], job.get("port", 29512), job["argv"], job.get("writes")),

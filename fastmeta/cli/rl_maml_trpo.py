@@ -1,6 +1,11 @@
 """``python -m fastmeta rl maml-trpo --env nav2d|cheetah-vel|cheetah-dir|bandit-k5-n10|tabular-mdp``:
 MAML for RL (Finn et al. 2017, section 5.3) with an outer TRPO step; the PNG shows the pre- and
 post-adaptation return per iteration, ``results.json`` both on held-out tasks (+- 95% CI).
+
+Under ``torchrun``, each rank samples and adapts tasks ``rank::world`` of every meta-batch
+(``--meta-batch`` a multiple of the world size) with its own random streams, the TRPO statistics
+are averaged so every rank takes the same step, the held-out tasks are split and gathered, and
+rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import time
 
 import torch
 
-from fastmeta import rl
+from fastmeta import distributed, rl
 from fastmeta.cli.rl_common import (add_common_args, check_resume, run_dir_of, saved_args, stream_seed,
                                     write_results)
 from fastmeta.learners import confidence_interval
@@ -51,6 +56,9 @@ class _Runner:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        # rank r of a torchrun job samples its tasks' rollouts from its own streams (rank 0, or
+        # a single process, from --seed's)
+        self.seed = args.seed + 1_000_000 * distributed.rank()
         try:
             self.dist = rl.make(args.env)
         except ValueError as e:
@@ -74,17 +82,17 @@ class _Runner:
 
     def step(self, i: int):
         a = self.args
-        tasks = self.dist.sample_tasks(a.meta_batch, stream_seed(a.seed, _TASKS, i))
-        train, valid = self.rollouts(tasks, a.seed, 0, i)
+        tasks = distributed.shard(self.dist.sample_tasks(a.meta_batch, stream_seed(a.seed, _TASKS, i)))
+        train, valid = self.rollouts(tasks, self.seed, 0, i)
         m = self.agent.step(train, valid)
         return m["loss_after"], m["post_return"], m
 
     def evaluate(self, n_tasks: int, which: int):
         """Per held-out task mean episode return before and after adaptation: two EvalResults."""
         a = self.args
-        tasks = self.dist.sample_tasks(n_tasks, stream_seed(a.seed, which, 0))
-        train, valid = self.rollouts(tasks, a.seed, which, 0)
-        per_task = [r.returns().mean(1) for r in (train, valid)]  # [T]: mean episode return
+        tasks = distributed.shard(self.dist.sample_tasks(n_tasks, stream_seed(a.seed, which, 0)))
+        train, valid = self.rollouts(tasks, self.seed, which, 0)
+        per_task = [distributed.all_gather_cat(r.returns().mean(1)) for r in (train, valid)]  # [T]: mean return
         return tuple(confidence_interval(t, metric="return") for t in per_task)
 
 
@@ -92,6 +100,10 @@ def run(args: argparse.Namespace) -> dict:
     """Train MAML-TRPO on ``args.env``, evaluate it on held-out tasks; the results dict."""
     if args.meta_batch is None:
         args.meta_batch = META_BATCH.get(args.env, 20)
+    try:
+        distributed.check_divisible(args.meta_batch, "--meta-batch")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     torch.manual_seed(args.seed)
     run_dir = run_dir_of(args)
     check_resume(run_dir / "checkpoint.pt", args, ("env", "hidden", "inner_steps"))
@@ -116,6 +128,10 @@ def run(args: argparse.Namespace) -> dict:
                test_seconds=round(time.perf_counter() - t0, 1), eval_tasks=args.eval_tasks,
                pre_return=pre.mean, pre_return_ci95=pre.ci95, post_return=post.mean, post_return_ci95=post.ci95,
                run_dir=str(run_dir))
+    if distributed.world_size() > 1:
+        out["world_size"] = distributed.world_size()
+    if not distributed.is_main():
+        return out
     write_results(run_dir, out)
     print(f"{args.agent} on {args.env}, {args.eval_tasks} held-out tasks, mean episode return +- 95% CI: "
           f"before adaptation {pre.mean:.2f} +- {pre.ci95:.2f}, after {args.inner_steps} inner step"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastmeta import distributed
 from fastmeta.func import task_function
 from fastmeta.rl.meta_fvp import MetaFisher, adapt
 from fastmeta.rl.categorical import CategoricalMLPPolicy
@@ -150,6 +151,12 @@ class MAMLTRPO:
         train / valid rollouts: before / after adaptation), ``loss_before``/``loss_after`` (the
         surrogate), ``kl`` (mean_t KL of the accepted step), ``step_size`` (0: rejected),
         ``ls_tries``, ``grad_norm``.
+
+        Under torchrun (:mod:`fastmeta.distributed`), each rank passes the rollouts of its own
+        tasks (the same number on every rank): the meta-gradient, every Fisher-vector product of
+        conjugate gradient, the surrogate and KL of each line-search try and the returned
+        metrics are averaged over the ranks, so every rank takes the same step (the step of the
+        mean objective over all ranks' tasks).
         """
         obs, actions, adv, weights = self.batch(train, "train")
         xv, av, advv, wv = self.batch(valid, "valid")
@@ -168,10 +175,18 @@ class MAMLTRPO:
             g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
         mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping, self.hvp)
         g = flatten({k: t.sum(0) for k, t in mf.vjp(dict(zip(self.fn.names, g_phi))).items()})
+        distributed.all_reduce_mean_([g])
+        loss_before = distributed.mean_over_ranks(loss.item()).item()
         if not bool(g.any()):  # e.g. every advantage is 0: no direction, keep theta
-            return self._metrics(train, valid, loss.item(), loss.item(), 0.0, 0.0, 0, 0.0)
-        direction = conjugate_gradient(mf.fvp, g, self.cg_iters)
-        step, _ = trust_region_step(direction, mf.fvp, self.max_kl)
+            return self._metrics(train, valid, loss_before, loss_before, 0.0, 0.0, 0, 0.0)
+
+        def fvp(v: Tensor) -> Tensor:
+            out = mf.fvp(v)
+            distributed.all_reduce_mean_([out])
+            return out
+
+        direction = conjugate_gradient(fvp, g, self.cg_iters)
+        step, _ = trust_region_step(direction, fvp, self.max_kl)
         step = unflatten(step, theta)
 
         def evaluate(size: float) -> tuple[float, float]:
@@ -179,21 +194,23 @@ class MAMLTRPO:
             with torch.no_grad():
                 phi_new = adapt(self.policy, self.fn.expand(T, new), x, y, self.fast_lr, self.inner_steps)[-1]
                 loss_new, kl = self._surrogate(phi_new, xv, av, advv, wv, logp_old, out_old)
-            return loss_new.item(), kl.item()
+            loss_new, kl = distributed.mean_over_ranks([loss_new.item(), kl.item()]).tolist()
+            return loss_new, kl
 
-        size, tries, loss_after, kl = line_search(evaluate, loss.item(), self.max_kl, self.ls_steps, self.ls_backtrack)
+        size, tries, loss_after, kl = line_search(evaluate, loss_before, self.max_kl, self.ls_steps, self.ls_backtrack)
         if size > 0:
             with torch.no_grad():
                 for k, p in self.fn.params().items():
                     p.sub_(size * step[k])
-        return self._metrics(train, valid, loss.item(), loss_after if size > 0 else loss.item(),
+        return self._metrics(train, valid, loss_before, loss_after if size > 0 else loss_before,
                              kl if size > 0 else 0.0, size, tries, g.norm().item())
 
     @staticmethod
     def _metrics(train, valid, loss_before, loss_after, kl, size, tries, grad_norm) -> dict[str, float]:
+        pre, post = distributed.mean_over_ranks([(r.rewards * r.mask).sum(-1).mean().item() for r in (train, valid)])
         return {
-            "pre_return": float((train.rewards * train.mask).sum(-1).mean()),
-            "post_return": float((valid.rewards * valid.mask).sum(-1).mean()),
+            "pre_return": pre.item(),
+            "post_return": post.item(),
             "loss_before": loss_before, "loss_after": loss_after, "kl": kl, "step_size": size,
             "ls_tries": tries, "grad_norm": grad_norm,
         }
