@@ -58,6 +58,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-weight", type=float, default=0.1)
     # PEARL's value; at 1 the KL fell to 0.05 nats within 5 nav2d iterations (z held no task information)
     p.add_argument("--reward-scale", type=float, default=5.0, help="reward multiplier in the SAC targets")
+    p.add_argument("--dense-critic", action="store_true", help="point-sparse: the critic learns from the dense "
+                   "reward -distance (as PEARL's code), the encoder and all reported returns use the sparse one")
     p.add_argument("--capacity", type=int, default=20_000, help="replay transitions kept per training task")
     p.add_argument("--eval-every", type=int, default=20, help="held-out validation every N iterations (0: never)")
     p.add_argument("--eval-tasks", type=int, default=40, help="held-out tasks of the final evaluation")
@@ -86,7 +88,7 @@ class _Runner:
                            kl_weight=a.kl_weight, meta_batch=a.meta_batch, batch_size=a.batch_size,
                            context_size=a.context_size, capacity=capacity,
                            context_capacity=H * max(a.prior_episodes, a.init_episodes),
-                           reward_scale=a.reward_scale, seed=a.seed)
+                           reward_scale=a.reward_scale, dense_critic=a.dense_critic, seed=a.seed)
 
     def step(self, i: int):
         a, agent = self.args, self.agent
@@ -126,6 +128,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     run_dir = run_dir_of(args)
     check_resume(run_dir / "checkpoint.pt", args, ("env", "hidden", "latent_dim", "train_tasks", "capacity"))
+    if args.dense_critic and not hasattr(make_env(args.env), "dense_reward"):
+        raise SystemExit(f"--dense-critic: --env {args.env} has no dense reward (point-sparse has)")
     runner = _Runner(args)
 
     def validate():

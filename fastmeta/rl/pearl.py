@@ -48,6 +48,9 @@ class PEARL:
         capacity: replay transitions kept per task. context_capacity: the context buffer's.
         gamma, tau, reward_scale: SAC's discount, target rate and reward multiplier (the CLI uses
             PEARL's 5).
+        dense_critic: train the critic on ``dist.dense_reward(tasks, next_obs)`` instead of the
+            stored reward (PEARL's code does so for sparse-reward tasks; the encoder and every
+            return reported still use the environment's sparse reward).
         seed: seeds the agent's generator (z, actions and replay draws of the updates).
 
     State for exact resume: :meth:`state_dict` holds networks, optimisers, both buffers and the
@@ -58,13 +61,15 @@ class PEARL:
                  hidden: tuple[int, ...] = (64, 64), lr: float = 1e-3, kl_weight: float = 0.1,
                  meta_batch: int = 8, batch_size: int = 64, context_size: int = 64, capacity: int = 20_000,
                  context_capacity: int = 400, gamma: float = 0.99, tau: float = 0.005, reward_scale: float = 1.0,
-                 seed: int = 0):
+                 dense_critic: bool = False, seed: int = 0):
         if not isinstance(dist, TaskDistribution) or dist.discrete:
             raise TypeError(f"PEARL needs a continuous-action TaskDistribution, got {dist!r}")
         self.n_train = dist.check_tasks(train_tasks)
         if meta_batch > self.n_train:
             raise ValueError(f"meta_batch ({meta_batch}) must be <= the number of train tasks ({self.n_train})")
-        self.dist, self.train_tasks = dist, train_tasks
+        if dense_critic and not hasattr(dist, "dense_reward"):
+            raise ValueError(f"dense_critic=True needs a distribution with dense_reward(), {dist.name} has none")
+        self.dist, self.train_tasks, self.dense_critic = dist, train_tasks, dense_critic
         self.meta_batch, self.batch_size, self.context_size = meta_batch, batch_size, context_size
         self.kl_weight, self.reward_scale = float(kl_weight), float(reward_scale)
         self.action_scale = float(getattr(dist, "max_action", 1.0))
@@ -158,6 +163,8 @@ class PEARL:
         zb = z[:, None].expand(-1, self.batch_size, -1)
         x = torch.cat([b["obs"], zb], dim=-1).flatten(0, 1)
         x2 = torch.cat([b["next_obs"], zb.detach()], dim=-1).flatten(0, 1)
+        if self.dense_critic:
+            b["rewards"] = self.dist.dense_reward({k: v[ids] for k, v in self.train_tasks.items()}, b["next_obs"])
         r = self.reward_scale * b["rewards"].flatten()
         y = self.sac.q_target(r, x2, torch.ones_like(r), g)
         q_loss = self.sac.critic_loss(x, b["actions"].flatten(0, 1), y)

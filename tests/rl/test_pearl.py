@@ -32,8 +32,25 @@ def test_point_sparse_goals_and_reward_formula():
         total += r
     assert r[0, 0] > 0.8 and r[1, 0] == 0  # at x = 0.9: within the radius
     assert total[1, 0] == 0 and not done.any()
+    dense = dist.dense_reward(tasks, torch.tensor([[[0.9, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.5]]]))
+    torch.testing.assert_close(dense, torch.tensor([[-0.1, -1.0], [-1.0, -0.5]]))
     with pytest.raises(ValueError, match="goal_radius"):
         rl.make("point-sparse", goal_radius=1.5)
+
+
+def test_dense_critic_learns_from_the_dense_reward():
+    dist = rl.make("point-sparse")
+    kw = dict(hidden=(16,), meta_batch=2, batch_size=8, context_size=6, capacity=100, context_capacity=40)
+    losses = []
+    for dense in (False, True):  # same networks, same data: only the critic's reward differs
+        torch.manual_seed(0)
+        agent = PEARL(dist, dist.sample_tasks(3, seed=0), dense_critic=dense, **kw)
+        agent.collect(torch.arange(3), 2, 0, False, True, torch.Generator().manual_seed(0))
+        assert agent.replay.data["rewards"].abs().sum() == 0  # the buffer keeps the sparse reward (never reached)
+        losses.append(agent.update()["q_loss"])
+    assert losses[0] != losses[1]
+    with pytest.raises(ValueError, match="dense_reward"):
+        PEARL(rl.make("nav2d"), rl.make("nav2d").sample_tasks(3, seed=0), dense_critic=True, **kw)
 
 
 def small_agent(**kw):

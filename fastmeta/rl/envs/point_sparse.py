@@ -57,3 +57,9 @@ class PointRobotSparse(TaskDistribution):
         dist = torch.linalg.vector_norm(self._pos - self._goal, dim=-1)
         reward = torch.where(dist <= self.goal_radius, 1.0 - dist, torch.zeros(()))
         return self._pos, reward, torch.zeros_like(dist, dtype=torch.bool), {"distance": dist}
+
+    @staticmethod
+    def dense_reward(tasks: dict[str, Tensor], next_obs: Tensor) -> Tensor:
+        """``-||next_obs - goal||`` ``[T, N]`` for ``next_obs [T, N, 2]``: the shaped reward PEARL's
+        code trains the critic on in this task while the encoder sees only the sparse one."""
+        return -torch.linalg.vector_norm(next_obs - tasks["goal"][:, None].to(next_obs.dtype), dim=-1)
