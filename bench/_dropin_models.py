@@ -1,7 +1,12 @@
 """learn2learn's vision models, written the way learn2learn defines them (custom ``forward``s,
 ``Lambda``/``Flatten`` helpers, BatchNorm with running statistics, OmniglotCNN's body registered
-twice), for bench_dropin.py and tests/test_fx_batched.py. Sizes are arguments so tests can run
-them small; the defaults are learn2learn's."""
+twice), for bench_dropin.py, tests/test_fx_batched.py and tests/test_tied_modules.py. Sizes
+(and whether BatchNorm tracks running statistics) are arguments so tests can run them small
+and on every task-batched path; the defaults are learn2learn's.
+
+They live here, not in tests/: they are the benchmark's workload, and the tests check fastmeta
+on exactly the models the benchmark times; a benchmark importing from tests/ would depend on
+test scaffolding."""
 
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class LinearBlock(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, cin, cout, max_pool=True, max_pool_factor=1.0):
+    def __init__(self, cin, cout, max_pool=True, max_pool_factor=1.0, track_running_stats=True):
         super().__init__()
         stride = (int(2 * max_pool_factor), int(2 * max_pool_factor))
         if max_pool:
@@ -50,7 +55,7 @@ class ConvBlock(nn.Module):
             stride = (1, 1)
         else:
             self.max_pool = lambda x: x
-        self.normalize = nn.BatchNorm2d(cout, affine=True)  # tracks running statistics
+        self.normalize = nn.BatchNorm2d(cout, affine=True, track_running_stats=track_running_stats)
         nn.init.uniform_(self.normalize.weight)
         self.relu = nn.ReLU()
         self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=True)
@@ -62,8 +67,10 @@ class ConvBlock(nn.Module):
 
 
 class ConvBase(nn.Sequential):
-    def __init__(self, hidden=64, channels=1, max_pool=False, layers=4, max_pool_factor=1.0):
-        core = [ConvBlock(channels if i == 0 else hidden, hidden, max_pool, max_pool_factor) for i in range(layers)]
+    def __init__(self, hidden=64, channels=1, max_pool=False, layers=4, max_pool_factor=1.0,
+                 track_running_stats=True):
+        core = [ConvBlock(channels if i == 0 else hidden, hidden, max_pool, max_pool_factor, track_running_stats)
+                for i in range(layers)]
         super().__init__(*core)
 
 
@@ -85,10 +92,11 @@ class OmniglotFC(nn.Module):
 class OmniglotCNN(nn.Module):
     """``tied=True`` (learn2learn): the body is ``self.base`` AND ``self.features[1]``."""
 
-    def __init__(self, output_size=5, hidden_size=64, layers=4, size=28, tied=True):
+    def __init__(self, output_size=5, hidden_size=64, layers=4, size=28, tied=True, track_running_stats=True):
         super().__init__()
         self.hidden_size, self.size = hidden_size, size
-        base = ConvBase(hidden=hidden_size, channels=1, max_pool=False, layers=layers)
+        base = ConvBase(hidden=hidden_size, channels=1, max_pool=False, layers=layers,
+                        track_running_stats=track_running_stats)
         if tied:
             self.base = base
         self.features = nn.Sequential(

@@ -1,10 +1,13 @@
 """Tied / shared submodules and parameters on every path of MAML, MetaSGD and ANIL.
 
-The model is learn2learn's ``OmniglotCNN`` as learn2learn defines it (written here, small):
-ConvBlocks with their own forward, BatchNorm, the body registered twice (``self.base`` and
-inside ``self.features``). Its meta-gradients must equal a naive per-task loop written with
-plain functional ops (float64, 1e-10 relative), and a training step must leave the module's
-Parameters in place and update every one of them."""
+The model is learn2learn's ``OmniglotCNN`` as learn2learn defines it (bench/_dropin_models.py,
+the benchmark's definition, run small): ConvBlocks with their own forward, BatchNorm, the body
+registered twice (``self.base`` and inside ``self.features``). Its meta-gradients must equal a
+naive per-task loop written with plain functional ops (float64, 1e-10 relative), and a training
+step must leave the module's Parameters in place and update every one of them."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,60 +24,29 @@ DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _dropin_models import OmniglotCNN  # noqa: E402
 
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
+SMALL = dict(output_size=3, hidden_size=4, layers=2, size=8)
 
 
-class ConvBlock(nn.Module):
-    """learn2learn's ConvBlock without max-pooling: conv (stride 2) -> BatchNorm -> ReLU."""
-
-    def __init__(self, cin, cout, track):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
-        self.normalize = nn.BatchNorm2d(cout, track_running_stats=track)
-        nn.init.uniform_(self.normalize.weight)
-        self.relu = nn.ReLU()
+class UntraceableOmniglotCNN(OmniglotCNN):
+    """The same model with a parameter used outside its module: the traced path refuses it
+    (vmap or loop path)."""
 
     def forward(self, x):
-        return self.relu(self.normalize(self.conv(x)))
-
-
-class OmniglotCNN(nn.Module):
-    """learn2learn's OmniglotCNN: the body is ``self.base`` AND ``self.features[1]``."""
-
-    def __init__(self, n_way=3, hidden=4, layers=2, size=8, track=True, traceable=True):
-        super().__init__()
-        self.size, self.traceable = size, traceable
-        self.base = nn.Sequential(*[ConvBlock(1 if i == 0 else hidden, hidden, track) for i in range(layers)])
-        self.features = nn.Sequential(
-            Lambda(lambda x: x.view(-1, 1, self.size, self.size)),
-            self.base,
-            Lambda(lambda x: x.mean(dim=[2, 3])),
-            nn.Flatten(),
-        )
-        self.classifier = nn.Linear(hidden, n_way)
-
-    def forward(self, x):
-        if self.traceable:
-            return self.classifier(self.features(x))
-        # a parameter used outside its module: the traced path refuses it (vmap or loop path)
         return F.linear(self.features(x), self.classifier.weight, self.classifier.bias)
 
 
 # the three paths a tied OmniglotCNN can take: traced (running statistics never updated),
 # vmap (untraceable, no running statistics), loop (untraceable, running statistics: vmap fails)
-PATHS = {"traced": dict(track=True), "vmap": dict(track=False, traceable=False),
-         "loop": dict(track=True, traceable=False)}
+PATHS = {"traced": (OmniglotCNN, True), "vmap": (UntraceableOmniglotCNN, False),
+         "loop": (UntraceableOmniglotCNN, True)}
 
 
 def omniglot(path):
-    return OmniglotCNN(**PATHS[path]).to(DT)
+    cls, track = PATHS[path]
+    return cls(**SMALL, track_running_stats=track).to(DT)
 
 
 def omniglot_reference(p, x, layers=2, size=8):
@@ -219,7 +191,7 @@ class SharedHead(nn.Module):
 def test_anil_shared_head_matches_naive():
     # the features hold the tied body; eval-mode BatchNorm so that each example's features do
     # not depend on the batch (ANIL embeds all tasks at once, the loops below one task at a time)
-    features = OmniglotCNN(track=True).features.to(DT).eval()
+    features = OmniglotCNN(**SMALL).features.to(DT).eval()
     head = SharedHead(4, 3).to(DT)
     anil = fastmeta.ANIL(features, head, lr=0.3)
     data = batch(seed=4)
