@@ -56,11 +56,11 @@ registry.register(
     key=_uniform_key,
 )
 # The gradient w.r.t. the learning rates (a reduction, see _lr_grad_fwd): a fused C++ kernel,
-# else plain torch ops. It follows the tensors, not FASTMETA_BACKEND: the update it
-# differentiates was already forced.
+# else plain torch ops. Only the fused update calls it, whose tensors are already one dtype on
+# one device (no limits to check); it follows the tensors, not FASTMETA_BACKEND (the update it
+# differentiates was already forced).
 _LR_GRAD = "inner_update_lr_grad"
-registry.register(_LR_GRAD, [registry.cpp_backend(_uniform), registry.composite_backend()],
-                  key=_uniform_key, env_names=())
+registry.register(_LR_GRAD, [registry.cpp_backend(), registry.composite_backend()], env_names=())
 
 
 # ---- argument normalisation -----------------------------------------------------------------
@@ -257,7 +257,7 @@ _fwd.register_autograd(_backward, setup_context=_setup)
 def _lr_grad(grads, grad_outs, lrs, alpha):
     """The reduction by the backend the registry's ``inner_update_lr_grad`` table picks: the
     fused kernel (one pass, no ``[T, *shape]`` temporary) or plain torch ops."""
-    name = registry.select(_LR_GRAD, grads)  # (lrs have their grads' dtype and device)
+    name = registry.select(_LR_GRAD, grads)
     if name == "composite":
         return [(g * go).sum_to_size(lr.shape).mul(-alpha).contiguous()
                 for g, go, lr in zip(grads, grad_outs, lrs)]

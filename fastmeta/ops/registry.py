@@ -237,7 +237,7 @@ def select(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None,
         raise KeyError(f"op {op!r} has no backends registered; known ops: {ops()}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    memo = _MEMO.get(op)
+    memo = _MEMO.get(op)  # (None for a table entry made without register(): not memoised)
     forced = backend
     if forced is None and (memo is None or memo.env_names is None or memo.env_names):
         forced = os.environ.get(ENV_VAR) or None
