@@ -45,6 +45,7 @@ Method (after .library/device/METHOD.md):
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as _dt
 import gc
@@ -180,6 +181,58 @@ class Result:
     def gflops(self) -> float | None:
         f = self.case.flops.get(self.pass_name)
         return f / (self.median_ms * 1e-3) / 1e9 if (self.ok and f) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+COMMON_ARGS = ("device", "threads", "budget", "results-dir", "no-save")
+
+
+def add_common_args(ap: argparse.ArgumentParser, *names: str, device: str | None = None,
+                    threads: int | None = None, budget: float | None = None) -> argparse.ArgumentParser:
+    """Add the options bench scripts share, each by name (:data:`COMMON_ARGS`):
+
+    * ``"device"``: ``--device cuda|cpu`` (default ``device``, else CUDA when available);
+    * ``"threads"``: ``--threads N``, torch threads for the run (default ``threads``, else torch's);
+    * ``"budget"``: ``--budget S``, seconds of timed calls per row (default ``budget``);
+    * ``"results-dir"``: where the JSON rows go (default ``bench/results/``);
+    * ``"no-save"``: print the tables, append no JSON rows.
+
+    :func:`parse_args` applies ``--threads`` and resolves ``--device``.
+    """
+    unknown = [n for n in names if n not in COMMON_ARGS]
+    if unknown:
+        raise ValueError(f"unknown common options {unknown}; choose from {list(COMMON_ARGS)}")
+    if "device" in names:
+        ap.add_argument("--device", default=device,
+                        help=f"cuda or cpu (default: {device or 'cuda when available, else cpu'})")
+    if "threads" in names:
+        shown = threads or "torch's"
+        ap.add_argument("--threads", type=int, default=threads,
+                        help=f"torch.set_num_threads for the run (1: steadier on a busy machine; default: {shown})")
+    if "budget" in names:
+        ap.add_argument("--budget", type=float, default=budget, help="seconds of timed calls per row")
+    if "results-dir" in names:
+        ap.add_argument("--results-dir", default=None, help="where the JSON rows go (default: bench/results/)")
+    if "no-save" in names:
+        ap.add_argument("--no-save", action="store_true", help="print the tables only, save no rows")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``ap.parse_args(argv)`` with the common options applied: ``--threads`` (at least 1) set
+    with ``torch.set_num_threads``, ``--device`` resolved to a ``torch.device``."""
+    args = ap.parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            ap.error(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    if "device" in vars(args):
+        args.device = resolve_device(args.device)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------

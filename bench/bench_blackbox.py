@@ -151,19 +151,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=1, help="episodes per training step (throughput)")
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--seq-batch", type=int, default=4, help="sequences per call (scaling)")
     p.add_argument("--sizes", default="5,10,20,50,100,200,500", help="support sizes S (scaling)")
-    p.add_argument("--budget", type=float, default=4.0, help="seconds of timing per row")
     p.add_argument("--quick", action="store_true", help="short budget, S = 5,50,500")
     p.add_argument("--skip", choices=["throughput", "scaling"], default=None)
-    p.add_argument("--no-save", action="store_true")
-    a = p.parse_args(argv)
+    _common.add_common_args(p, "device", "budget", "no-save", budget=4.0)
+    a = _common.parse_args(p, argv)
     if a.quick:
         a.budget, a.sizes = 1.0, "5,50,500"
-    device = torch.device(a.device)
+    device = a.device
     warning = _common.busy_warning()
     if warning:
         print(warning)

@@ -124,12 +124,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--against", help="git revision to compare with (interleaved processes)")
     ap.add_argument("--rounds", type=int, default=3, help="alternations with --against")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=200, help="calls per timed block")
     ap.add_argument("--blocks", type=int, default=15, help="timed blocks per case")
     ap.add_argument("--json", action="store_true", help="print one JSON line (used by --against)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    C.add_common_args(ap, "threads", threads=1)
+    args = C.parse_args(ap)
     if args.json:
         print(json.dumps(measure(args.calls, args.blocks)))
         return

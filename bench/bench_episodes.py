@@ -78,10 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the last row (0: skip)")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
     p.add_argument("--build", action="store_true", help="also time a full glyph build (~15-30 s)")
-    p.add_argument("--no-save", action="store_true")
-    a = p.parse_args(argv)
+    _common.add_common_args(p, "budget", "no-save", budget=1.0)
+    a = _common.parse_args(p, argv)
     warning = _common.busy_warning()
     if warning:
         print(warning)

@@ -284,15 +284,9 @@ def main(argv=None) -> int:
                     help="thread: CPU time of the calling thread (CPU only; use with --threads 1 on a "
                          "loaded machine)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call of each row")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
-    device = C.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
+    args = C.parse_args(ap, argv)
+    device = args.device
     warn = C.busy_warning()
     if warn and device.type == "cpu":
         print(warn)

@@ -173,23 +173,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--quick", action="store_true", help="shorter timing budget")
-    ap.add_argument("--device", default=None)
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--backends", default=None, help="comma list of fastmeta backends to time")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="start no new implementation after this many seconds")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
+    args = C.parse_args(ap, argv)
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = C.resolve_device(args.device)
+    device = args.device
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:
         if s not in SHAPES:

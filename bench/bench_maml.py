@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-impls", default=None,
                     help="rows of the memory-curve configs conv4-k1/conv4-k10 (default: --impls)")
     ap.add_argument("--quick", action="store_true", help="small meta-batches/width, few reps")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in every process")
     ap.add_argument("--reps", default=None,
                     help="timed meta-steps per row after the cold one: N for every config, or "
                          "CONFIG=N,... (default: 5 sinusoid, 2 conv4-k5, 2 conv4-k1, 1 conv4-k10; "
@@ -143,15 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child-timeout", type=float, default=900)
     ap.add_argument("--gate-only", action="store_true", help="only the float64 correctness gate")
     ap.add_argument("--no-hvp", action="store_true", help="skip the batched HVP row")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    C.add_common_args(ap, "device", "threads", "results-dir", "no-save", device="cpu")
+    args = C.parse_args(ap, argv)
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    device = C.resolve_device(args.device)
+    device = args.device
     configs = _split(args.configs)
     for c in configs:
         if c not in CONFIGS:

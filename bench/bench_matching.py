@@ -172,22 +172,16 @@ def make_impls(shape, device, dtype, *, compile_=True, backends=None) -> list[C.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--device", default=None)
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--quick", action="store_true", help="short budget; skip 'large' on the CPU")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--backends", default=None)
     ap.add_argument("--passes", default=",".join(C.PASSES))
-    ap.add_argument("--budget", type=float, default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
+    args = C.parse_args(ap, argv)
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = C.resolve_device(args.device)
+    device = args.device
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:
         if s not in SHAPES:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import RESULTS_DIR, busy_warning, env_info  # noqa: E402
+from _common import RESULTS_DIR, add_common_args, busy_warning, env_info, parse_args  # noqa: E402
 from _meta_fvp_impls import step_loop, fvp_batched_builder, fvp_func_builder, fvp_loop_builder  # noqa: E402
 from fastmeta.rl import GaussianMLPPolicy, MAMLTRPO  # noqa: E402
 from fastmeta.rl.meta_fvp import MetaFisher, adapt  # noqa: E402
@@ -151,16 +151,16 @@ def _q(xs, q):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T in {10,20}, N=200, dims 2x2, 1 thread, 2 reps: ~30 s")
-    ap.add_argument("--threads", default=None,
-                    help="comma list: 'default' and/or integers (default: default,1; --quick: 1)")
     ap.add_argument("--tasks", default=None, help="comma list of T (default 10,20,40)")
     ap.add_argument("--samples", default=None, help="comma list of samples per task (default 200,2000)")
     ap.add_argument("--dims", default=None, help="comma list of obs_dim x act_dim (default 2x2,17x6)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-step", action="store_true", help="skip the whole-TRPO-step timing")
-    ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--append", action="store_true", help="append to meta_fvp.md instead of replacing it")
-    args = ap.parse_args(argv)
+    ap.add_argument("--threads", default=None,
+                    help="comma list: 'default' and/or integers (default: default,1; --quick: 1)")
+    add_common_args(ap, "no-save")
+    args = parse_args(ap, argv)
     Ts = [int(t) for t in (args.tasks or ("10,20" if args.quick else "10,20,40")).split(",")]
     Ns = [int(n) for n in (args.samples or ("200" if args.quick else "200,2000")).split(",")]
     dims = [tuple(int(v) for v in d.split("x")) for d in (args.dims or ("2x2" if args.quick else "2x2,17x6")).split(",")]

@@ -226,18 +226,12 @@ def run_case(name, device, dtype, budget, backends, log):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backends", default=None)
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = C.resolve_device(args.device)
+    C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
+    args = C.parse_args(ap, argv)
+    device = args.device
     dtype = C.parse_dtype(args.dtype)
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.5)
     backends = args.backends.split(",") if args.backends else None

@@ -303,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtypes", default=None,
                     help="comma list (default float32 on CPU; float32,float16,bfloat16 on CUDA)")
     ap.add_argument("--quick", action="store_true",
@@ -313,20 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the compile baseline only for these dtypes (10-30 s per compile)")
     ap.add_argument("--backends", default=None, help="only these fastmeta backends (comma list)")
     ap.add_argument("--passes", default=",".join(C.PASSES), help="fwd,fwd+bwd")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop starting new cases after this many seconds (rows say 'skipped')")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads for CPU runs (1: steadier on a busy machine)")
-    ap.add_argument("--results-dir", default=None,
-                    help="where the .jsonl rows go (default bench/results)")
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
+    args = C.parse_args(ap, argv)
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = C.resolve_device(args.device)
+    device = args.device
     shapes = _parse_shapes(args.shapes)
     if args.dtypes:
         dtypes = [C.parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]

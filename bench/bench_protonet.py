@@ -47,15 +47,13 @@ class NaiveHeadProtoNet(ProtoNet):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=1, help="episodes per step")
     p.add_argument("--ways", type=int, default=20)
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--queries", type=int, default=15)
-    p.add_argument("--budget", type=float, default=10.0, help="seconds of timing per row")
-    p.add_argument("--no-save", action="store_true")
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
+    _common.add_common_args(p, "device", "budget", "no-save", budget=10.0)
+    a = _common.parse_args(p, argv)
+    device = a.device
     warning = _common.busy_warning()
     if warning:
         print(warning)

@@ -110,10 +110,9 @@ def case_rows(name: str, T: int, E: int, budget: float) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per row")
     p.add_argument("--quick", action="store_true", help="small cases only (a smoke run)")
-    p.add_argument("--no-save", action="store_true")
-    a = p.parse_args(argv)
+    _common.add_common_args(p, "budget", "no-save", budget=2.0)
+    a = _common.parse_args(p, argv)
     warning = _common.busy_warning()
     if warning:
         print(warning)

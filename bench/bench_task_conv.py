@@ -26,15 +26,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fastmeta.nn.task as TK
-from fastmeta.func import task_function, task_losses
-from fastmeta.nn import TaskConv4
-from fastmeta.func import inner_loop
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+import fastmeta.nn.task as TK  # noqa: E402
+from fastmeta.func import inner_loop, task_function, task_losses  # noqa: E402
+from fastmeta.nn import TaskConv4  # noqa: E402
 
 
 class _TorchConv:
@@ -60,10 +64,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default="default,nchw,torch_conv,torch_pool")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    C.add_common_args(ap, "threads", threads=1)
+    a = C.parse_args(ap)
     saved = {"px": TK._CHANNELS_LAST_MIN_PIXELS, "conv": TK._GroupedConv, "pool": TK._MaxPool2d}
     T, S, Q = a.tasks, 5, 75
     torch.manual_seed(0)
