@@ -71,7 +71,9 @@ FASTMETA_SIMD_CLONES void factor_grads(const T* __restrict m, const T* __restric
 }
 
 // Work items: (task, chunk of D), so one task with a wide D still uses every thread; items are
-// grouped so that each thread gets enough work to pay for the parallel region.
+// grouped into at least 32768 factor values per thread (ATen's own grain): below that a parallel
+// region costs more than it saves, and on a loaded machine an OpenMP team waiting for a
+// descheduled thread took 20 ms for PEARL's [16, 256, 5] (a grain of 16384 went parallel there).
 struct Plan {
   int64_t chunks, dlen, grain;
 };
@@ -81,7 +83,7 @@ Plan plan(int64_t B, int64_t C, int64_t D) {
   const int64_t chunks =
       B >= nt ? 1 : std::max<int64_t>(1, std::min(ceil_div(2 * nt, B), D / 256));
   const int64_t dlen = ceil_div(D, chunks);
-  return {chunks, dlen, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * dlen))};
+  return {chunks, dlen, std::max<int64_t>(1, ceil_div(32768, std::max<int64_t>(1, C * dlen)))};
 }
 
 template <typename T>

@@ -214,7 +214,7 @@ def gaussian_product(
         mu_out  = var_out * sum_c (w_c * mu[b, c, d] / v_c)
 
     the normalised product of the Gaussians N(mu_c, v_c) (each raised to the power w_c), as
-    PEARL's context encoder combines one factor per transition (Rakelly et al. 2019, eq. 4.1).
+    PEARL's context encoder combines one factor per transition (Rakelly et al. 2019, sec. 4.1).
     Variances below ``min_var`` are raised to it as PEARL does (``torch.clamp(var, min=1e-7)``),
     so a factor of variance 0 has a finite precision; their gradient w.r.t. ``var`` is 0 there.
 
