@@ -221,6 +221,25 @@ def add_common_args(ap: argparse.ArgumentParser, *names: str, device: str | None
     return ap
 
 
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (None or "" -> ``[]``)."""
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def print_banner(title: str, device: torch.device) -> dict:
+    """Print ``<title> on <device> | torch | triton | git sha | load`` (and, on a busy CPU,
+    :func:`busy_warning`); returns :func:`env_info`."""
+    info = env_info(device)
+    dirty = "+dirty" if info["git_dirty"] else ""
+    print(f"{title} on {info['device']} | torch {info['torch']} | triton {info['triton']} | "
+          f"git {info['git_sha'][:12]}{dirty} | load {info['loadavg_1m']} on {info['cpu_count']} CPUs",
+          flush=True)
+    warning = busy_warning()
+    if warning and device.type == "cpu":
+        print(warning, flush=True)
+    return info
+
+
 def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``ap.parse_args(argv)`` with the common options applied: ``--threads`` (at least 1) set
     with ``torch.set_num_threads``, ``--device`` resolved to a ``torch.device``."""

@@ -184,22 +184,17 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     device = args.device
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = C.comma_list(args.shapes)
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {list(SHAPES)}")
-    dtypes = [C.parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    dtypes = [C.parse_dtype(d) for d in C.comma_list(args.dtypes)]
+    passes = C.comma_list(args.passes)
+    backends = C.comma_list(args.backends) or None
     budget = args.budget if args.budget is not None else (
         (0.1 if args.quick else 0.3) if device.type == "cuda" else (0.2 if args.quick else 1.0))
 
-    info = C.env_info(device)
-    print(f"inner_update benchmark on {info['device']} | torch {info['torch']} | "
-          f"git {info['git_sha'][:12]}{'+dirty' if info['git_dirty'] else ''} | "
-          f"load {info['loadavg_1m']}", flush=True)
-    if C.busy_warning() and device.type == "cpu":
-        print(C.busy_warning(), flush=True)
+    C.print_banner("inner_update benchmark", device)
     if fm is None:
         print(f"fastmeta.ops does not import ({FM_ERROR}); timing the baselines only", flush=True)
     else:

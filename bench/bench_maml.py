@@ -111,10 +111,6 @@ from _maml_targets import evaluate_targets, print_targets  # noqa: E402
 from _maml_workload import ALL_IMPLS, CONFIGS, PEERS, config_of, impl_label, impls_for  # noqa: E402
 
 
-def _split(text: str | None) -> list[str]:
-    return [x.strip() for x in (text or "").split(",") if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
     device = args.device
-    configs = _split(args.configs)
+    configs = C.comma_list(args.configs)
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
     reps_of: dict[str, int] = {}
-    for item in _split(args.reps):
+    for item in C.comma_list(args.reps):
         cfg_name, _, n = item.rpartition("=")
         for c in ([cfg_name] if cfg_name else list(CONFIGS)):
             if c not in CONFIGS:
@@ -163,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         clock = "cpu" if device.type == "cpu" and args.threads == 1 else "wall"
     if clock == "cpu" and device.type == "cuda":
         raise SystemExit("--clock cpu measures host CPU time; use --clock wall on CUDA")
-    wanted = _split(args.impls) or ALL_IMPLS
+    wanted = C.comma_list(args.impls) or ALL_IMPLS
     for w in wanted:
         if w not in ALL_IMPLS:
             raise SystemExit(f"unknown impl {w!r}; choose from {', '.join(ALL_IMPLS)}")
     if "naive" not in wanted:
         wanted = ["naive", *wanted]  # the reference of every check
-    curve_wanted = _split(args.curve_impls) or wanted
+    curve_wanted = C.comma_list(args.curve_impls) or wanted
     for w in curve_wanted:
         if w not in ALL_IMPLS:
             raise SystemExit(f"unknown impl {w!r}; choose from {', '.join(ALL_IMPLS)}")

@@ -182,25 +182,20 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     device = args.device
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = C.comma_list(args.shapes)
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
     if args.quick and device.type == "cpu" and "large" in shapes:
         shapes.remove("large")
         print("--quick on the CPU: skipping the 'large' shape", flush=True)
-    dtypes = [C.parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    dtypes = [C.parse_dtype(d) for d in C.comma_list(args.dtypes)]
+    passes = C.comma_list(args.passes)
+    backends = C.comma_list(args.backends) or None
     budget = args.budget if args.budget is not None else (
         (0.1 if args.quick else 0.2) if device.type == "cuda" else (0.3 if args.quick else 1.0))
 
-    info = C.env_info(device)
-    print(f"matching_loss benchmark on {info['device']} | torch {info['torch']} | "
-          f"triton {info['triton']} | git {info['git_sha'][:12]}"
-          f"{'+dirty' if info['git_dirty'] else ''}", flush=True)
-    if device.type == "cpu" and C.busy_warning():
-        print(C.busy_warning(), flush=True)
+    C.print_banner("matching_loss benchmark", device)
     if fm is None:
         print(f"fastmeta.ops does not import ({FM_ERROR}); no oracle, nothing to run")
         return 1

@@ -234,18 +234,13 @@ def main(argv=None) -> int:
     device = args.device
     dtype = C.parse_dtype(args.dtype)
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.5)
-    backends = args.backends.split(",") if args.backends else None
-    info = C.env_info(device)
-    print(f"mlp_grad_hvp benchmark on {info['device']} | torch {info['torch']} | triton "
-          f"{info['triton']} | git {info['git_sha'][:12]}{'+dirty' if info['git_dirty'] else ''}"
-          f" | load {info['loadavg_1m']} on {info['cpu_count']} CPUs", flush=True)
-    if device.type == "cpu" and C.busy_warning():
-        print(C.busy_warning(), flush=True)
+    backends = C.comma_list(args.backends) or None
+    C.print_banner("mlp_grad_hvp benchmark", device)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     saved = None
-    for name in args.cases.split(","):
-        res = run_case(name.strip(), device, dtype, budget, backends, log)
+    for name in C.comma_list(args.cases):
+        res = run_case(name, device, dtype, budget, backends, log)
         C.print_table(res, BASELINES)
         for r in res:
             if not r.ok:

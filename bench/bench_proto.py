@@ -291,7 +291,7 @@ def cross_check_reference(device: torch.device) -> str:
 
 def _parse_shapes(text: str) -> list[str]:
     out = []
-    for s in (x.strip() for x in text.split(",") if x.strip()):
+    for s in C.comma_list(text):
         s = SHAPE_ALIASES.get(s, s)
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
@@ -321,16 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     shapes = _parse_shapes(args.shapes)
     if args.dtypes:
-        dtypes = [C.parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
+        dtypes = [C.parse_dtype(d) for d in C.comma_list(args.dtypes)]
     else:
         low = [torch.float16, torch.bfloat16] if device.type == "cuda" else []
         dtypes = [torch.float32, *low]
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    passes = C.comma_list(args.passes)
     compile_dtypes = dtypes
     if args.compile_dtypes:
-        compile_dtypes = [C.parse_dtype(d.strip()) for d in args.compile_dtypes.split(",")
-                          if d.strip()]
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+        compile_dtypes = [C.parse_dtype(d) for d in C.comma_list(args.compile_dtypes)]
+    backends = C.comma_list(args.backends) or None
     if args.budget is not None:
         budget = args.budget
     elif device.type == "cuda":
@@ -338,12 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         budget = 0.15 if args.quick else 1.0
 
-    info = C.env_info(device)
-    print(f"proto_loss benchmark on {info['device']} | torch {info['torch']} | "
-          f"triton {info['triton']} | git {info['git_sha'][:12]}"
-          f"{'+dirty' if info['git_dirty'] else ''}", flush=True)
-    if C.busy_warning() and device.type == "cpu":
-        print(C.busy_warning(), flush=True)
+    C.print_banner("proto_loss benchmark", device)
     if fm is None:
         print(f"fastmeta.ops does not import ({FM_ERROR}); timing the baselines only", flush=True)
     else:
