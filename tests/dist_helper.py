@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import importlib
 import io
 import json
 import os
@@ -195,6 +196,10 @@ _FORKED = {"grads": _forked_grads, "trpo": _forked_trpo}
 
 
 def run_jobs(jobs: list[dict]) -> None:
+    # imported once here, inherited by every forked rank (each would import them to plot)
+    importlib.import_module("matplotlib").use("Agg")
+    importlib.import_module("matplotlib.pyplot")
+    importlib.import_module("tqdm.auto")
     for job in jobs:
         kind = next((k for k in _FORKED if k in job), None)
         if kind is not None:
