@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_jsonl, busy_warning, format_table, summarize_ms  # noqa: E402
+from _common import append_jsonl, comma_list, format_table, print_banner, summarize_ms  # noqa: E402
 
 from fastmeta import distributed  # noqa: E402
 from fastmeta.learners import MAML, EpisodicLearner, ProtoNet  # noqa: E402
@@ -145,14 +145,12 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 3, 1
-    configs, modes = args.configs.split(","), args.modes.split(",")
+    configs, modes = comma_list(args.configs), comma_list(args.modes)
     for name, known in (("configs", CONFIGS), ("modes", MODES)):
         bad = [c for c in (configs if name == "configs" else modes) if c not in known]
         if bad:
             raise SystemExit(f"--{name}: unknown {bad}; choose from {list(known)}")
-    warning = busy_warning()
-    if warning:
-        print(warning)
+    print_banner("bench_distributed", torch.device(args.device))
     rows = []
     for rnd in range(args.rounds):
         for config in configs:
