@@ -187,37 +187,38 @@ class Result:
 # command line
 # ---------------------------------------------------------------------------------------------
 
-COMMON_ARGS = ("device", "threads", "budget", "results-dir", "no-save")
+# name -> (type, help, what the default is when the script gives none)
+COMMON_ARGS = {
+    "device": (str, "cuda or cpu", "cuda when available, else cpu"),
+    "threads": (int, "torch.set_num_threads for the run (1: steadier on a busy machine)", "torch's"),
+    "budget": (float, "seconds of timed calls per row", "set by the script per device and --quick"),
+    "results-dir": (str, "where the JSON rows go", "bench/results/"),
+    "no-save": (None, "print the tables only, save no rows", ""),
+    "batch": (int, "episodes per step", ""),
+    "ways": (int, "classes per episode", ""),
+    "shots": (int, "support examples per class", ""),
+    "queries": (int, "query examples per class", ""),
+}
 
 
-def add_common_args(ap: argparse.ArgumentParser, *names: str, device: str | None = None,
-                    threads: int | None = None, budget: float | None = None) -> argparse.ArgumentParser:
-    """Add the options bench scripts share, each by name (:data:`COMMON_ARGS`):
-
-    * ``"device"``: ``--device cuda|cpu`` (default ``device``, else CUDA when available);
-    * ``"threads"``: ``--threads N``, torch threads for the run (default ``threads``, else torch's);
-    * ``"budget"``: ``--budget S``, seconds of timed calls per row (default ``budget``);
-    * ``"results-dir"``: where the JSON rows go (default ``bench/results/``);
-    * ``"no-save"``: print the tables, append no JSON rows.
-
-    :func:`parse_args` applies ``--threads`` and resolves ``--device``.
-    """
+def add_common_args(ap: argparse.ArgumentParser, *names: str, **defaults) -> argparse.ArgumentParser:
+    """Add the options bench scripts share, each by name (the keys of :data:`COMMON_ARGS`:
+    ``device``, ``threads``, ``budget``, ``results-dir``, ``no-save`` and the episode shape
+    ``batch``, ``ways``, ``shots``, ``queries``), with this script's defaults as keywords
+    (``ways=20``; ``results_dir`` for ``results-dir``). :func:`parse_args` applies ``--threads``
+    and resolves ``--device``."""
     unknown = [n for n in names if n not in COMMON_ARGS]
     if unknown:
         raise ValueError(f"unknown common options {unknown}; choose from {list(COMMON_ARGS)}")
-    if "device" in names:
-        ap.add_argument("--device", default=device,
-                        help=f"cuda or cpu (default: {device or 'cuda when available, else cpu'})")
-    if "threads" in names:
-        shown = threads or "torch's"
-        ap.add_argument("--threads", type=int, default=threads,
-                        help=f"torch.set_num_threads for the run (1: steadier on a busy machine; default: {shown})")
-    if "budget" in names:
-        ap.add_argument("--budget", type=float, default=budget, help="seconds of timed calls per row")
-    if "results-dir" in names:
-        ap.add_argument("--results-dir", default=None, help="where the JSON rows go (default: bench/results/)")
-    if "no-save" in names:
-        ap.add_argument("--no-save", action="store_true", help="print the tables only, save no rows")
+    for name in names:
+        kind, text, fallback = COMMON_ARGS[name]
+        if kind is None:
+            ap.add_argument(f"--{name}", action="store_true", help=text)
+            continue
+        default = defaults.get(name.replace("-", "_"))
+        shown = default if default is not None else fallback
+        ap.add_argument(f"--{name}", type=kind, default=default,
+                        help=f"{text} (default: {shown})" if shown != "" else text)
     return ap
 
 

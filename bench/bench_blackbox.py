@@ -151,21 +151,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1, help="episodes per training step (throughput)")
-    p.add_argument("--shots", type=int, default=1)
     p.add_argument("--seq-batch", type=int, default=4, help="sequences per call (scaling)")
     p.add_argument("--sizes", default="5,10,20,50,100,200,500", help="support sizes S (scaling)")
     p.add_argument("--quick", action="store_true", help="short budget, S = 5,50,500")
     p.add_argument("--skip", choices=["throughput", "scaling"], default=None)
-    _common.add_common_args(p, "device", "budget", "no-save", budget=4.0)
+    _common.add_common_args(p, "batch", "shots", "device", "budget", "no-save", batch=1, shots=1, budget=4.0)
     a = _common.parse_args(p, argv)
     if a.quick:
         a.budget, a.sizes = 1.0, "5,50,500"
     device = a.device
-    warning = _common.busy_warning()
-    if warning:
-        print(warning)
-    info = _common.env_info(device)
+    info = _common.print_banner("black-box learners benchmark", device)
     head = f"{_common.device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     rows = []
     if a.skip != "throughput":

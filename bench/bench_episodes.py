@@ -74,16 +74,12 @@ def build_row(folder: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ways", type=int, default=20)
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--queries", type=int, default=15)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the last row (0: skip)")
     p.add_argument("--build", action="store_true", help="also time a full glyph build (~15-30 s)")
-    _common.add_common_args(p, "budget", "no-save", budget=1.0)
+    _common.add_common_args(p, "ways", "shots", "queries", "budget", "no-save", ways=20, shots=5, queries=15,
+                            budget=1.0)
     a = _common.parse_args(p, argv)
-    warning = _common.busy_warning()
-    if warning:
-        print(warning)
+    _common.print_banner("episode sampler benchmark", torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         ds = load_glyphs(Path(tmp) / "small", scripts=SMALL_SCRIPTS, max_classes_per_script=24,
                          progress=False)

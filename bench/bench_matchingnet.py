@@ -54,18 +54,13 @@ class EagerHeadMatchingNet(MatchingNet):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1, help="episodes per step")
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--queries", type=int, default=15)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: from --budget)")
     p.add_argument("--no-fce", action="store_true", help="skip the FCE rows")
-    _common.add_common_args(p, "device", "threads", "budget", "no-save", budget=10.0)
+    _common.add_common_args(p, "batch", "ways", "shots", "queries", "device", "threads", "budget", "no-save",
+                            batch=1, ways=5, shots=1, queries=15, budget=10.0)
     a = _common.parse_args(p, argv)
     device = a.device
-    warning = _common.busy_warning()
-    if warning:
-        print(warning)
+    _common.print_banner("Matching Networks training step", device)
     ds = data.load_dataset("glyphs", progress=False)
     sx, sy, qx, qy, _ = next(iter(data.episodes(ds, "train", a.ways, a.shots, a.queries,
                                                 batch_size=a.batch, device=device)))

@@ -47,16 +47,11 @@ class NaiveHeadProtoNet(ProtoNet):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1, help="episodes per step")
-    p.add_argument("--ways", type=int, default=20)
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--queries", type=int, default=15)
-    _common.add_common_args(p, "device", "budget", "no-save", budget=10.0)
+    _common.add_common_args(p, "batch", "ways", "shots", "queries", "device", "budget", "no-save",
+                            batch=1, ways=20, shots=5, queries=15, budget=10.0)
     a = _common.parse_args(p, argv)
     device = a.device
-    warning = _common.busy_warning()
-    if warning:
-        print(warning)
+    _common.print_banner("ProtoNet training step", device)
     ds = data.load_dataset("glyphs", progress=False)
 
     def loader():

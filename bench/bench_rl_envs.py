@@ -113,9 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small cases only (a smoke run)")
     _common.add_common_args(p, "budget", "no-save", budget=2.0)
     a = _common.parse_args(p, argv)
-    warning = _common.busy_warning()
-    if warning:
-        print(warning)
+    _common.print_banner("meta-RL environments benchmark", torch.device("cpu"))
     rows = []
     for name, T, E in (QUICK if a.quick else CASES):
         rows.extend(case_rows(name, T, E, a.budget))
