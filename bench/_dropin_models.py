@@ -1,6 +1,7 @@
 """learn2learn's vision models, written the way learn2learn defines them (custom ``forward``s,
 ``Lambda``/``Flatten`` helpers, BatchNorm with running statistics, OmniglotCNN's body registered
-twice), for bench_dropin.py, tests/test_fx_batched.py and tests/test_tied_modules.py. Sizes
+twice), and its clone/adapt training loop (:func:`clone_adapt_loss`), for bench_dropin.py and
+tests (test_fx_batched, test_tied_modules, test_dropin). Sizes
 (and whether BatchNorm tracks running statistics) are arguments so tests can run them small
 and on every task-batched path; the defaults are learn2learn's.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -147,4 +149,18 @@ def mini_embedding(hidden: int, image_size: int, layers: int = 4) -> int:
     return hidden * s * s
 
 
-__all__ = ["ConvBase", "Flatten", "Lambda", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "mini_embedding"]
+def clone_adapt_loss(meta, data, steps):
+    """Mean query loss of learn2learn's training loop (maml_omniglot.py / maml_miniimagenet.py):
+    per task ``clone()``, ``steps`` x ``adapt()`` on the support set, cross-entropy on the query
+    set (``data = (sx, sy, qx, qy)``, each ``[T, ...]``)."""
+    sx, sy, qx, qy = data
+    total = 0
+    for t in range(sx.shape[0]):
+        learner = meta.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
+        total = total + F.cross_entropy(learner(qx[t]), qy[t])
+    return total / sx.shape[0]
+
+
+__all__ = ["ConvBase", "Flatten", "Lambda", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "clone_adapt_loss", "mini_embedding"]

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
-from _dropin_models import MiniImagenetCNN, OmniglotCNN, OmniglotFC, mini_embedding
+from _dropin_models import MiniImagenetCNN, OmniglotCNN, OmniglotFC, clone_adapt_loss, mini_embedding
 
 import fastmeta
 from fastmeta.func import task_function
@@ -61,15 +60,7 @@ def fastmeta_step(maml, data, steps):
 
 
 def clone_adapt_step(maml, data, steps):
-    """learn2learn's training loop (maml_omniglot.py / maml_miniimagenet.py), per task."""
-    sx, sy, qx, qy = data
-    total = 0
-    for t in range(sx.shape[0]):
-        learner = maml.clone()
-        for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
-        total = total + F.cross_entropy(learner(qx[t]), qy[t])
-    return torch.autograd.grad(total / sx.shape[0], list(maml.module.parameters()))
+    return torch.autograd.grad(clone_adapt_loss(maml, data, steps), list(maml.module.parameters()))
 
 
 IMPLS = {"fastmeta meta_loss": fastmeta_step, "clone/adapt loop": clone_adapt_step}

@@ -24,19 +24,6 @@ def blob_dataset(classes_per_split=12, per_class=8, size=12, seed=0) -> FewShotD
     return FewShotDataset(imgs, labels, names, groups, splits, name="blobs")
 
 
-def clone_adapt_loss(meta, data, steps):
-    """Mean query loss of a learn2learn-style loop: per task ``clone()``, ``steps`` x ``adapt()`` on
-    the support set, cross-entropy on the query set (``data = (sx, sy, qx, qy)``, ``[T, ...]``)."""
-    sx, sy, qx, qy = data
-    total = 0
-    for t in range(sx.shape[0]):
-        learner = meta.clone()
-        for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
-        total = total + F.cross_entropy(learner(qx[t]), qy[t])
-    return total / sx.shape[0]
-
-
 class Custom(nn.Module):
     """Its own forward (not a Sequential): takes the traced path (torch.fx, fastmeta/func/_fx.py)."""
 

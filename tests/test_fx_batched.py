@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from learner_helpers import clone_adapt_loss
 from torch import nn
 from torch.func import functional_call
 
@@ -19,7 +18,7 @@ import fastmeta
 from fastmeta.func import explain, task_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from _dropin_models import MiniImagenetCNN, OmniglotCNN, OmniglotFC, mini_embedding
+from _dropin_models import MiniImagenetCNN, OmniglotCNN, OmniglotFC, clone_adapt_loss, mini_embedding
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
