@@ -15,7 +15,7 @@ and process CPU time, at 1 torch thread and at the default thread count; each di
 uses its own environment object per mode (the cheetah's vector env is sized by T).
 env steps/s = real steps of the rollout / median seconds.
 
-Usage: ``python bench/bench_rl2_rollout.py [--reps 5] [--quick] [--no-save]``
+Usage: ``python bench/bench_rl2_rollout.py [--reps 5] [--threads 1,2] [--only nav2d,...] [--quick] [--no-save]``
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import _common  # noqa: E402
 import fastmeta.rl as rl  # noqa: E402
 
 # (distribution, tasks T, episodes per trial n)
-CASES = [("bandit-k5-n10", 250, 1), ("bandit-k10-n100", 64, 1), ("tabular-mdp", 64, 10), ("nav2d", 64, 2),
-         ("cheetah-vel", 16, 2)]
+CASES = [("bandit-k5-n10", 250, 1), ("bandit-k10-n100", 32, 1), ("tabular-mdp", 32, 10), ("nav2d", 32, 2),
+         ("cheetah-vel", 8, 2)]
 QUICK = [("bandit-k5-n10", 32, 1), ("tabular-mdp", 8, 2), ("nav2d", 8, 1)]
 
 
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per mode")
     p.add_argument("--quick", action="store_true", help="small cases only (a smoke run)")
     p.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and the default)")
+    p.add_argument("--only", default=None, help="comma-separated distributions to run (default: all cases)")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
     warning = _common.busy_warning()
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
         print(warning)
     threads = sorted({int(t) for t in a.threads.split(",")}) if a.threads else sorted({1, torch.get_num_threads()})
     rows = []
-    for name, T, n in (QUICK if a.quick else CASES):
+    cases = [c for c in (QUICK if a.quick else CASES) if a.only is None or c[0] in a.only.split(",")]
+    for name, T, n in cases:
         for th in threads:
             try:
                 rows.append(measure(name, T, n, a.reps, th))
