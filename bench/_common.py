@@ -227,6 +227,23 @@ def comma_list(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
+def timed_backends(backends_for: Callable, op: str, device: torch.device, dtype: torch.dtype,
+                   only: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The fastmeta backends of ``op`` a benchmark times (``backends_for`` is
+    ``fastmeta.ops.backends_for``): every one that serves ``device``/``dtype`` but
+    ``reference``, and Triton on a CPU (the interpreter) only when ``only`` names it; ``only``
+    (``--backends``) narrows the list. Returns ``(names, {left-out backend: why})``."""
+    names = [b for b in backends_for(op, device, dtype) if b != "reference"]
+    left_out = {}
+    if device.type == "cpu" and "triton" in names and not (only and "triton" in only):
+        names.remove("triton")
+        left_out["triton"] = "Triton on the CPU is the interpreter (~1000x slower)"
+    if only:
+        left_out.update({b: "not in --backends" for b in names if b not in only})
+        names = [b for b in names if b in only]
+    return names, left_out
+
+
 def print_banner(title: str, device: torch.device) -> dict:
     """Print ``<title> on <device> | torch | triton | git sha | load`` (and, on a busy CPU,
     :func:`busy_warning`); returns :func:`env_info`."""

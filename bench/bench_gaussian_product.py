@@ -114,15 +114,7 @@ def make_case(shape: str, device: torch.device, dtype: torch.dtype) -> C.Case:
 
 
 def fastmeta_backends(device, dtype, only):
-    names = [b for b in fm.backends_for("gaussian_product", device, dtype) if b != "reference"]
-    left_out = {}
-    if device.type == "cpu" and "triton" in names and not (only and "triton" in only):
-        names.remove("triton")
-        left_out["triton"] = "Triton on the CPU is the interpreter (~1000x slower)"
-    if only:
-        left_out.update({b: "not in --backends" for b in names if b not in only})
-        names = [b for b in names if b in only]
-    return names, left_out
+    return C.timed_backends(fm.backends_for, "gaussian_product", device, dtype, only)
 
 
 def make_impls(device, dtype, *, compile_=True, backends=None) -> list[C.Impl]:
@@ -134,7 +126,8 @@ def make_impls(device, dtype, *, compile_=True, backends=None) -> list[C.Impl]:
             return lambda mu, var, mask: fm.gaussian_product(mu, var, mask, backend=backend)
 
         impls.append(C.Impl("fastmeta[auto]", fm_fn(None)))
-        impls.extend(C.Impl(f"fastmeta[{b}]", fm_fn(b)) for b in fastmeta_backends(device, dtype, backends)[0])
+        impls.extend(C.Impl(f"fastmeta[{b}]", fm_fn(b))
+                     for b in fastmeta_backends(device, dtype, backends)[0])
         impls.append(C.Impl("eager", fm.gaussian_product_ref, baseline=True))
     impls.append(C.Impl("pearl", pearl, baseline=True))
     if compile_ and fm is not None:
@@ -147,38 +140,31 @@ def make_impls(device, dtype, *, compile_=True, backends=None) -> list[C.Impl]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--device", default=None)
     ap.add_argument("--dtypes", default="float32")
-    ap.add_argument("--threads", default="1,0", help="thread counts, 0 = torch's default")
+    ap.add_argument("--threads", dest="thread_counts", default="1,0",
+                    help="comma-separated thread counts, each run in turn (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="short budget")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--backends", default=None)
     ap.add_argument("--passes", default=",".join(C.PASSES))
-    ap.add_argument("--budget", type=float, default=None)
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    C.add_common_args(ap, "device", "budget", "results-dir", "no-save")
+    args = C.parse_args(ap, argv)
 
     t_start = time.perf_counter()
-    device = C.resolve_device(args.device)
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    device = args.device
+    shapes = C.comma_list(args.shapes)
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
     default_threads = torch.get_num_threads()
-    threads = [int(t) or default_threads for t in args.threads.split(",") if t.strip()]
-    dtypes = [C.parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    threads = [int(t) or default_threads for t in C.comma_list(args.thread_counts)]
+    dtypes = [C.parse_dtype(d) for d in C.comma_list(args.dtypes)]
+    passes = C.comma_list(args.passes)
+    backends = C.comma_list(args.backends) or None
     budget = args.budget if args.budget is not None else (
         (0.1 if args.quick else 0.2) if device.type == "cuda" else (0.3 if args.quick else 1.0))
 
-    info = C.env_info(device)
-    print(f"gaussian_product benchmark on {info['device']} | torch {info['torch']} | "
-          f"triton {info['triton']} | git {info['git_sha'][:12]}"
-          f"{'+dirty' if info['git_dirty'] else ''} | threads {threads}", flush=True)
-    if device.type == "cpu" and C.busy_warning():
-        print(C.busy_warning(), flush=True)
+    C.print_banner(f"gaussian_product benchmark (threads {threads})", device)
     if fm is None:
         print(f"fastmeta.ops does not import ({FM_ERROR}); no oracle, nothing to run")
         return 1

@@ -137,15 +137,7 @@ def make_case(shape: str, device: torch.device, dtype: torch.dtype) -> C.Case:
 
 
 def fastmeta_backends(device, dtype, only):
-    names = [b for b in fm.backends_for("matching_loss", device, dtype) if b != "reference"]
-    left_out = {}
-    if device.type == "cpu" and "triton" in names and not (only and "triton" in only):
-        names.remove("triton")
-        left_out["triton"] = "Triton on the CPU is the interpreter (~1000x slower)"
-    if only:
-        left_out.update({b: "not in --backends" for b in names if b not in only})
-        names = [b for b in names if b in only]
-    return names, left_out
+    return C.timed_backends(fm.backends_for, "matching_loss", device, dtype, only)
 
 
 def make_impls(shape, device, dtype, *, compile_=True, backends=None) -> list[C.Impl]:

@@ -171,12 +171,7 @@ def make_fastmeta(act, loss, backend):
 
 
 def fastmeta_backends(device, dtype, only):
-    names = [b for b in fm.backends_for("mlp_grad_hvp", device, dtype) if b != "reference"]
-    if device.type == "cpu" and "triton" in names and not (only and "triton" in only):
-        names.remove("triton")
-    if only:
-        names = [b for b in names if b in only]
-    return names
+    return C.timed_backends(fm.backends_for, "mlp_grad_hvp", device, dtype, only)[0]
 
 
 def run_case(name, device, dtype, budget, backends, log):
