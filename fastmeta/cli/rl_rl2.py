@@ -50,7 +50,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "cheetah-dir")
     p.add_argument("--policy", choices=("gru", "snail"), default="gru", help="GRU (Duan et al.) or SNAIL "
                    "(Mishra et al. 2018) policy")
-    p.add_argument("--hidden", type=int, default=128, help="GRU hidden size (SNAIL: hidden / 4 channels, 128 -> the paper's 32)")
+    p.add_argument("--hidden", type=int, default=128, help="GRU hidden size (SNAIL: hidden / 4 channels, "
+                   "128 -> the paper's 32)")
     p.add_argument("--env-steps", type=float, default=None, help="training budget in environment steps "
                    "(sets --iterations)")
     p.add_argument("--iterations", type=int, default=500, help="PPO iterations")
