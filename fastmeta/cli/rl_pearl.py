@@ -5,7 +5,8 @@ One iteration: collect from ``--tasks-per-iter`` training tasks (prior and poste
 all tasks stepped together), then ``--updates`` gradient steps. ``results.json`` holds the
 held-out evaluation (+- 95% CI over tasks): ``prior_return`` (episode 1, z from the prior) and
 ``post_return`` (the last of ``--eval-episodes`` episodes, z from the posterior of all earlier
-ones), and the mean return of every episode of the sequence.
+ones), ``gain`` (post - prior, paired per task), and the mean return of every episode of the
+sequence.
 
 Exact resume: the checkpoint holds networks, optimisers, both replay buffers and the agent's
 generator; iteration ``i`` draws its tasks and rollouts from seeds that are a pure function of
@@ -149,16 +150,18 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     returns = runner.evaluate(args.eval_tasks, _TEST_SET)
     prior, post = (confidence_interval(returns[:, k], metric="return") for k in (0, -1))
+    gain = confidence_interval(returns[:, -1] - returns[:, 0], metric="return")  # paired over tasks
     env_steps = H * (args.train_tasks * args.init_episodes
                      + trainer.step * args.tasks_per_iter * (args.prior_episodes + args.post_episodes))
     out = dict(agent=args.agent, env=args.env, iterations=trainer.step, gradient_steps=trainer.step * args.updates,
                env_steps=env_steps, train_seconds=round(train_s, 1), test_seconds=round(time.perf_counter() - t0, 1),
                eval_tasks=args.eval_tasks, eval_episodes=args.eval_episodes,
                prior_return=prior.mean, prior_return_ci95=prior.ci95, post_return=post.mean,
-               post_return_ci95=post.ci95, episode_returns=returns.mean(0).tolist(), run_dir=str(run_dir))
+               post_return_ci95=post.ci95, gain=gain.mean, gain_ci95=gain.ci95,
+               episode_returns=returns.mean(0).tolist(), run_dir=str(run_dir))
     write_results(run_dir, out)
     print(f"pearl on {args.env}, {args.eval_tasks} held-out tasks, episode return +- 95% CI: prior only "
           f"{prior.mean:.2f} +- {prior.ci95:.2f}, after {args.eval_episodes - 1} episode(s) of context "
-          f"{post.mean:.2f} +- {post.ci95:.2f}")
+          f"{post.mean:.2f} +- {post.ci95:.2f} (gain {gain.mean:+.2f} +- {gain.ci95:.2f}, paired)")
     print(f"run folder: {run_dir} (checkpoint.pt, metrics.csv, learning_curve.png, results.json)")
     return out

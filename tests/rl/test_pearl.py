@@ -137,8 +137,9 @@ def test_cli_resume_is_exact_including_replay_buffers(tmp_path):
     assert rows(straight) == rows(resumed)
     res = json.loads((resumed / "results.json").read_text())
     assert res["iterations"] == 4 and len(res["episode_returns"]) == 3
-    for k in ("prior_return", "post_return", "prior_return_ci95", "post_return_ci95"):
+    for k in ("prior_return", "post_return", "prior_return_ci95", "post_return_ci95", "gain_ci95"):
         assert isinstance(res[k], float)
+    assert res["gain"] == pytest.approx(res["post_return"] - res["prior_return"])
     assert (straight / "learning_curve.png").exists()
     with pytest.raises(SystemExit, match="--hidden"):
         other = ["32" if x == "16" else x for x in TINY]  # --hidden 16 -> 32

@@ -39,7 +39,8 @@ def make(seed=0):
 
 def test_tanh_gaussian_log_prob_matches_naive_float64():
     g = torch.Generator().manual_seed(0)
-    mean, log_std = torch.randn(50, 3, generator=g, dtype=torch.float64), 0.3 * torch.randn(50, 3, generator=g, dtype=torch.float64)
+    mean = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    log_std = 0.3 * torch.randn(50, 3, generator=g, dtype=torch.float64)
     u = mean + log_std.exp() * torch.randn(50, 3, generator=g, dtype=torch.float64)
     naive = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
     torch.testing.assert_close(tanh_gaussian_log_prob(u, mean, log_std), naive, rtol=1e-12, atol=1e-12)
