@@ -61,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward-scale", type=float, default=5.0, help="reward multiplier in the SAC targets")
     p.add_argument("--dense-critic", action="store_true", help="point-sparse: the critic learns from the dense "
                    "reward -distance (as PEARL's code), the encoder and all reported returns use the sparse one")
+    p.add_argument("--policy-reg", type=float, default=0.0, help="penalty on the actor's pre-tanh mean and "
+                   "log-std (PEARL's code: 1e-3)")
     p.add_argument("--capacity", type=int, default=20_000, help="replay transitions kept per training task")
     p.add_argument("--eval-every", type=int, default=20, help="held-out validation every N iterations (0: never)")
     p.add_argument("--eval-tasks", type=int, default=40, help="held-out tasks of the final evaluation")
@@ -89,7 +91,8 @@ class _Runner:
                            kl_weight=a.kl_weight, meta_batch=a.meta_batch, batch_size=a.batch_size,
                            context_size=a.context_size, capacity=capacity,
                            context_capacity=H * max(a.prior_episodes, a.init_episodes),
-                           reward_scale=a.reward_scale, dense_critic=a.dense_critic, seed=a.seed)
+                           reward_scale=a.reward_scale, dense_critic=a.dense_critic,
+                           policy_reg=a.policy_reg, seed=a.seed)
 
     def step(self, i: int):
         a, agent = self.args, self.agent

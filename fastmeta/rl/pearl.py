@@ -50,7 +50,7 @@ class PEARL:
             PEARL's 5).
         dense_critic: train the critic on ``dist.dense_reward(tasks, next_obs)`` instead of the
             stored reward (PEARL's code does so for sparse-reward tasks; the encoder and every
-            return reported still use the environment's sparse reward).
+            return reported still use the environment's sparse reward). policy_reg: see fastmeta.rl.sac.
         seed: seeds the agent's generator (z, actions and replay draws of the updates).
 
     State for exact resume: :meth:`state_dict` holds networks, optimisers, both buffers and the
@@ -61,7 +61,7 @@ class PEARL:
                  hidden: tuple[int, ...] = (64, 64), lr: float = 1e-3, kl_weight: float = 0.1,
                  meta_batch: int = 8, batch_size: int = 64, context_size: int = 64, capacity: int = 20_000,
                  context_capacity: int = 400, gamma: float = 0.99, tau: float = 0.005, reward_scale: float = 1.0,
-                 dense_critic: bool = False, seed: int = 0):
+                 dense_critic: bool = False, policy_reg: float = 0.0, seed: int = 0):
         if not isinstance(dist, TaskDistribution) or dist.discrete:
             raise TypeError(f"PEARL needs a continuous-action TaskDistribution, got {dist!r}")
         self.n_train = dist.check_tasks(train_tasks)
@@ -75,7 +75,7 @@ class PEARL:
         self.action_scale = float(getattr(dist, "max_action", 1.0))
         o, a = dist.obs_dim, dist.act_dim
         self.encoder = ContextEncoder(o, a, latent_dim, hidden)
-        self.sac = SAC(o + latent_dim, a, hidden, gamma=gamma, tau=tau)
+        self.sac = SAC(o + latent_dim, a, hidden, gamma=gamma, tau=tau, policy_reg=policy_reg)
         self.opt_q = torch.optim.Adam([*self.sac.critic.parameters(), *self.encoder.parameters()], lr=lr)
         self.opt_pi = torch.optim.Adam(self.sac.actor.parameters(), lr=lr)
         self.opt_alpha = torch.optim.Adam([self.sac.log_alpha], lr=lr)

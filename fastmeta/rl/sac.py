@@ -11,6 +11,9 @@ Losses, for a batch ``(x, a, r, x', not_done)``::
     L_Q     = sum_i mean (Q_i(x, a) - y)^2                  (y carries no gradient)
     a~ ~ pi(.|x):  L_pi = mean (alpha * log pi(a~|x) - min_i Q_i(x, a~))
     L_alpha = -mean log_alpha * (log pi(a~|x) + target_entropy)   (target_entropy = -act_dim)
+
+``policy_reg`` (optional, PEARL's code uses 1e-3) adds ``policy_reg * mean(m^2 + log_std^2)`` of
+the pre-tanh Gaussian N(m, std^2) to L_pi, keeping the actor out of tanh's flat tails.
 """
 
 from __future__ import annotations
@@ -58,13 +61,18 @@ class TanhGaussianActor(nn.Module):
                 deterministic: bool = False) -> tuple[Tensor, Tensor]:
         """``(action [N, act_dim] in (-1, 1), log_prob [N])``; reparameterised (differentiable in
         the network's parameters). ``deterministic``: ``tanh(mean)`` (its log-prob at u = mean)."""
+        return self.sample(x, generator, deterministic)[:2]
+
+    def sample(self, x: Tensor, generator: torch.Generator | None = None,
+               deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(action, log_prob, mean, log_std)``: :meth:`forward` plus the pre-tanh Gaussian."""
         mean, log_std = self.net(x).chunk(2, dim=-1)
         log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
         if deterministic:
             u = mean
         else:
             u = mean + log_std.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std), mean, log_std
 
 
 class TwinQ(nn.Module):
@@ -86,19 +94,21 @@ class SAC(nn.Module):
     Args:
         in_dim, act_dim: state and action sizes. hidden: MLP widths of actor and critics.
         gamma: discount. tau: Polyak rate of the target critics. init_alpha: initial temperature.
-        target_entropy: default ``-act_dim``.
+        target_entropy: default ``-act_dim``. policy_reg: weight of the pre-tanh mean and log-std
+        penalty in the actor loss (default 0: plain SAC).
     """
 
     def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...] = (128, 128), gamma: float = 0.99,
-                 tau: float = 0.005, init_alpha: float = 1.0, target_entropy: float | None = None):
+                 tau: float = 0.005, init_alpha: float = 1.0, target_entropy: float | None = None,
+                 policy_reg: float = 0.0):
         super().__init__()
         for what, v in (("in_dim", in_dim), ("act_dim", act_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SAC: {what} must be a positive int, got {v!r}")
-        if not (0 <= gamma <= 1 and 0 < tau <= 1 and init_alpha > 0):
-            raise ValueError(f"SAC: need 0 <= gamma <= 1, 0 < tau <= 1, init_alpha > 0; got gamma={gamma}, "
-                             f"tau={tau}, init_alpha={init_alpha}")
-        self.gamma, self.tau = float(gamma), float(tau)
+        if not (0 <= gamma <= 1 and 0 < tau <= 1 and init_alpha > 0 and policy_reg >= 0):
+            raise ValueError(f"SAC: need 0 <= gamma <= 1, 0 < tau <= 1, init_alpha > 0, policy_reg >= 0; got "
+                             f"gamma={gamma}, tau={tau}, init_alpha={init_alpha}, policy_reg={policy_reg}")
+        self.gamma, self.tau, self.policy_reg = float(gamma), float(tau), float(policy_reg)
         self.target_entropy = float(-act_dim if target_entropy is None else target_entropy)
         self.actor = TanhGaussianActor(in_dim, act_dim, hidden)
         self.critic = TwinQ(in_dim, act_dim, hidden)
@@ -126,9 +136,11 @@ class SAC(nn.Module):
     def actor_alpha_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(L_pi, L_alpha, mean log pi)``. ``x`` should carry no gradient to an encoder; the
         critic's parameters receive gradient from ``L_pi``: zero them before the next critic step."""
-        a, logp = self.actor(x, generator)
+        a, logp, mean, log_std = self.actor.sample(x, generator)
         q1, q2 = self.critic(x, a)
         actor_loss = (self.alpha * logp - torch.minimum(q1, q2)).mean()
+        if self.policy_reg:
+            actor_loss = actor_loss + self.policy_reg * (mean.square() + log_std.square()).mean()
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
         return actor_loss, alpha_loss, logp.detach().mean()
 

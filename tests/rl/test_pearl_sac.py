@@ -81,6 +81,17 @@ def test_q_target_critic_and_actor_losses_match_hand_computation():
     torch.testing.assert_close(logp, logp1.mean(), rtol=1e-12, atol=1e-12)
 
 
+def test_policy_reg_adds_the_pre_tanh_penalty():
+    sac = make()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    plain = sac.actor_alpha_loss(x, torch.Generator().manual_seed(2))[0]
+    sac.policy_reg = 0.01
+    reg = sac.actor_alpha_loss(x, torch.Generator().manual_seed(2))[0]
+    out = hand_mlp(sac.actor.net, x)
+    penalty = (out[:, :2] ** 2 + out[:, 2:].clamp(-20, 2) ** 2).mean()
+    torch.testing.assert_close(reg - plain, 0.01 * penalty, rtol=1e-10, atol=1e-12)
+
+
 def test_alpha_gradient_direction_and_target_update():
     sac = make()
     assert sac.target_entropy == -2.0
@@ -106,7 +117,8 @@ def test_act_shapes_range_and_determinism():
 
 
 @pytest.mark.parametrize("kw", [dict(in_dim=0, act_dim=2), dict(in_dim=3, act_dim=2, tau=0.0),
-                                dict(in_dim=3, act_dim=2, gamma=1.5), dict(in_dim=3, act_dim=2, init_alpha=-1.0)])
+                                dict(in_dim=3, act_dim=2, gamma=1.5), dict(in_dim=3, act_dim=2, init_alpha=-1.0),
+                                dict(in_dim=3, act_dim=2, policy_reg=-1.0)])
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         SAC(**kw)
