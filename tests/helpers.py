@@ -40,6 +40,18 @@ def assert_close64(a, b, *, rtol=1e-10, atol=1e-12, name=""):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def assert_matches_oracle(fast, same, oracle, which, dtype, *, atol, rtol64=1e-10, atol64=1e-12):
+    """For each ``(index, name)`` in ``which``: ``fast[index]`` has ``dtype`` and matches the
+    float64 ``oracle[index]``: to ``rtol64``/``atol64`` in float64, else by the measured rule
+    (:func:`assert_close_measured` against ``same``, plain PyTorch at ``dtype``)."""
+    for i, what in which:
+        assert fast[i].dtype == dtype, f"{what}: dtype {fast[i].dtype}, expected {dtype}"
+        if dtype == torch.float64:
+            assert_close64(fast[i], oracle[i], rtol=rtol64, atol=atol64, name=what)
+        else:
+            assert_close_measured(fast[i], same[i], oracle[i], atol=atol, name=what)
+
+
 def case_id(value):
     """Readable pytest ids: float32, 2x5x3x7."""
     if isinstance(value, torch.dtype):

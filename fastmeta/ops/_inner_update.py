@@ -39,13 +39,11 @@ def _uniform(*tensors, **_) -> list[str]:
 
 
 def _uniform_key(*tensors, **_) -> bool:
-    """What ``_uniform`` decides, cheaply: the registry's memo key, computed on every call
-    (``Tensor.device`` builds an object per read; the device index and a CPU flag tell the
-    devices one process can hold apart)."""
-    t0 = tensors[0]
-    dtype, index, cpu = t0.dtype, t0.get_device(), t0.is_cpu
+    """What ``_uniform`` decides, cheaply (no sets, no strings): the registry's memo key,
+    computed on every call."""
+    dtype, device = tensors[0].dtype, tensors[0].device
     for t in tensors:
-        if t.dtype != dtype or t.get_device() != index or t.is_cpu != cpu:
+        if t.dtype != dtype or t.device != device:
             return False
     return True
 

@@ -1,6 +1,7 @@
 """What the classification-head ops share: the cosine eps, the accumulation dtype of their
-per-row statistics, and negative log-likelihood + accuracy from class scores (used by the op
-references and by learners whose logits come from ordinary layers)."""
+per-row statistics, whether a scale is learned, and negative log-likelihood + accuracy from
+class scores (used by the op references and by learners whose logits come from ordinary
+layers)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the per-row loss / log-sum-exp outputs: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def learnable(scale) -> bool:
+    """A scale tensor that requires grad (the fused kernels take a fixed float scale)."""
+    return isinstance(scale, torch.Tensor) and scale.requires_grad
 
 
 def nll_accuracy(scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
+from fastmeta.ops._loss import EPS, acc_dtype, learnable, nll_accuracy
 
 _STEM = "matching"
 
@@ -166,13 +166,7 @@ _loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def _check_inputs(query, support, support_labels, n_way):
-    checks.float_tensor("query", query, 3, "[B, Q, D]")
-    checks.float_tensor("support", support, 3, "[B, S, D]")
-    checks.same_dtype(query=query, support=support)
-    checks.same_device(query=query, support=support)
-    checks.dim_match("episode count B", query_B=query.shape[0], support_B=support.shape[0])
-    checks.dim_match("feature size D", query_D=query.shape[2], support_D=support.shape[2])
-    checks.nonempty(B=query.shape[0], Q=query.shape[1], S=support.shape[1], D=query.shape[2])
+    checks.query_pair(query, "support", support, "S")
     n_way = checks.n_way_value(n_way)
     labels = checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")
     checks.same_device(query=query, support_labels=support_labels)
@@ -181,10 +175,6 @@ def _check_inputs(query, support, support_labels, n_way):
     # Matching Networks episodes always have K >= 1 examples per class, so it is an error.
     checks.every_class_present(labels, n_way)
     return labels.contiguous(), n_way
-
-
-def _learnable(scale) -> bool:
-    return isinstance(scale, torch.Tensor) and scale.requires_grad
 
 
 def matching_attention(
@@ -237,7 +227,7 @@ def matching_attention(
         # (the op computes the same in log space, so no entry underflows to -inf)
     """
     labels, n_way = _check_inputs(query, support, support_labels, n_way)
-    if _learnable(scale):
+    if learnable(scale):
         return matching_attention_ref(query, support, labels, n_way, scale)
     scale = checks.scalar("scale", scale)
     name = registry.select("matching_attention", [query, support], backend)
@@ -294,7 +284,7 @@ def matching_loss(
     qlabels = checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
     checks.same_device(query=query, query_labels=query_labels)
     checks.labels_in_range("query_labels", qlabels, n_way, "n_way")
-    if _learnable(scale):
+    if learnable(scale):
         return matching_loss_ref(query, support, labels, n_way, qlabels, scale, reduction)
     scale = checks.scalar("scale", scale)
     name = registry.select("matching_loss", [query, support], backend)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import EPS, acc_dtype, nll_accuracy
+from fastmeta.ops._loss import EPS, acc_dtype, learnable, nll_accuracy
 
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
@@ -188,18 +188,8 @@ _loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def _check_pair(query, protos, metric, scale):
-    checks.float_tensor("query", query, 3, "[B, Q, D]")
-    checks.float_tensor("protos", protos, 3, "[B, N, D]")
-    checks.same_dtype(query=query, protos=protos)
-    checks.same_device(query=query, protos=protos)
-    checks.dim_match("episode count B", query_B=query.shape[0], protos_B=protos.shape[0])
-    checks.dim_match("feature size D", query_D=query.shape[2], protos_D=protos.shape[2])
-    checks.nonempty(B=query.shape[0], Q=query.shape[1], N=protos.shape[1], D=query.shape[2])
+    checks.query_pair(query, "protos", protos, "N")
     return checks.metric_code(metric, METRICS)
-
-
-def _learnable(scale) -> bool:
-    return isinstance(scale, torch.Tensor) and scale.requires_grad
 
 
 def proto_logits(
@@ -239,7 +229,7 @@ def proto_logits(
         logits = scale * F.normalize(query, dim=-1) @ F.normalize(protos, dim=-1).mT   # cosine
     """
     code = _check_pair(query, protos, metric, 1.0)
-    if _learnable(scale):
+    if learnable(scale):
         return scale * proto_logits(query, protos, metric, 1.0, backend=backend)
     scale = checks.scalar("scale", scale)
     name = registry.select("proto_logits", [query, protos], backend, metric=metric)
@@ -296,7 +286,7 @@ def proto_loss(
     labels = checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
     checks.same_device(query=query, query_labels=query_labels)
     checks.labels_in_range("query_labels", labels, protos.shape[1], "N, the number of prototypes")
-    if _learnable(scale):
+    if learnable(scale):
         logits = proto_logits(query, protos, metric, scale, backend=backend)
         return nll_accuracy(logits, labels, reduction)
     scale = checks.scalar("scale", scale)

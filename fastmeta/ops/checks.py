@@ -69,6 +69,18 @@ def nonempty(**sizes: int) -> None:
             raise ValueError(f"empty input: {name} is 0; every dimension must be at least 1")
 
 
+def query_pair(query, name: str, other, rows: str) -> None:
+    """``query [B, Q, D]`` against ``<name> [B, <rows>, D]`` (support set, prototypes): both
+    floating, one dtype, one device, the same B and D, no empty dimension."""
+    float_tensor("query", query, 3, "[B, Q, D]")
+    float_tensor(name, other, 3, f"[B, {rows}, D]")
+    same_dtype(query=query, **{name: other})
+    same_device(query=query, **{name: other})
+    dim_match("episode count B", query_B=query.shape[0], **{f"{name}_B": other.shape[0]})
+    dim_match("feature size D", query_D=query.shape[2], **{f"{name}_D": other.shape[2]})
+    nonempty(B=query.shape[0], Q=query.shape[1], **{rows: other.shape[1]}, D=query.shape[2])
+
+
 def int_at_least(name: str, v, lo: int, what: str) -> int:
     """An ``int`` (``bool`` is not one) ``>= lo``; ``what`` describes it in the TypeError."""
     if isinstance(v, bool) or not isinstance(v, int):

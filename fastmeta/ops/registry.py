@@ -185,7 +185,7 @@ def register(
     """Declare ``op``'s backends in priority order (first that fits wins).
 
     ``key(*tensors, **shape_info)`` must return a hashable that, together with the forced
-    name and the device type and dtype of the call, decides every backend's ``limits`` and
+    name and the device and dtype of the call, decides every backend's ``limits`` and
     ``slower`` verdict: :func:`select` remembers its answer per key. Default: a constant
     when no backend has ``limits`` or ``slower``, else :func:`shapes_key`. ``env_names``: the
     ``FASTMETA_BACKEND`` values that force this op (default: all its backends, and any other
@@ -232,29 +232,43 @@ def select(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None,
     ``limits``/``slower`` rules. Answers are memoised (see :func:`register`); errors are not.
     Backend availability is read once per memo key: it does not change within a process.
     """
-    entries = _TABLE.get(op)
-    if entries is None:
-        raise KeyError(f"op {op!r} has no backends registered; known ops: {ops()}")
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    memo = _MEMO.get(op)  # (None for a table entry made without register(): not memoised)
-    forced = backend
-    if forced is None and (memo is None or memo.env_names is None or memo.env_names):
-        forced = os.environ.get(ENV_VAR) or None
-        ignored = memo is not None and memo.env_names is not None and forced not in memo.env_names
-        forced = None if ignored else forced
-    # (under torch.compile the walk is traced: a memo dict there would become a guard)
+    memo = _MEMO.get(op)
     if memo is None or torch.compiler.is_compiling():
-        return _walk(op, entries, forced, backend is not None, tensors, shape_info)
+        # (a table entry made without register(), or torch.compile tracing the walk, where a
+        # memo dict would become a guard): not memoised
+        return _walk(op, _entries(op), _forced(backend, memo), backend is not None, tensors, shape_info)
+    forced = _forced(backend, memo)
     t0 = tensors[0]
     dtype = t0.dtype if t0.is_floating_point() else next(
         (t.dtype for t in tensors if t.is_floating_point()), None)
-    key = (forced, t0.device.type, dtype, memo.key(*tensors, **shape_info))
+    key = (forced, t0.device, dtype, memo.key(*tensors, **shape_info))
     name = memo.chosen.get(key)
     if name is None:
-        name = _walk(op, entries, forced, backend is not None, tensors, shape_info)
+        name = _walk(op, _entries(op), forced, backend is not None, tensors, shape_info)
         memo.chosen[key] = name
     return name
+
+
+def _entries(op: str) -> tuple[Backend, ...]:
+    entries = _TABLE.get(op)
+    if entries is None:
+        raise KeyError(f"op {op!r} has no backends registered; known ops: {ops()}")
+    return entries
+
+
+def _forced(backend, memo: _Memo | None) -> str | None:
+    """The backend name forced by ``backend=`` or, failing that, by FASTMETA_BACKEND (when it
+    names one this op takes from the environment)."""
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        return backend
+    if memo is not None and memo.env_names is not None and not memo.env_names:
+        return None
+    env = os.environ.get(ENV_VAR) or None
+    if env is not None and memo is not None and memo.env_names is not None and env not in memo.env_names:
+        return None
+    return env
 
 
 def _walk(op, entries, forced, by_argument: bool, tensors, shape_info) -> str:

@@ -4,7 +4,7 @@ opcheck, torch.compile, edge shapes, finiteness of far classes and bad inputs.""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, case_id
+from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, assert_matches_oracle, case_id
 
 import fastmeta.ops._matching as matching_mod
 from fastmeta.ops import BackendError, matching_attention, matching_attention_ref, matching_loss, matching_loss_ref
@@ -64,12 +64,8 @@ def test_attention_matches_float64_oracle(backend, dtype, shape):
     fast = attn_and_grads(matching_attention, query, support, slabels, n, weights, backend=backend, **kw)
     oracle = attn_and_grads(matching_attention_ref, query.double(), support.double(), slabels, n, weights, **kw)
     same = attn_and_grads(matching_attention_ref, query, support, slabels, n, weights, **kw)
-    for i, what in [(0, "log-probs"), (1, "grad query"), (2, "grad support")]:
-        assert fast[i].dtype == dtype
-        if dtype == torch.float64:
-            assert_close64(fast[i], oracle[i], name=what)
-        else:
-            assert_close_measured(fast[i], same[i], oracle[i], atol=1e-5, name=what)
+    assert_matches_oracle(fast, same, oracle, [(0, "log-probs"), (1, "grad query"), (2, "grad support")],
+                          dtype, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,dtype,shape", _cases(ALL_BACKENDS), ids=case_id)
@@ -81,12 +77,8 @@ def test_loss_matches_float64_oracle(backend, dtype, shape):
     fast = loss_and_grads(matching_loss, query, support, slabels, n, qlabels, weights, backend=backend, **kw)
     oracle = loss_and_grads(matching_loss_ref, query.double(), support.double(), slabels, n, qlabels, weights, **kw)
     same = loss_and_grads(matching_loss_ref, query, support, slabels, n, qlabels, weights, **kw)
-    assert fast[0].dtype == dtype and fast[2].dtype == dtype and fast[3].dtype == dtype
-    for i, what in [(0, "loss"), (2, "grad query"), (3, "grad support")]:
-        if dtype == torch.float64:
-            assert_close64(fast[i], oracle[i], name=what)
-        else:
-            assert_close_measured(fast[i], same[i], oracle[i], atol=1e-5, name=what)
+    assert_matches_oracle(fast, same, oracle, [(0, "loss"), (2, "grad query"), (3, "grad support")],
+                          dtype, atol=1e-5)
     torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
 
 
@@ -363,9 +355,6 @@ def test_large_scales_match_oracle(backend, dtype, scale):
     fast = attn_and_grads(matching_attention, query, support, slabels, n, weights, backend=backend, scale=scale)
     oracle = attn_and_grads(matching_attention_ref, query.double(), support.double(), slabels, n, weights, scale=scale)
     same = attn_and_grads(matching_attention_ref, query, support, slabels, n, weights, scale=scale)
-    for i, what in [(0, "log-probs"), (1, "grad query"), (2, "grad support")]:
-        assert torch.isfinite(fast[i]).all()
-        if dtype == torch.float64:
-            assert_close64(fast[i], oracle[i], rtol=1e-9, atol=1e-9, name=what)
-        else:
-            assert_close_measured(fast[i], same[i], oracle[i], atol=1e-4 * scale, name=what)
+    assert all(torch.isfinite(t).all() for t in fast[:3])
+    assert_matches_oracle(fast, same, oracle, [(0, "log-probs"), (1, "grad query"), (2, "grad support")],
+                          dtype, atol=1e-4 * scale, rtol64=1e-9, atol64=1e-9)

@@ -3,7 +3,7 @@ torch.compile, edge shapes and bad inputs."""
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
+from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, assert_matches_oracle, case_id
 
 import fastmeta.ops._proto_loss as proto_loss_mod
 from fastmeta.ops import BackendError, proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
@@ -64,12 +64,8 @@ def test_loss_matches_float64_oracle(backend, metric, dtype, shape):
     fast = loss_and_grads(proto_loss, query, protos, labels, weights, metric=metric, scale=scale, backend=backend)
     oracle = loss_and_grads(proto_loss_ref, query.double(), protos.double(), labels, weights, metric=metric, scale=scale)
     same = loss_and_grads(proto_loss_ref, query, protos, labels, weights, metric=metric, scale=scale)
-    assert fast[0].dtype == dtype and fast[2].dtype == dtype and fast[3].dtype == dtype
-    for i, what in [(0, "loss"), (2, "grad query"), (3, "grad protos")]:
-        if dtype == torch.float64:
-            assert_close64(fast[i], oracle[i], name=what)
-        else:
-            assert_close_measured(fast[i], same[i], oracle[i], atol=1e-5, name=what)
+    assert_matches_oracle(fast, same, oracle, [(0, "loss"), (2, "grad query"), (3, "grad protos")],
+                          dtype, atol=1e-5)
     # accuracy: the argmax may differ from the oracle only at (near-)ties; all shapes are random
     torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
 
@@ -82,12 +78,8 @@ def test_logits_match_float64_oracle(backend, metric, dtype, shape):
     fast = logits_and_grads(proto_logits, query, protos, weights, backend=backend, **kw)
     oracle = logits_and_grads(proto_logits_ref, query.double(), protos.double(), weights, **kw)
     same = logits_and_grads(proto_logits_ref, query, protos, weights, **kw)
-    for i, what in [(0, "logits"), (1, "grad query"), (2, "grad protos")]:
-        assert fast[i].dtype == dtype
-        if dtype == torch.float64:
-            assert_close64(fast[i], oracle[i], name=what)
-        else:
-            assert_close_measured(fast[i], same[i], oracle[i], atol=1e-5, name=what)
+    assert_matches_oracle(fast, same, oracle, [(0, "logits"), (1, "grad query"), (2, "grad protos")],
+                          dtype, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, case_id, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured
+from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_matches_oracle, case_id
 
 import fastmeta.ops._prototypes as prototypes_mod
 from fastmeta.ops import prototypes, prototypes_ref
@@ -45,12 +45,7 @@ def test_matches_float64_oracle(backend, dtype, shape):
     fast = run(prototypes, support, labels, n, weights, backend=backend)
     oracle = run(prototypes_ref, support.double(), labels, n, weights)
     same = run(prototypes_ref, support, labels, n, weights)
-    for i, what in [(0, "protos"), (1, "grad support")]:
-        assert fast[i].dtype == dtype
-        if dtype == torch.float64:
-            assert_close64(fast[i], oracle[i], name=what)
-        else:
-            assert_close_measured(fast[i], same[i], oracle[i], atol=1e-6, name=what)
+    assert_matches_oracle(fast, same, oracle, [(0, "protos"), (1, "grad support")], dtype, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
