@@ -72,7 +72,7 @@ def measure(name: str, T: int, n: int, reps: int, threads: int) -> dict:
         torch.set_num_threads(saved)
         for d in dists.values():
             d.close()
-    row = dict(dist=name, T=T, episodes=n, L=n * d0.horizon, threads=threads, reps=reps)
+    row = dict(dist=name, T=T, episodes=n, L=n * d0.horizon, bench_threads=threads, reps=reps)
     for m in dists:
         key = "batched" if m == "batched" else "loop"
         w, c = statistics.median(wall[m]), statistics.median(cpu[m])
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     print(f"{_common.device_name(torch.device('cpu'))}, torch {torch.__version__}, load {_common._loadavg()}")
     header = ["distribution", "T x n x H", "threads", "batched s (p20-p80)", "loop s (p20-p80)", "batched steps/s",
               "loop steps/s", "speedup wall", "speedup cpu"]
-    body = [[r["dist"], f"{r['T']}x{r['episodes']}x{r['L'] // r['episodes']}", str(r["threads"]),
+    body = [[r["dist"], f"{r['T']}x{r['episodes']}x{r['L'] // r['episodes']}", str(r["bench_threads"]),
              f"{r['batched_s']:.3f} ({r['batched_p20_s']:.3f}-{r['batched_p80_s']:.3f})",
              f"{r['loop_s']:.3f} ({r['loop_p20_s']:.3f}-{r['loop_p80_s']:.3f})",
              f"{r['batched_steps_per_s']:,.0f}", f"{r['loop_steps_per_s']:,.0f}", f"{r['speedup']:.1f}x",
