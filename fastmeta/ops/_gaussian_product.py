@@ -188,6 +188,13 @@ def _check_output(mu_out, var_out, mu, var, weights) -> None:
                 f"{name}[{i}, {j}, {k}] = {t[i, j, k].item()} in a valid factor (mask != 0); mu "
                 "must be finite and var >= 0 (not NaN) wherever mask != 0"
             )
+    flat = ~((torch.isfinite(var) & valid).any(-2))  # [B, D]: every valid factor has var = inf
+    if bool(flat.any()):
+        i, k = (int(x) for x in flat.nonzero()[0])
+        raise ValueError(
+            f"var[{i}, :, {k}] is inf in every valid factor of row {i}: the product has zero "
+            "precision (infinite variance) there"
+        )
     raise ValueError(
         "gaussian_product overflowed: the result is not finite although every valid factor is "
         "(precisions 1/var or mu/var out of the dtype's range; raise min_var or use float64)"
