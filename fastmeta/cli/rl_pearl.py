@@ -52,8 +52,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="replay transitions per task per step")
     p.add_argument("--context-size", type=int, default=64, help="context transitions per task per step")
     p.add_argument("--latent-dim", type=int, default=5)
-    # PEARL's 3e-4 with 128-wide nets: nav2d validation return still -34 after 60 iterations, where
-    # 1e-3 with 64-wide nets reached -24 after 20 (bench/results/pearl.md)
+    # nav2d (bench/results/pearl.md): 1e-3 reached validation -24 after 20 iterations, then degraded
+    # after ~80; PEARL's 3e-4 learned slower (-31 at 80, -26 at 200) without degrading
     p.add_argument("--hidden", default="64,64", help="MLP widths of encoder, actor and critics")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam step of every network and the temperature")
     p.add_argument("--kl-weight", type=float, default=0.1)

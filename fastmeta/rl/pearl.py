@@ -41,7 +41,7 @@ class PEARL:
         train_tasks: the N training tasks (``dist.sample_tasks(N, seed)``).
         latent_dim: size of z (paper: 5). hidden: MLP widths of encoder, actor and critics.
         lr: Adam step of every network and of the temperature (paper: 3e-4; 1e-3 learned nav2d
-            faster here, bench/results/pearl.md). kl_weight: the KL's coefficient
+            faster here but degraded later, bench/results/pearl.md). kl_weight: the KL's coefficient
             (paper's lambda 0.1, applied to the sum over the meta-batch as in their code).
         meta_batch: B tasks per gradient step. batch_size: transitions per task per step.
         context_size: transitions per task in the encoder's context during training.
