@@ -122,10 +122,11 @@ class _Runner:
 
 def run(args: argparse.Namespace) -> dict:
     """Train PEARL on ``args.env``, evaluate it on held-out tasks; the results dict."""
-    for what in ("iterations", "train_tasks", "tasks_per_iter", "init_episodes", "prior_episodes", "updates",
-                 "meta_batch", "batch_size", "context_size", "eval_tasks", "val_tasks", "eval_episodes"):
-        if getattr(args, what) < 1:
-            raise SystemExit(f"--{what.replace('_', '-')} must be >= 1, got {getattr(args, what)}")
+    for what in ("iterations", "train_tasks", "tasks_per_iter", "init_episodes", "prior_episodes", "post_episodes",
+                 "updates", "meta_batch", "batch_size", "context_size", "eval_tasks", "val_tasks", "eval_episodes"):
+        least = 2 if what == "eval_episodes" else 1  # episode 1 has no context yet
+        if getattr(args, what) < least:
+            raise SystemExit(f"--{what.replace('_', '-')} must be >= {least}, got {getattr(args, what)}")
     if args.tasks_per_iter > args.train_tasks or args.meta_batch > args.train_tasks:
         raise SystemExit(f"--tasks-per-iter ({args.tasks_per_iter}) and --meta-batch ({args.meta_batch}) must be "
                          f"<= --train-tasks ({args.train_tasks})")

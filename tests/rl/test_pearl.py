@@ -146,7 +146,8 @@ def test_cli_resume_is_exact_including_replay_buffers(tmp_path):
         main(other + ["--iterations", "5", "--run-dir", str(resumed), "--resume"])
 
 
-@pytest.mark.parametrize("bad", [["--meta-batch", "9"], ["--updates", "0"], ["--env", "bandit-k5-n10"]])
+@pytest.mark.parametrize("bad", [["--meta-batch", "9"], ["--updates", "0"], ["--env", "bandit-k5-n10"],
+                                 ["--eval-episodes", "1"], ["--post-episodes", "0"], ["--dense-critic"]])
 def test_cli_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit):
         main(TINY + ["--iterations", "1", "--run-dir", str(tmp_path)] + bad)
