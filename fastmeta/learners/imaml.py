@@ -110,9 +110,9 @@ def conjugate_gradient(matvec: Callable[[dict], dict], b: dict[str, Tensor], ste
                                      f"{torch.nonzero(~torch.isfinite(pap)).flatten().tolist()}")
         bent = active & (rr > 0) & (pap <= 0)
         if bool(bent.any()):
-            warnings.warn("conjugate_gradient: some tasks' systems are not positive definite (p^T A p <= 0 along a search direction); their "
-                          "solutions are truncated there (for iMAML: the support Hessian has an eigenvalue "
-                          "below -lam: raise lam)", RuntimeWarning, stacklevel=2)
+            warnings.warn("conjugate_gradient: some tasks' systems are not positive definite (p^T A p <= 0 "
+                          "along a search direction); their solutions are truncated there (for iMAML: the "
+                          "support Hessian has an eigenvalue below -lam: raise lam)", RuntimeWarning, stacklevel=2)
         active = active & (pap > 0) & (rr > 0)
         alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         for k in x:
