@@ -173,7 +173,9 @@ def main(argv=None) -> int:
     print("\n".join(format_table(["config", "mode", "ms/step", "p20 min", "p80 max", "steps/s", "scaling",
                                   "all-reduce ms"], body)))
     if not args.no_save:
-        path = append_jsonl(rows, "distributed", torch.device(args.device), extra=dict(quick=args.quick))
+        # a row's own "threads" (per rank) would collide with env_info's (this process's)
+        saved = [{("rank_threads" if k == "threads" else k): v for k, v in r.items()} for r in rows]
+        path = append_jsonl(saved, "distributed", torch.device(args.device), extra=dict(quick=args.quick))
         print(f"rows appended to {path}")
     return 0
 

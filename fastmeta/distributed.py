@@ -130,9 +130,15 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Destroy the default process group (if any)."""
+def shutdown(synchronize: bool = False) -> None:
+    """Destroy the default process group (if any). ``synchronize``: first wait at a barrier
+    until every rank is here -- a gloo rank that tears its group down while the other still
+    talks to it can die in C++ ("terminate called without an active exception", SIGABRT; seen
+    in bench_distributed on a quiet machine after the last step). Not after an error: a rank
+    that failed must not wait for ranks that may never arrive."""
     if is_active():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -141,11 +147,13 @@ def session(backend: str | None = None, timeout_s: float | None = None) -> Itera
     """``with session(): ...``: :func:`init` on entry (yields whether a group exists),
     :func:`shutdown` on exit."""
     active = init(backend, timeout_s)
+    finished = False
     try:
         yield active
+        finished = True
     finally:
         if active:
-            shutdown()
+            shutdown(synchronize=finished)
 
 
 # ---- splitting the meta-batch -----------------------------------------------------------------
