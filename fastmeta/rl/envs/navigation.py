@@ -25,13 +25,33 @@ from torch import Tensor
 from .base import TaskDistribution, positive_int
 
 
-class Navigation2D(TaskDistribution):
-    """Point-mass 2D navigation to a per-task goal; see the module docstring."""
+class PointMass2D(TaskDistribution):
+    """What the point-mass tasks share (2D navigation, PEARL's sparse point robot): a point at
+    the origin of ``[T, E, 2]`` positions, moved by clipped displacements, a per-task goal
+    ``{"goal": [T, 2]}``. Subclasses draw goals and define reward and episode end."""
 
     obs_dim = 2
     act_dim = 2
     discrete = False
     max_action = 0.1
+    task_shapes = {"goal": (2,)}
+    _pos: Tensor | None = None
+
+    def _reset(self, tasks: dict[str, Tensor], episodes: int, seed: int) -> Tensor:
+        T = tasks["goal"].shape[0]
+        self._goal = tasks["goal"].float()[:, None, :]
+        self._pos = torch.zeros(T, episodes, 2)
+        return self._pos  # never modified in place: safe to hand out
+
+    def _move(self, actions: Tensor) -> Tensor:
+        """Apply the clipped displacement; the new positions' distance vector to the goal."""
+        self._pos = self._pos + actions.clamp(-self.max_action, self.max_action)
+        return self._pos - self._goal
+
+
+class Navigation2D(PointMass2D):
+    """Point-mass 2D navigation to a per-task goal; see the module docstring."""
+
     goal_range = 0.5
 
     def __init__(self, horizon: int = 100, goal_box: float = 0.01) -> None:
@@ -41,21 +61,13 @@ class Navigation2D(TaskDistribution):
         if not (isinstance(goal_box, (int, float)) and 0 <= goal_box < self.goal_range):
             raise ValueError(f"nav2d: goal_box must be a number in [0, {self.goal_range}), got {goal_box!r}")
         self.goal_box = float(goal_box)
-        self.task_shapes = {"goal": (2,)}
-        self._pos: Tensor | None = None
 
     def _sample_tasks(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         u = torch.rand(n, 2, generator=generator, dtype=torch.float32)
         return {"goal": (2 * u - 1) * self.goal_range}
 
-    def _reset(self, tasks: dict[str, Tensor], episodes: int, seed: int) -> Tensor:
-        T = tasks["goal"].shape[0]
-        self._goal = tasks["goal"].float()[:, None, :]
-        self._pos = torch.zeros(T, episodes, 2)
-        return self._pos  # never modified in place: safe to hand out
-
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
-        self._pos = self._pos + actions.clamp(-self.max_action, self.max_action)
-        reward = -torch.linalg.vector_norm(self._pos - self._goal, dim=-1)
-        done = ((self._pos - self._goal).abs() < self.goal_box).all(-1)
+        delta = self._move(actions)
+        reward = -torch.linalg.vector_norm(delta, dim=-1)
+        done = (delta.abs() < self.goal_box).all(-1)
         return self._pos, reward, done, {}

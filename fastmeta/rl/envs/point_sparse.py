@@ -21,16 +21,12 @@ import math
 import torch
 from torch import Tensor
 
-from .base import TaskDistribution, positive_int
+from .base import positive_int
+from .navigation import PointMass2D
 
 
-class PointRobotSparse(TaskDistribution):
+class PointRobotSparse(PointMass2D):
     """Point-mass navigation to a goal on a semicircle with a sparse reward; see module doc."""
-
-    obs_dim = 2
-    act_dim = 2
-    discrete = False
-    max_action = 0.1
 
     def __init__(self, horizon: int = 20, goal_radius: float = 0.2) -> None:
         super().__init__()
@@ -39,22 +35,13 @@ class PointRobotSparse(TaskDistribution):
         if not (isinstance(goal_radius, (int, float)) and 0 < goal_radius < 1):
             raise ValueError(f"point-sparse: goal_radius must be a number in (0, 1), got {goal_radius!r}")
         self.goal_radius = float(goal_radius)
-        self.task_shapes = {"goal": (2,)}
-        self._pos: Tensor | None = None
 
     def _sample_tasks(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         angle = math.pi * torch.rand(n, generator=generator, dtype=torch.float32)
         return {"goal": torch.stack([angle.cos(), angle.sin()], dim=-1)}
 
-    def _reset(self, tasks: dict[str, Tensor], episodes: int, seed: int) -> Tensor:
-        T = tasks["goal"].shape[0]
-        self._goal = tasks["goal"].float()[:, None, :]
-        self._pos = torch.zeros(T, episodes, 2)
-        return self._pos  # never modified in place: safe to hand out
-
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
-        self._pos = self._pos + actions.clamp(-self.max_action, self.max_action)
-        dist = torch.linalg.vector_norm(self._pos - self._goal, dim=-1)
+        dist = torch.linalg.vector_norm(self._move(actions), dim=-1)
         reward = torch.where(dist <= self.goal_radius, 1.0 - dist, torch.zeros(()))
         return self._pos, reward, torch.zeros_like(dist, dtype=torch.bool), {"distance": dist}
 
