@@ -1,6 +1,6 @@
 """``python -m fastmeta demo``: every learner trained briefly on glyphs next to a pixel
-nearest-neighbour baseline, MAML on sinusoid, MAML-TRPO on 2D navigation, and where the time
-went."""
+nearest-neighbour baseline, MAML on sinusoid, the meta-RL agents (MAML-TRPO and PEARL on 2D
+navigation, RL^2 on bandits), and where the time went."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ def demo(argv: list[str]) -> int:
     """Train every learner that exists briefly on glyphs (5-way 1-shot) and print its test
     accuracy +- 95% CI next to a pixel nearest-neighbour baseline, on the same episodes; then
     MAML on sinusoid regression (test MSE +- 95% CI and Finn et al.'s adaptation figure) and
-    MAML-TRPO on 2D navigation (held-out return before and after one inner step)."""
+    MAML-TRPO on 2D navigation (held-out return before and after one inner step), RL^2 on
+    5-armed bandits (trial return next to a random policy) and PEARL on 2D navigation (return
+    with the prior only and after context)."""
     p = argparse.ArgumentParser(prog="python -m fastmeta demo")
     p.add_argument("--minutes", type=float, default=None,
                    help="training minutes per run (default: 3.5 minutes shared by all runs -- the glyph "
-                        "learners, MAML on sinusoid, MAML-TRPO on 2D navigation -- at most 3 each; train "
+                        "learners, MAML on sinusoid, the three meta-RL agents -- at most 3 each; train "
                         "longer: --minutes 30)")
     p.add_argument("--sinusoid-minutes", type=float, default=None,
                    help="training minutes of MAML on sinusoid (default: its share, or --minutes when given)")
@@ -35,8 +37,8 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--episodes", type=int, default=200, help="test episodes per glyph learner")
     p.add_argument("--sinusoid-tasks", type=int, default=600, help="test tasks of MAML on sinusoid")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="training minutes of MAML-TRPO on 2D navigation (default: its share, or --minutes when "
-                        "given; 0: skip it)")
+                   help="training minutes of each meta-RL agent (MAML-TRPO, RL^2, PEARL; default: its share, "
+                        "or --minutes when given; 0: skip them)")
     p.add_argument("--learners", default=",".join(n for n in LEARNERS if n not in DEMO_SKIP),
                    help="comma-separated subset (maml also runs on sinusoid)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,11 +57,12 @@ def demo(argv: list[str]) -> int:
         raise SystemExit(f"unknown learners {sorted(unknown)}; choose from {sorted(LEARNERS)}")
     # one training budget shared by every run of the demo, so that adding a run (meta-RL did)
     # does not lengthen it
-    runs = len(names) + ("maml" in names) + (a.rl_minutes != 0)
+    runs = len(names) + ("maml" in names) + 3 * (a.rl_minutes != 0)
     share = min(3.0, 3.5 / max(1, runs))
     minutes = a.minutes if a.minutes is not None else share
     print(f"fastmeta demo: {', '.join(names)} train {60 * minutes:.0f} s each on glyphs, 5-way {a.shots}-shot; "
-          f"then MAML on sinusoid and MAML-TRPO on 2D navigation (train longer: `make demo DEMO_MINUTES=30` "
+          f"then MAML on sinusoid, MAML-TRPO and PEARL on 2D navigation, RL^2 on bandits (train longer: "
+          f"`make demo DEMO_MINUTES=30` "
           f"or `python -m fastmeta demo --minutes 30`)")
     t0 = time.perf_counter()
     ds = data.load_dataset("glyphs")
@@ -97,7 +100,7 @@ def demo(argv: list[str]) -> int:
         sin = run_training(args)
         _training_phases(phase, "maml sinusoid", sin, time.perf_counter() - t0)
     rl_minutes = a.rl_minutes if a.rl_minutes is not None else minutes
-    nav = None
+    nav = bandit = pearl = None
     if rl_minutes > 0:
         t0 = time.perf_counter()
         nav = run_rl(rl_parser().parse_args([
@@ -108,6 +111,18 @@ def demo(argv: list[str]) -> int:
         phase("maml-trpo nav2d: test", nav["test_seconds"], f"{nav['eval_tasks']} held-out tasks")
         phase("maml-trpo nav2d: setup, checkpoint, plots",
               time.perf_counter() - t0 - nav["train_seconds"] - nav["test_seconds"])
+        t0 = time.perf_counter()
+        bandit = run_rl(rl_parser().parse_args([
+            "rl2", "--env", "bandit-k5-n10", "--minutes", str(rl_minutes), "--eval-every", "0",
+            "--eval-tasks", "2000", "--run-dir", "runs/demo-rl2-bandit-k5-n10", "--no-progress",
+        ]))
+        _rl_phases(phase, "rl2 bandit-k5-n10", bandit, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pearl = run_rl(rl_parser().parse_args([
+            "pearl", "--env", "nav2d", "--minutes", str(rl_minutes), "--eval-every", "0",
+            "--eval-tasks", "20", "--run-dir", "runs/demo-pearl-nav2d", "--no-progress",
+        ]))
+        _rl_phases(phase, "pearl nav2d", pearl, time.perf_counter() - t0)
     print(f"\nglyphs 5-way {a.shots}-shot on the held-out test scripts {ds.groups('test')}: "
           f"accuracy % +- 95% CI over {a.episodes} episodes")
     w = max(len(r[0]) for r in rows)
@@ -124,6 +139,14 @@ def demo(argv: list[str]) -> int:
         print(f"  maml-trpo ({nav['iterations']} iterations, {nav['train_seconds']:.0f} s)  before adaptation "
               f"{nav['pre_return']:.1f} +- {nav['pre_return_ci95']:.1f}, after one step "
               f"{nav['post_return']:.1f} +- {nav['post_return_ci95']:.1f}")
+        print(f"  pearl ({pearl['iterations']} iterations, {pearl['train_seconds']:.0f} s)  prior only "
+              f"{pearl['prior_return']:.1f} +- {pearl['prior_return_ci95']:.1f}, after context "
+              f"{pearl['post_return']:.1f} +- {pearl['post_return_ci95']:.1f} ({pearl['eval_tasks']} goals)")
+        print(f"\n5-armed Bernoulli bandits, 10 pulls (RL^2, Duan et al. 2016), {bandit['eval_tasks']} held-out "
+              f"tasks: total reward +- 95% CI (random 5.0, Gittins 6.6)")
+        print(f"  rl2 ({bandit['env_steps']:,} steps, {bandit['train_seconds']:.0f} s)  "
+              f"{bandit['trial_return']:.2f} +- {bandit['trial_return_ci95']:.2f} (random policy "
+              f"{bandit['random_trial_return']:.2f} +- {bandit['random_trial_return_ci95']:.2f})")
     if a.phases:
         with open(a.phases, "a") as f:
             f.write("".join(row + "\n" for row in phases))
@@ -133,4 +156,10 @@ def demo(argv: list[str]) -> int:
 def _training_phases(phase, name: str, res: dict, total: float) -> None:
     phase(f"{name}: train + validation", res["train_seconds"], f"{res['steps']} steps")
     phase(f"{name}: test", res["test_seconds"], f"{res['test_episodes']} episodes")
+    phase(f"{name}: setup, checkpoint, plots", total - res["train_seconds"] - res["test_seconds"])
+
+
+def _rl_phases(phase, name: str, res: dict, total: float) -> None:
+    phase(f"{name}: train", res["train_seconds"], f"{res['iterations']} iterations")
+    phase(f"{name}: test", res["test_seconds"], f"{res['eval_tasks']} held-out tasks")
     phase(f"{name}: setup, checkpoint, plots", total - res["train_seconds"] - res["test_seconds"])
