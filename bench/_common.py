@@ -1000,6 +1000,16 @@ def print_table(results: Sequence[Result], baseline_names: Sequence[str] | None 
     return text
 
 
+def print_summary(results: Sequence[Result], t_start: float, saved_to: Path | None) -> None:
+    """The closing lines of an op benchmark: rows, timed, wrong/failed, seconds since ``t_start``
+    (a ``time.perf_counter()``), where the rows went; then one line per wrong or failed row."""
+    bad = [r for r in results if r.status in ("WRONG", "failed")]
+    print(f"\n{len(results)} rows, {sum(r.ok for r in results)} timed, {len(bad)} wrong/failed, "
+          f"{time.perf_counter() - t_start:.0f} s" + (f"; rows appended to {saved_to}" if saved_to else ""))
+    for r in bad:
+        print(f"  {r.status}: {r.case.name} {dtype_name(r.case.dtype)} {r.pass_name} {r.impl}: {r.message}")
+
+
 def save_rows(results: Sequence[Result], stem: str, *, results_dir: str | Path | None = None,
               extra: dict | None = None) -> Path | None:
     """Append one JSON line per result to ``<results_dir>/<stem>-<device-slug>.jsonl``

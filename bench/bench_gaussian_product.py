@@ -189,12 +189,7 @@ def main(argv=None) -> int:
                     saved_to = C.save_rows(results, STEM, results_dir=args.results_dir,
                                            extra=dict(quick=args.quick))
     torch.set_num_threads(default_threads)
-    bad = [r for r in all_results if r.status in ("WRONG", "failed")]
-    print(f"\n{len(all_results)} rows, {sum(r.ok for r in all_results)} timed, "
-          f"{len(bad)} wrong/failed, {time.perf_counter() - t_start:.0f} s"
-          + (f"; rows appended to {saved_to}" if saved_to else ""))
-    for r in bad:
-        print(f"  {r.status}: {r.case.name} {r.pass_name} {r.impl}: {r.message}")
+    C.print_summary(all_results, t_start, saved_to)
     return 0
 
 

@@ -220,11 +220,7 @@ def main(argv=None) -> int:
             if not args.no_save:
                 saved_to = C.save_rows(results, STEM, results_dir=args.results_dir,
                                        extra=dict(quick=args.quick))
-    bad = [r for r in all_results if r.status in ("WRONG", "failed")]
-    print(f"\n{len(all_results)} rows, {sum(r.ok for r in all_results)} timed, {len(bad)} wrong/failed, "
-          f"{time.perf_counter() - t_start:.0f} s" + (f"; rows appended to {saved_to}" if saved_to else ""))
-    for r in bad:
-        print(f"  {r.status}: {r.case.name} {C.dtype_name(r.case.dtype)} {r.pass_name} {r.impl}: {r.message}")
+    C.print_summary(all_results, t_start, saved_to)
     return 0
 
 

@@ -396,13 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, c in ceilings.items():
         print(f"measured ceilings ({key}): copy {c['copy_GBps']:.1f} GB/s (read+write), matmul "
               f"{c['matmul_GFLOPs']:.1f} GFLOP/s ({c['matmul_dtype']}, n={c['matmul_n']})")
-    bad = [r for r in all_results if r.status in ("WRONG", "failed")]
-    print(f"\n{len(all_results)} rows, {sum(r.ok for r in all_results)} timed, "
-          f"{len(bad)} wrong/failed, {time.perf_counter() - t_start:.0f} s"
-          + (f"; rows appended to {saved_to}" if saved_to else ""))
-    for r in bad:
-        print(f"  {r.status}: {r.case.name} {C.dtype_name(r.case.dtype)} {r.pass_name} "
-              f"{r.impl}: {r.message}")
+    C.print_summary(all_results, t_start, saved_to)
     return 0
 
 
