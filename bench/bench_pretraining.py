@@ -16,7 +16,9 @@ exists is skipped, so the script can be stopped and started again; ``--jobs`` ru
 The table: per learner and shot, the mean test accuracy over the seeds +- the 95% CI of that
 mean (Student t over the seeds, so it holds training and test-episode variance), the per-seed
 accuracies, and the median training time of one run (wall clock, on whatever the machine was
-doing).
+doing) and the median training CPU seconds (``time.process_time`` around the training loop,
+user + system of the run's process at 1 intra-op thread: the compute each learner got, nearly
+independent of the machine's load).
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ def report(a) -> str:
         f = run_dir / "results.json"
         if f.exists():
             rows.setdefault((learner, shots), []).append(json.loads(f.read_text()))
-    lines = [f"| learner | shots | test accuracy % (mean over seeds +- 95% CI) | per seed | training s (median) |",
-             "|---|---:|---|---|---:|"]
+    lines = ["| learner | shots | test accuracy % (mean over seeds +- 95% CI) | per seed "
+             "| training CPU s (median) | training wall s (median) |",
+             "|---|---:|---|---|---:|---:|"]
     for shots in a.shots:
         for learner in sorted(a.learners, key=lambda n: -statistics.mean(
                 r["test_accuracy"] for r in rows.get((n, shots), [{"test_accuracy": 0}]))):
@@ -102,8 +105,10 @@ def report(a) -> str:
             acc = [100 * r["test_accuracy"] for r in rs]
             ci = T95[len(acc) - 1] * statistics.stdev(acc) / len(acc) ** 0.5 if len(acc) > 1 else float("nan")
             per_seed = ", ".join(f"{x:.1f}" for x in acc)
+            cpu = [r["train_cpu_seconds"] for r in rs if "train_cpu_seconds" in r]
+            cpu_s = f"{statistics.median(cpu):.0f}" if cpu else "-"
             lines.append(f"| {learner} | {shots} | {statistics.mean(acc):.1f} +- {ci:.1f} | {per_seed} | "
-                         f"{statistics.median(r['train_seconds'] for r in rs):.0f} |")
+                         f"{cpu_s} | {statistics.median(r['train_seconds'] for r in rs):.0f} |")
     return "\n".join(lines)
 
 

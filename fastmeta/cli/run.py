@@ -111,15 +111,16 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     trainer = Trainer(learner, opt, batches, step_fn, validate if args.val_episodes > 0 else None, cfg,
                       scheduler=sched, extra_state={"args": {k: v for k, v in vars(args).items()
                                                              if isinstance(v, (str, int, float, bool, type(None)))}})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit()
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     t0 = time.perf_counter()
     result = evaluate("test", args.test_episodes, 20_000 + args.seed)
     test_s = time.perf_counter() - t0
     out = dict(learner=args.learner, dataset=args.dataset, ways=args.ways, shots=args.shots,
                steps=trainer.step, train_seconds=round(train_s, 1), test_seconds=round(test_s, 1),
+               train_cpu_seconds=round(train_cpu_s, 1),
                test_accuracy=result.mean, test_ci95=result.ci95, test_episodes=result.episodes,
                run_dir=str(run_dir))
     if distributed.world_size() > 1:
