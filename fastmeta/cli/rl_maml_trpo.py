@@ -41,6 +41,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", default="64,64", help="policy MLP widths")
     p.add_argument("--fast-lr", type=float, default=0.1, help="inner policy-gradient step size")
     p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--action-scale", type=float, default=None,
+                   help="cheetah only: policy actions are this times MuJoCo's (default 1)")
     p.add_argument("--max-kl", type=float, default=1e-2)
     p.add_argument("--cg-iters", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=25, help="held-out validation every N iterations (0: never)")
@@ -59,8 +61,13 @@ class _Runner:
         # rank r of a torchrun job samples its tasks' rollouts from its own streams (rank 0, or
         # a single process, from --seed's)
         self.seed = args.seed + 1_000_000 * distributed.rank()
+        kw = {}
+        if args.action_scale is not None:
+            if not args.env.startswith("cheetah"):
+                raise SystemExit(f"--action-scale applies to cheetah-vel/cheetah-dir, not {args.env!r}")
+            kw["action_scale"] = args.action_scale
         try:
-            self.dist = rl.make(args.env)
+            self.dist = rl.make(args.env, **kw)
         except ValueError as e:
             raise SystemExit(f"--env: {e}") from None
         hidden = tuple(int(h) for h in args.hidden.split(",") if h)
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(str(e)) from None
     torch.manual_seed(args.seed)
     run_dir = run_dir_of(args)
-    check_resume(run_dir / "checkpoint.pt", args, ("env", "hidden", "inner_steps"))
+    check_resume(run_dir / "checkpoint.pt", args, ("env", "hidden", "inner_steps", "action_scale"))
     runner = _Runner(args)
 
     def validate():

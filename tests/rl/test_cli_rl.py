@@ -60,6 +60,11 @@ def test_unknown_env_is_refused(tmp_path):
                   "--no-progress"])
 
 
+def test_action_scale_only_for_the_cheetah(tmp_path):
+    with pytest.raises(SystemExit, match="--action-scale applies to cheetah"):
+        run(tmp_path, "--iterations", "1", "--action-scale", "10")
+
+
 def test_discrete_env_takes_the_categorical_policy(tmp_path):
     assert cli.main(["rl", "maml-trpo", "--env", "bandit-k5-n10", "--run-dir", str(tmp_path), *SMALL,
                      "--iterations", "2", "--eval-every", "0"]) == 0

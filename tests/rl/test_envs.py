@@ -232,6 +232,29 @@ def test_cheetah_rewards_equal_gymnasium_info():
 
 
 @needs_mujoco
+def test_cheetah_action_scale_divides_the_action_before_mujoco_and_the_cost():
+    # action_scale=10 (pytorch-maml-rl's normalization_scale): acting with a is acting with
+    # a / 10 in the unscaled env -- same observations, velocities and rewards
+    T, E, steps = 2, 2, 4
+    for kind in ("vel", "dir"):
+        scaled = rl.make(f"cheetah-{kind}", horizon=steps, action_scale=10)
+        plain = rl.make(f"cheetah-{kind}", horizon=steps)
+        tasks = scaled.sample_tasks(T, 3)
+        torch.testing.assert_close(scaled.reset(tasks, E, seed=5), plain.reset(tasks, E, seed=5))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            a = 10 * torch.randn(T, E, 6, generator=g)
+            o1, r1, _, i1 = scaled.step(a)
+            o2, r2, _, i2 = plain.step(a / 10)
+            torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+            torch.testing.assert_close(r1, r2, rtol=0, atol=0)
+            torch.testing.assert_close(i1["x_velocity"], i2["x_velocity"], rtol=0, atol=0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="action_scale"):
+            rl.make("cheetah-vel", action_scale=bad)
+
+
+@needs_mujoco
 def test_cheetah_vector_env_reused_and_episodes_clean():
     dist = rl.make("cheetah-vel", horizon=3)
     tasks = dist.sample_tasks(2, 0)

@@ -5,7 +5,7 @@
 | name | class | keyword arguments |
 |---|---|---|
 | ``nav2d`` | :class:`Navigation2D` | ``horizon=100, goal_box=0.01`` |
-| ``cheetah-vel`` / ``cheetah-dir`` | :class:`HalfCheetahTasks` | ``horizon=100`` |
+| ``cheetah-vel`` / ``cheetah-dir`` | :class:`HalfCheetahTasks` | ``horizon=100, action_scale=1`` |
 | ``bandit-k{K}-n{N}`` (e.g. ``bandit-k5-n10``) | :class:`BernoulliBandit` | -- |
 | ``tabular-mdp`` | :class:`TabularMDP` | ``states=10, actions=5, horizon=10`` |
 | ``point-sparse`` | :class:`PointRobotSparse` | ``horizon=20, goal_radius=0.2`` |

@@ -6,8 +6,14 @@
 * HalfCheetahDir: task ``{"direction": [T] float32}``, +1 or -1 with probability 1/2;
   reward ``direction * v_x - 0.05 * ||a||^2``
 * ``v_x`` is gymnasium's ``info["x_velocity"]`` (x displacement of the torso over one
-  control step / dt); ``a`` is the action as given (MuJoCo clamps the applied control to
-  the actuators' range [-1, 1]; the cost uses the action the policy chose, as in the paper)
+  control step / dt); ``a = action / action_scale`` is the action sent to MuJoCo (MuJoCo
+  clamps the applied control to the actuators' range [-1, 1]; the cost uses ``a`` before that
+  clamp -- rllab's and pytorch-maml-rl's action wrappers clip first, which differs only where
+  ``|a| > 1``)
+* ``action_scale`` (default 1): the policy acts in units ``action_scale`` times MuJoCo's.
+  pytorch-maml-rl's HalfCheetah configs use 10 (its ``normalization_scale``: actions in
+  [-10, 10] mapped to [-1, 1]), so that a policy initialised with standard deviation 1 explores
+  with torques of standard deviation 0.1
 * observation: gymnasium's 17-dim HalfCheetah-v5 observation (joint positions without the
   torso's x, then velocities), float32 ``[T, E, 17]``
 * action: ``[T, E, 6]`` float, joint torques
@@ -68,7 +74,7 @@ class HalfCheetahTasks(TaskDistribution):
     act_dim = 6
     discrete = False
 
-    def __init__(self, kind: str = "vel", horizon: int = 100) -> None:
+    def __init__(self, kind: str = "vel", horizon: int = 100, action_scale: float = 1.0) -> None:
         super().__init__()
         if kind not in ("vel", "dir"):
             raise ValueError(f"kind must be 'vel' or 'dir', got {kind!r}")
@@ -78,6 +84,11 @@ class HalfCheetahTasks(TaskDistribution):
         self.kind = kind
         self.name = f"cheetah-{kind}"
         self.horizon = positive_int(horizon, "horizon")
+        if (isinstance(action_scale, bool) or not isinstance(action_scale, (int, float))
+                or not 0 < action_scale < float("inf")):
+            raise ValueError(f"{self.name}: action_scale must be a positive finite number, got "
+                             f"{action_scale!r}")
+        self.action_scale = float(action_scale)
         self.key = "velocity" if kind == "vel" else "direction"
         self.task_shapes = {self.key: ()}
         self._venv = None
@@ -127,6 +138,8 @@ class HalfCheetahTasks(TaskDistribution):
 
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
         T, E = self.T, self.E
+        if self.action_scale != 1.0:
+            actions = actions / self.action_scale
         a = actions.reshape(T * E, self.act_dim).numpy()
         obs, _, _, _, info = self._venv.step(a)
         vx = torch.from_numpy(np.asarray(info["x_velocity"], dtype=np.float32)).view(T, E)
