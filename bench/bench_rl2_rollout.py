@@ -15,7 +15,8 @@ and process CPU time, at 1 torch thread and at the default thread count; each di
 uses its own environment object per mode (the cheetah's vector env is sized by T).
 env steps/s = real steps of the rollout / median seconds.
 
-Usage: ``python bench/bench_rl2_rollout.py [--reps 5] [--threads 1,2] [--only nav2d,...] [--quick] [--no-save]``
+Usage: ``python bench/bench_rl2_rollout.py [--reps 5] [--threads 1,2] [--only nav2d,...] [--quick]
+[--no-save]``
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import _common  # noqa: E402
 import fastmeta.rl as rl  # noqa: E402
 
 # (distribution, tasks T, episodes per trial n)
-CASES = [("bandit-k5-n10", 250, 1), ("bandit-k10-n100", 32, 1), ("tabular-mdp", 32, 10), ("nav2d", 32, 2),
-         ("cheetah-vel", 8, 2)]
+CASES = [("bandit-k5-n10", 250, 1), ("bandit-k10-n100", 32, 1), ("tabular-mdp", 32, 10),
+         ("nav2d", 32, 2), ("cheetah-vel", 8, 2)]
 QUICK = [("bandit-k5-n10", 32, 1), ("tabular-mdp", 8, 2), ("nav2d", 8, 1)]
 
 
@@ -53,7 +54,8 @@ def measure(name: str, T: int, n: int, reps: int, threads: int) -> dict:
         if mode == "batched":
             steps[mode] = int(rl.sample_trials(dist, policy, tasks, 1, n, seed).mask.sum())
         else:
-            steps[mode] = sum(int(rl.sample_trials(dist, policy, tk, 1, n, seed).mask.sum()) for tk in one)
+            steps[mode] = sum(int(rl.sample_trials(dist, policy, tk, 1, n, seed).mask.sum())
+                              for tk in one)
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -93,16 +95,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per mode")
     p.add_argument("--quick", action="store_true", help="small cases only (a smoke run)")
-    p.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and the default)")
-    p.add_argument("--only", default=None, help="comma-separated distributions to run (default: all cases)")
+    p.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and "
+                   "the default)")
+    p.add_argument("--only", default=None, help="comma-separated distributions to run (default: "
+                   "all cases)")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
     warning = _common.busy_warning()
     if warning:
         print(warning)
-    threads = sorted({int(t) for t in a.threads.split(",")}) if a.threads else sorted({1, torch.get_num_threads()})
+    threads = (sorted({int(t) for t in a.threads.split(",")}) if a.threads
+               else sorted({1, torch.get_num_threads()}))
     rows = []
-    cases = [c for c in (QUICK if a.quick else CASES) if a.only is None or c[0] in a.only.split(",")]
+    cases = [c for c in (QUICK if a.quick else CASES)
+             if a.only is None or c[0] in a.only.split(",")]
     for name, T, n in cases:
         for th in threads:
             try:
@@ -110,14 +116,16 @@ def main(argv=None) -> int:
             except ImportError as e:  # the cheetah needs the rl extra
                 print(f"skipping {name}: {e}")
                 break
-    print(f"{_common.device_name(torch.device('cpu'))}, torch {torch.__version__}, load {_common._loadavg()}")
-    header = ["distribution", "T x n x H", "threads", "batched s (p20-p80)", "loop s (p20-p80)", "batched steps/s",
-              "loop steps/s", "speedup wall", "speedup cpu"]
-    body = [[r["dist"], f"{r['T']}x{r['episodes']}x{r['L'] // r['episodes']}", str(r["bench_threads"]),
+    print(f"{_common.device_name(torch.device('cpu'))}, torch {torch.__version__}, load "
+          f"{_common._loadavg()}")
+    header = ["distribution", "T x n x H", "threads", "batched s (p20-p80)", "loop s (p20-p80)",
+              "batched steps/s", "loop steps/s", "speedup wall", "speedup cpu"]
+    body = [[r["dist"], f"{r['T']}x{r['episodes']}x{r['L'] // r['episodes']}",
+             str(r["bench_threads"]),
              f"{r['batched_s']:.3f} ({r['batched_p20_s']:.3f}-{r['batched_p80_s']:.3f})",
              f"{r['loop_s']:.3f} ({r['loop_p20_s']:.3f}-{r['loop_p80_s']:.3f})",
-             f"{r['batched_steps_per_s']:,.0f}", f"{r['loop_steps_per_s']:,.0f}", f"{r['speedup']:.1f}x",
-             f"{r['cpu_speedup']:.1f}x"] for r in rows]
+             f"{r['batched_steps_per_s']:,.0f}", f"{r['loop_steps_per_s']:,.0f}",
+             f"{r['speedup']:.1f}x", f"{r['cpu_speedup']:.1f}x"] for r in rows]
     print("\n".join(_common.format_table(header, body)))
     if not a.no_save and rows:
         path = _common.append_jsonl(rows, "rl2_rollout", torch.device("cpu"))

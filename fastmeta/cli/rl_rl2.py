@@ -17,8 +17,8 @@ import time
 import torch
 
 from fastmeta import rl
-from fastmeta.cli.rl_common import (add_common_args, check_resume, run_dir_of, saved_args, stream_seed,
-                                    write_results)
+from fastmeta.cli.rl_common import (add_common_args, check_resume, run_dir_of, saved_args,
+                                    stream_seed, write_results)
 from fastmeta.learners import confidence_interval
 from fastmeta.rl.ppo import PPOConfig
 from fastmeta.rl.recurrent import GRUPolicy
@@ -46,31 +46,35 @@ def _defaults(env: str) -> dict:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="bandit-k5-n10", help="bandit-k{K}-n{N}, tabular-mdp, nav2d, cheetah-vel, "
-                   "cheetah-dir")
-    p.add_argument("--policy", choices=("gru", "snail"), default="gru", help="GRU (Duan et al.) or SNAIL "
-                   "(Mishra et al. 2018) policy")
-    p.add_argument("--hidden", type=int, default=128, help="GRU hidden size (SNAIL: hidden / 4 channels, "
-                   "128 -> the paper's 32)")
-    p.add_argument("--env-steps", type=float, default=None, help="training budget in environment steps "
-                   "(sets --iterations)")
+    p.add_argument("--env", default="bandit-k5-n10", help="bandit-k{K}-n{N}, tabular-mdp, nav2d, "
+                   "cheetah-vel, cheetah-dir")
+    p.add_argument("--policy", choices=("gru", "snail"), default="gru",
+                   help="GRU (Duan et al.) or SNAIL (Mishra et al. 2018) policy")
+    p.add_argument("--hidden", type=int, default=128, help="GRU hidden size (SNAIL: hidden / 4 "
+                   "channels, 128 -> the paper's 32)")
+    p.add_argument("--env-steps", type=float, default=None, help="training budget in environment "
+                   "steps (sets --iterations)")
     p.add_argument("--iterations", type=int, default=500, help="PPO iterations")
     p.add_argument("--tasks", type=int, default=None, help="tasks per iteration (default: per env)")
     p.add_argument("--trials", type=int, default=1, help="trials per task and iteration")
-    p.add_argument("--episodes", type=int, default=None, help="episodes per trial (bandits 1, tabular-mdp 10, "
-                   "nav2d and cheetah 2)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per trial (bandits 1, "
+                   "tabular-mdp 10, nav2d and cheetah 2)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=4, help="PPO epochs per iteration")
     p.add_argument("--minibatches", type=int, default=4, help="minibatches of trials per epoch")
     p.add_argument("--gamma", type=float, default=0.99)
-    p.add_argument("--lam", type=float, default=None, help="GAE lambda (bandits, tabular 0.3; else 0.95)")
+    p.add_argument("--lam", type=float, default=None, help="GAE lambda (bandits, tabular 0.3; else "
+                   "0.95)")
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--entropy", type=float, default=0.003, help="entropy bonus coefficient")
-    p.add_argument("--reward-scale", type=float, default=None, help="scale of the rewards the value function "
-                   "learns (default: bandits 1, else 0.1)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out validation every N iterations (0: never)")
+    p.add_argument("--reward-scale", type=float, default=None,
+                   help="scale of the rewards the value function learns (default: bandits 1, else "
+                   "0.1)")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out validation every N "
+                   "iterations (0: never)")
     p.add_argument("--val-tasks", type=int, default=100)
-    p.add_argument("--eval-tasks", type=int, default=1000, help="held-out tasks of the final evaluation")
+    p.add_argument("--eval-tasks", type=int, default=1000, help="held-out tasks of the final "
+                   "evaluation")
     add_common_args(p)
 
 
@@ -89,12 +93,15 @@ def _fill_defaults(args: argparse.Namespace, dist) -> None:
 def build_agent(args: argparse.Namespace, dist) -> RL2:
     init_std = _defaults(args.env)["init_std"]
     if args.policy == "gru":
-        policy = GRUPolicy(dist.obs_dim, dist.act_dim, dist.discrete, hidden=args.hidden, init_std=init_std)
+        policy = GRUPolicy(dist.obs_dim, dist.act_dim, dist.discrete, hidden=args.hidden,
+                           init_std=init_std)
     else:
-        policy = SNAILPolicy(dist.obs_dim, dist.act_dim, dist.discrete, seq_len=args.episodes * dist.horizon,
-                             channels=args.hidden // 4, init_std=init_std)
-    cfg = PPOConfig(lr=args.lr, clip=args.clip, epochs=args.epochs, minibatches=args.minibatches, gamma=args.gamma,
-                    lam=args.lam, entropy_coef=args.entropy, reward_scale=args.reward_scale)
+        policy = SNAILPolicy(dist.obs_dim, dist.act_dim, dist.discrete,
+                             seq_len=args.episodes * dist.horizon, channels=args.hidden // 4,
+                             init_std=init_std)
+    cfg = PPOConfig(lr=args.lr, clip=args.clip, epochs=args.epochs, minibatches=args.minibatches,
+                    gamma=args.gamma, lam=args.lam, entropy_coef=args.entropy,
+                    reward_scale=args.reward_scale)
     return RL2(policy, cfg)
 
 
@@ -147,18 +154,22 @@ def run(args: argparse.Namespace) -> dict:
     check_resume(run_dir / "checkpoint.pt", args, ("env", "policy", "hidden", "episodes"))
     agent = build_agent(args, dist)
     runner = _Runner(args, dist, agent)
-    fields = tuple(f"episode_{k + 1}" for k in range(args.episodes)) + ("entropy", "approx_kl", "clip_frac")
+    fields = tuple(f"episode_{k + 1}" for k in range(args.episodes)) + ("entropy", "approx_kl",
+                                                                        "clip_frac")
     plot = tuple(dict.fromkeys(f"episode_{k}" for k in (1, 2, args.episodes) if k <= args.episodes))
 
     def validate():
         return confidence_interval(runner.evaluate(args.val_tasks, _VAL_SET)[1], metric="return")
 
-    cfg = TrainConfig(steps=args.iterations, minutes=args.minutes, log_every=1, plot_fields=plot if args.episodes > 1
-                      else (), val_every=args.eval_every or 10**12, ckpt_every=args.ckpt_every,
+    cfg = TrainConfig(steps=args.iterations, minutes=args.minutes, log_every=1,
+                      plot_fields=plot if args.episodes > 1 else (),
+                      val_every=args.eval_every or 10**12, ckpt_every=args.ckpt_every,
                       episodes_per_step=args.tasks * args.trials * args.episodes, run_dir=run_dir,
-                      resume=args.resume, progress=not args.no_progress, metric="return", extra_fields=fields)
+                      resume=args.resume, progress=not args.no_progress, metric="return",
+                      extra_fields=fields)
     trainer = Trainer(agent, None, lambda start: iter(range(start, 2**62)), runner.step,
-                      validate if args.eval_every else None, cfg, extra_state={"args": saved_args(args)})
+                      validate if args.eval_every else None, cfg,
+                      extra_state={"args": saved_args(args)})
     t0 = time.perf_counter()
     trainer.fit()
     train_s = time.perf_counter() - t0
@@ -166,18 +177,21 @@ def run(args: argparse.Namespace) -> dict:
     tasks, per_task, per_episode = runner.evaluate(args.eval_tasks, _TEST_SET)
     ret = confidence_interval(per_task, metric="return")
     rand = confidence_interval(random_policy_returns(dist, tasks, args.episodes,
-                                                     stream_seed(args.seed, _TEST_SET, 1)), metric="return")
+                                                     stream_seed(args.seed, _TEST_SET, 1)),
+                               metric="return")
     eps = [confidence_interval(per_episode[:, k], metric="return") for k in range(args.episodes)]
-    out = dict(agent=args.agent, env=args.env, policy=args.policy, hidden=args.hidden, iterations=trainer.step,
-               tasks=args.tasks, trials=args.trials, episodes=args.episodes,
-               env_steps=trainer.step * args.steps_per_iteration, train_seconds=round(train_s, 1),
-               test_seconds=round(time.perf_counter() - t0, 1), eval_tasks=args.eval_tasks,
-               trial_return=ret.mean, trial_return_ci95=ret.ci95,
+    out = dict(agent=args.agent, env=args.env, policy=args.policy, hidden=args.hidden,
+               iterations=trainer.step, tasks=args.tasks, trials=args.trials,
+               episodes=args.episodes, env_steps=trainer.step * args.steps_per_iteration,
+               train_seconds=round(train_s, 1), test_seconds=round(time.perf_counter() - t0, 1),
+               eval_tasks=args.eval_tasks, trial_return=ret.mean, trial_return_ci95=ret.ci95,
                episode_returns=[e.mean for e in eps], episode_returns_ci95=[e.ci95 for e in eps],
-               random_trial_return=rand.mean, random_trial_return_ci95=rand.ci95, run_dir=str(run_dir))
+               random_trial_return=rand.mean, random_trial_return_ci95=rand.ci95,
+               run_dir=str(run_dir))
     write_results(run_dir, out)
-    print(f"rl2 ({args.policy}) on {args.env}, {args.eval_tasks} held-out tasks, trial of {args.episodes} "
-          f"episode(s): return {ret.mean:.3f} +- {ret.ci95:.3f} (random policy {rand.mean:.3f} +- {rand.ci95:.3f}); "
-          f"per episode " + ", ".join(f"{e.mean:.2f}" for e in eps))
+    print(f"rl2 ({args.policy}) on {args.env}, {args.eval_tasks} held-out tasks, trial of "
+          f"{args.episodes} episode(s): return {ret.mean:.3f} +- {ret.ci95:.3f} (random policy "
+          f"{rand.mean:.3f} +- {rand.ci95:.3f}); per "
+          f"episode " + ", ".join(f"{e.mean:.2f}" for e in eps))
     print(f"run folder: {run_dir} (checkpoint.pt, metrics.csv, learning_curve.png, results.json)")
     return out

@@ -42,7 +42,8 @@ class ContextEncoder(nn.Module):
         z = enc.sample(mu, var, generator)  # [B, 5]
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = 5, hidden: tuple[int, ...] = (128, 128)):
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = 5,
+                 hidden: tuple[int, ...] = (128, 128)):
         super().__init__()
         for what, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("latent_dim", latent_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -71,19 +72,23 @@ class ContextEncoder(nn.Module):
             raise TypeError(f"context must be a floating-point tensor [B, C, {self.in_dim}], got "
                             f"{getattr(context, 'dtype', type(context).__name__)}")
         if context.dim() != 3 or context.shape[-1] != self.in_dim:
-            raise ValueError(f"context must have shape [B, C, {self.in_dim}] (s, a, r, s'), got {list(context.shape)}")
+            raise ValueError(f"context must have shape [B, C, {self.in_dim}] (s, a, r, s'), got "
+                             f"{list(context.shape)}")
         if context.shape[1] == 0:
-            raise ValueError(f"context is empty (C = 0, shape {list(context.shape)}): the posterior needs at "
-                             "least one transition per task; use the prior N(0, I) instead")
+            raise ValueError(f"context is empty (C = 0, shape {list(context.shape)}): the "
+                             "posterior needs at least one transition per task; use the prior "
+                             "N(0, I) instead")
         valid = torch.ones(context.shape[:2], dtype=torch.bool) if mask is None else mask != 0
         if tuple(valid.shape) != tuple(context.shape[:2]):
-            raise ValueError(f"mask must have shape [B, C] = {list(context.shape[:2])}, got {list(valid.shape)}")
+            raise ValueError(f"mask must have shape [B, C] = {list(context.shape[:2])}, got "
+                             f"{list(valid.shape)}")
         bad = valid & ~torch.isfinite(context).all(-1)
         if bool(bad.any()):
             b, c = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"context has NaN or inf in transition {c} of task {b} "
                              f"(values {context[b, c].tolist()}; s, a, r, s' must be finite)")
-        if mask is not None:  # padding may hold anything: the encoder must not turn it into NaN gradients
+        # padding may hold anything: the encoder must not turn it into NaN gradients
+        if mask is not None:
             context = torch.where(valid[..., None], context, 0.0)
         mu, var = self.factors(context)
         return gaussian_product(mu, var, mask)
@@ -95,5 +100,6 @@ class ContextEncoder(nn.Module):
 
 
 def kl_to_prior(mu: Tensor, var: Tensor) -> Tensor:
-    """``KL(N(mu, diag var) || N(0, I))`` per row: ``0.5 sum_d (var + mu^2 - 1 - log var)``, ``[B]``."""
+    """``KL(N(mu, diag var) || N(0, I))`` per row: ``0.5 sum_d (var + mu^2 - 1 - log var)``,
+    ``[B]``."""
     return 0.5 * (var + mu * mu - 1.0 - var.log()).sum(-1)

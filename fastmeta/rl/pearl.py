@@ -13,7 +13,8 @@ product of Gaussian factors through ``fastmeta.ops.gaussian_product``). Meta-tra
         collect E_post episodes with z ~ q(z | context from the buffer) -> replay
     then `updates` gradient steps, each on B train tasks:
         c ~ context buffer, batch ~ replay;  z ~ q(z | c)  (reparameterised)
-        critic + encoder:  L_Q(cat(s, z), a, r, cat(s', z)) + kl_weight * sum_b KL(q(z|c_b) || N(0, I))
+        critic + encoder:  L_Q(cat(s, z), a, r, cat(s', z))
+                           + kl_weight * sum_b KL(q(z|c_b) || N(0, I))
         actor, alpha:      SAC losses on cat(s, z.detach())
 
 Test time (:meth:`PEARL.adapt`), posterior sampling: episode 1 with z ~ prior, episode k > 1 with
@@ -50,7 +51,8 @@ class PEARL:
             PEARL's 5).
         dense_critic: train the critic on ``dist.dense_reward(tasks, next_obs)`` instead of the
             stored reward (PEARL's code does so for sparse-reward tasks; the encoder and every
-            return reported still use the environment's sparse reward). policy_reg: see fastmeta.rl.sac.
+            return reported still use the environment's sparse reward). policy_reg: see
+            fastmeta.rl.sac.
         seed: seeds the agent's generator (z, actions and replay draws of the updates).
 
     State for exact resume: :meth:`state_dict` holds networks, optimisers, both buffers and the
@@ -59,16 +61,19 @@ class PEARL:
 
     def __init__(self, dist: TaskDistribution, train_tasks: dict[str, Tensor], latent_dim: int = 5,
                  hidden: tuple[int, ...] = (64, 64), lr: float = 1e-3, kl_weight: float = 0.1,
-                 meta_batch: int = 8, batch_size: int = 64, context_size: int = 64, capacity: int = 20_000,
-                 context_capacity: int = 400, gamma: float = 0.99, tau: float = 0.005, reward_scale: float = 1.0,
-                 dense_critic: bool = False, policy_reg: float = 0.0, seed: int = 0):
+                 meta_batch: int = 8, batch_size: int = 64, context_size: int = 64,
+                 capacity: int = 20_000, context_capacity: int = 400, gamma: float = 0.99,
+                 tau: float = 0.005, reward_scale: float = 1.0, dense_critic: bool = False,
+                 policy_reg: float = 0.0, seed: int = 0):
         if not isinstance(dist, TaskDistribution) or dist.discrete:
             raise TypeError(f"PEARL needs a continuous-action TaskDistribution, got {dist!r}")
         self.n_train = dist.check_tasks(train_tasks)
         if meta_batch > self.n_train:
-            raise ValueError(f"meta_batch ({meta_batch}) must be <= the number of train tasks ({self.n_train})")
+            raise ValueError(f"meta_batch ({meta_batch}) must be <= the number of train tasks "
+                             f"({self.n_train})")
         if dense_critic and not hasattr(dist, "dense_reward"):
-            raise ValueError(f"dense_critic=True needs a distribution with dense_reward(), {dist.name} has none")
+            raise ValueError(f"dense_critic=True needs a distribution with dense_reward(), "
+                             f"{dist.name} has none")
         self.dist, self.train_tasks, self.dense_critic = dist, train_tasks, dense_critic
         self.meta_batch, self.batch_size, self.context_size = meta_batch, batch_size, context_size
         self.kl_weight, self.reward_scale = float(kl_weight), float(reward_scale)
@@ -76,7 +81,8 @@ class PEARL:
         o, a = dist.obs_dim, dist.act_dim
         self.encoder = ContextEncoder(o, a, latent_dim, hidden)
         self.sac = SAC(o + latent_dim, a, hidden, gamma=gamma, tau=tau, policy_reg=policy_reg)
-        self.opt_q = torch.optim.Adam([*self.sac.critic.parameters(), *self.encoder.parameters()], lr=lr)
+        self.opt_q = torch.optim.Adam([*self.sac.critic.parameters(), *self.encoder.parameters()],
+                                      lr=lr)
         self.opt_pi = torch.optim.Adam(self.sac.actor.parameters(), lr=lr)
         self.opt_alpha = torch.optim.Adam([self.sac.log_alpha], lr=lr)
         self.replay = TaskReplay(self.n_train, capacity, o, a)
@@ -89,7 +95,8 @@ class PEARL:
 
     # ---- acting -------------------------------------------------------------------------------
 
-    def actor(self, z: Tensor, generator: torch.Generator | None = None, deterministic: bool = False):
+    def actor(self, z: Tensor, generator: torch.Generator | None = None,
+              deterministic: bool = False):
         """``callable(obs [T, E, obs_dim]) -> actions [T, E, act_dim]`` for the sampler, with the
         latent ``z [T, E, D]`` fixed for the episode."""
 
@@ -100,7 +107,8 @@ class PEARL:
         return act
 
     def posterior(self, context: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``q(z | context)``: ``(mu [T, D], var [T, D])`` (see :meth:`ContextEncoder.posterior`)."""
+        """``q(z | context)``: ``(mu [T, D], var [T, D])`` (see
+        :meth:`ContextEncoder.posterior`)."""
         return self.encoder.posterior(context, mask)
 
     def _store(self, task_ids: Tensor, ro: Rollout, to_context: bool) -> Rollout:
@@ -123,21 +131,25 @@ class PEARL:
         K, D = task_ids.shape[0], self.latent_dim
         if posterior:
             c = self.context.sample(task_ids, self.context_size, generator)
-            mu, var = self.posterior(transition_features(c["obs"], c["actions"], c["rewards"], c["next_obs"]))
-            z = self.encoder.sample(mu[:, None].expand(K, episodes, D), var[:, None].expand(K, episodes, D), generator)
+            mu, var = self.posterior(transition_features(c["obs"], c["actions"], c["rewards"],
+                                                         c["next_obs"]))
+            z = self.encoder.sample(mu[:, None].expand(K, episodes, D),
+                                    var[:, None].expand(K, episodes, D), generator)
         else:
             z = torch.randn(K, episodes, D, generator=generator)
         ro = sample(self.dist, self.actor(z, generator), tasks, episodes, seed)
         return self._store(task_ids, ro, to_context)
 
     @torch.no_grad()
-    def adapt(self, tasks: dict[str, Tensor], episodes: int, seed: int, generator: torch.Generator) -> Tensor:
+    def adapt(self, tasks: dict[str, Tensor], episodes: int, seed: int,
+              generator: torch.Generator) -> Tensor:
         """Posterior sampling on (held-out) ``tasks``: ``episodes`` episodes in sequence, all tasks
         together; returns the undiscounted returns ``[T, episodes]`` (column 0: prior only)."""
         T = self.dist.check_tasks(tasks)
         feats, masks, returns = [], [], []
         for k in range(episodes):
-            if feats:  # every transition so far; the mask drops the padding of episodes that ended early
+            # every transition so far; the mask drops the padding of episodes that ended early
+            if feats:
                 mu, var = self.posterior(torch.cat(feats, dim=1), torch.cat(masks, dim=1))
                 z = self.encoder.sample(mu, var, generator)[:, None]
             else:
@@ -145,7 +157,8 @@ class PEARL:
             ro = sample(self.dist, self.actor(z, generator, deterministic=True), tasks, 1, seed + k)
             returns.append(ro.returns()[:, 0])
             f = ro.flat()
-            feats.append(transition_features(f.obs, f.actions / self.action_scale, f.rewards, f.next_obs))
+            feats.append(transition_features(f.obs, f.actions / self.action_scale, f.rewards,
+                                             f.next_obs))
             masks.append(f.mask)
         return torch.stack(returns, dim=1)
 
@@ -157,14 +170,16 @@ class PEARL:
         ids = torch.randperm(self.n_train, generator=g)[: self.meta_batch]
         c = self.context.sample(ids, self.context_size, g)
         b = self.replay.sample(ids, self.batch_size, g)
-        mu, var = self.posterior(transition_features(c["obs"], c["actions"], c["rewards"], c["next_obs"]))
+        mu, var = self.posterior(transition_features(c["obs"], c["actions"], c["rewards"],
+                                                     c["next_obs"]))
         kl = kl_to_prior(mu, var).sum()
         z = self.encoder.sample(mu, var, g)
         zb = z[:, None].expand(-1, self.batch_size, -1)
         x = torch.cat([b["obs"], zb], dim=-1).flatten(0, 1)
         x2 = torch.cat([b["next_obs"], zb.detach()], dim=-1).flatten(0, 1)
         if self.dense_critic:
-            b["rewards"] = self.dist.dense_reward({k: v[ids] for k, v in self.train_tasks.items()}, b["next_obs"])
+            b["rewards"] = self.dist.dense_reward({k: v[ids] for k, v in self.train_tasks.items()},
+                                                  b["next_obs"])
         r = self.reward_scale * b["rewards"].flatten()
         y = self.sac.q_target(r, x2, torch.ones_like(r), g)
         q_loss = self.sac.critic_loss(x, b["actions"].flatten(0, 1), y)
@@ -179,8 +194,9 @@ class PEARL:
         alpha_loss.backward()
         self.opt_alpha.step()
         self.sac.update_target()
-        return {"q_loss": q_loss.item(), "actor_loss": actor_loss.item(), "kl": kl.item() / self.meta_batch,
-                "alpha": self.sac.alpha.item(), "entropy": -logp.item()}
+        return {"q_loss": q_loss.item(), "actor_loss": actor_loss.item(),
+                "kl": kl.item() / self.meta_batch, "alpha": self.sac.alpha.item(),
+                "entropy": -logp.item()}
 
     # ---- checkpoint (the Trainer calls these as on a module) -----------------------------------
 

@@ -58,7 +58,8 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {v!r}")
 
 
-def advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
+               lam: float) -> tuple[Tensor, Tensor]:
     """GAE advantages (normalised over all real steps) and value targets of trials ``[N, L]``."""
     check_padded(rewards.unsqueeze(0), mask.unsqueeze(0))
     adv = gae(rewards.unsqueeze(0), values.unsqueeze(0), mask.unsqueeze(0), gamma, lam).squeeze(0)
@@ -69,8 +70,8 @@ def advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam:
     return (adv - mean) / (std + 1e-8) * mask, ret
 
 
-def ppo_loss(policy: nn.Module, x: Tensor, actions: Tensor, mask: Tensor, logp_old: Tensor, adv: Tensor,
-             ret: Tensor, cfg: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo_loss(policy: nn.Module, x: Tensor, actions: Tensor, mask: Tensor, logp_old: Tensor,
+             adv: Tensor, ret: Tensor, cfg: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped PPO loss (module docstring) of trials ``x [N, L, in_dim]`` with ``actions``,
     ``mask``, ``logp_old``, ``adv``, ``ret`` ``[N, L]``; returns (loss, detached statistics)."""
     out, value = policy(x)
@@ -107,7 +108,8 @@ class PPO:
                generator: torch.Generator | None = None) -> dict[str, float]:
         cfg, N = self.cfg, x.shape[0]
         if cfg.minibatches > N:
-            raise ValueError(f"PPOConfig.minibatches ({cfg.minibatches}) must be <= the number of trials ({N})")
+            raise ValueError(f"PPOConfig.minibatches ({cfg.minibatches}) must be <= the number of "
+                             f"trials ({N})")
         with torch.no_grad():
             out, values = self.policy(x)
             logp_old = self.policy.log_prob(out, actions)
@@ -118,8 +120,8 @@ class PPO:
                 idx = idx.to(x.device)
                 # trim the minibatch to its longest trial: the rest is padding
                 L = int(mask[idx].sum(1).max())
-                loss, s = ppo_loss(self.policy, x[idx, :L], actions[idx, :L], mask[idx, :L], logp_old[idx, :L],
-                                   adv[idx, :L], ret[idx, :L], cfg)
+                loss, s = ppo_loss(self.policy, x[idx, :L], actions[idx, :L], mask[idx, :L],
+                                   logp_old[idx, :L], adv[idx, :L], ret[idx, :L], cfg)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm > 0:

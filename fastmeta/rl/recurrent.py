@@ -82,7 +82,8 @@ class SequencePolicy(nn.Module):
     Subclasses build the features (``_features``/``_step_features``) of size ``feature_dim``.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, feature_dim: int, init_std: float = 1.0):
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, feature_dim: int,
+                 init_std: float = 1.0):
         super().__init__()
         for what, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("feature_dim", feature_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -96,7 +97,8 @@ class SequencePolicy(nn.Module):
         with torch.no_grad():  # near-uniform / near-zero-mean first policy
             self.pi.weight.mul_(0.01)
             self.pi.bias.zero_()
-        self.log_std = None if discrete else nn.Parameter(torch.full((act_dim,), math.log(init_std)))
+        self.log_std = (None if discrete
+                        else nn.Parameter(torch.full((act_dim,), math.log(init_std))))
 
     def _heads(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         out = self.pi(feats)
@@ -108,11 +110,12 @@ class SequencePolicy(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.shape[-1] != self.in_dim:
-            raise ValueError(f"x must have last dim in_dim = obs_dim + act_dim + 2 = {self.in_dim}, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"x must have last dim in_dim = obs_dim + act_dim + 2 = "
+                             f"{self.in_dim}, got shape {tuple(x.shape)}")
 
     # -- the action distribution --------------------------------------------------------------
-    def sample(self, out: Tensor, generator: torch.Generator | None = None, deterministic: bool = False) -> Tensor:
+    def sample(self, out: Tensor, generator: torch.Generator | None = None,
+               deterministic: bool = False) -> Tensor:
         """Actions ``[N]`` int64 (discrete) or ``[N, act_dim]`` float32 from ``out [N, out_dim]``;
         ``deterministic``: the most likely action (argmax / the mean)."""
         if self.discrete:
@@ -155,7 +158,8 @@ class GRUPolicy(SequencePolicy):
     time (see the module docstring). The state is the hidden vector ``[N, hidden]``.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 128, init_std: float = 1.0):
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 128,
+                 init_std: float = 1.0):
         super().__init__(obs_dim, act_dim, discrete, hidden, init_std)
         self.hidden = hidden
         self.gru = nn.GRU(self.in_dim, hidden, batch_first=True)

@@ -54,7 +54,8 @@ class SNAILPolicy(SequencePolicy):
         p = self.embed.weight
         return [b.init_cache(n, self.seq_len, p.dtype, p.device) for b in self._steppers()]
 
-    def step(self, x: Tensor, state: list[Tensor], pos: Tensor, alive: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def step(self, x: Tensor, state: list[Tensor], pos: Tensor,
+             alive: Tensor) -> tuple[Tensor, list[Tensor]]:
         """One step of every trial (see :class:`~fastmeta.rl.recurrent.SequencePolicy`); the caches
         in ``state`` are extended in place for the ``alive`` trials."""
         self.check_inputs(x)

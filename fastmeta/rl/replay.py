@@ -32,7 +32,8 @@ class TaskReplay:
     """
 
     def __init__(self, n_tasks: int, capacity: int, obs_dim: int, act_dim: int):
-        for what, v in (("n_tasks", n_tasks), ("capacity", capacity), ("obs_dim", obs_dim), ("act_dim", act_dim)):
+        for what, v in (("n_tasks", n_tasks), ("capacity", capacity), ("obs_dim", obs_dim),
+                        ("act_dim", act_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TaskReplay: {what} must be a positive int, got {v!r}")
         self.n_tasks, self.capacity = n_tasks, capacity
@@ -54,8 +55,9 @@ class TaskReplay:
 
     def add(self, task_ids: Tensor, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor,
             mask: Tensor | None = None) -> None:
-        """Append transitions ``[T, M, ...]`` to tasks ``task_ids [T]`` (distinct ids); ``mask [T, M]``
-        (1/True keeps a transition, e.g. a Rollout's mask) lets each task add a different number.
+        """Append transitions ``[T, M, ...]`` to tasks ``task_ids [T]`` (distinct ids);
+        ``mask [T, M]`` (1/True keeps a transition, e.g. a Rollout's mask) lets each task add a
+        different number.
 
         Raises ValueError on wrong shapes, repeated task ids, NaN/inf values, or more than
         ``capacity`` transitions for one task in one call.
@@ -69,18 +71,20 @@ class TaskReplay:
         for k, v in values.items():
             want = (T, M, *self.data[k].shape[2:])
             if not isinstance(v, Tensor) or M is None or tuple(v.shape) != want:
-                raise ValueError(f"TaskReplay.add: {k} must have shape [T, M{', ...' * (len(want) > 2)}] = "
-                                 f"{list(want) if M is not None else '[T, M]'} for T={T} task ids, got "
-                                 f"{list(getattr(v, 'shape', [])) or type(v).__name__}")
+                raise ValueError(f"TaskReplay.add: {k} must have shape [T, "
+                                 f"M{', ...' * (len(want) > 2)}] = "
+                                 f"{list(want) if M is not None else '[T, M]'} for T={T} task ids, "
+                                 f"got {list(getattr(v, 'shape', [])) or type(v).__name__}")
             if not torch.isfinite(v).all():
                 raise ValueError(f"TaskReplay.add: {k} has NaN or inf values")
         keep = torch.ones(T, M, dtype=torch.bool) if mask is None else mask.bool()
         if tuple(keep.shape) != (T, M):
-            raise ValueError(f"TaskReplay.add: mask must have shape [T, M] = {[T, M]}, got {list(keep.shape)}")
+            raise ValueError(f"TaskReplay.add: mask must have shape [T, M] = {[T, M]}, got "
+                             f"{list(keep.shape)}")
         n = keep.sum(1)
         if bool((n > self.capacity).any()):
-            raise ValueError(f"TaskReplay.add: at most capacity={self.capacity} transitions per task per call, "
-                             f"got {int(n.max())}")
+            raise ValueError(f"TaskReplay.add: at most capacity={self.capacity} transitions per "
+                             f"task per call, got {int(n.max())}")
         # slot of the j-th kept transition of task t: (ptr_t + j) mod capacity
         order = keep.long().cumsum(1) - 1
         slot = (self.ptr[ids, None] + order) % self.capacity
@@ -92,19 +96,23 @@ class TaskReplay:
         self.size[ids] = (self.size[ids] + n).clamp(max=self.capacity)
 
     def add_rollout(self, task_ids: Tensor, rollout) -> None:
-        """:meth:`add` every step of a :class:`fastmeta.rl.Rollout` (with ``next_obs``) of tasks ``task_ids``."""
+        """:meth:`add` every step of a :class:`fastmeta.rl.Rollout` (with ``next_obs``) of tasks
+        ``task_ids``."""
         if rollout.next_obs is None:
-            raise ValueError("TaskReplay.add_rollout: the rollout has no next_obs (use fastmeta.rl.sample)")
+            raise ValueError("TaskReplay.add_rollout: the rollout has no next_obs (use "
+                             "fastmeta.rl.sample)")
         f = rollout.flat()
         self.add(task_ids, f.obs, f.actions, f.rewards, f.next_obs, f.mask)
 
     def clear(self, task_ids: Tensor) -> None:
-        """Forget every transition of tasks ``task_ids`` (PEARL's encoder buffer keeps only recent data)."""
+        """Forget every transition of tasks ``task_ids`` (PEARL's encoder buffer keeps only recent
+        data)."""
         ids = self._task_ids(task_ids)
         self.ptr[ids] = 0
         self.size[ids] = 0
 
-    def sample(self, task_ids: Tensor, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def sample(self, task_ids: Tensor, n: int,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``n`` transitions drawn uniformly with replacement from each task of ``task_ids [B]``:
         a dict of ``[B, n, ...]`` tensors (keys :data:`FIELDS`). ValueError if a task is empty."""
         ids = self._task_ids(task_ids)
@@ -113,9 +121,11 @@ class TaskReplay:
         size = self.size[ids]
         if bool((size == 0).any()):
             empty = ids[size == 0].tolist()
-            raise ValueError(f"TaskReplay.sample: tasks {empty} have no transitions (collect data first)")
+            raise ValueError(f"TaskReplay.sample: tasks {empty} have no transitions (collect data "
+                             "first)")
         u = torch.rand(ids.shape[0], n, generator=generator)
-        cols = torch.minimum((u * size[:, None]).long(), size[:, None] - 1)  # u*size may round up to size
+        # u * size may round up to size
+        cols = torch.minimum((u * size[:, None]).long(), size[:, None] - 1)
         # slots [0, size) hold data whether or not the ring has wrapped
         return {k: v[ids[:, None], cols] for k, v in self.data.items()}
 
@@ -127,7 +137,8 @@ class TaskReplay:
         mine = self.state_dict()
         for k, cur in mine.items():
             if k not in state or tuple(state[k].shape) != tuple(cur.shape):
-                raise ValueError(f"TaskReplay.load_state_dict: {k} must have shape {list(cur.shape)}, got "
+                raise ValueError(f"TaskReplay.load_state_dict: {k} must have shape "
+                                 f"{list(cur.shape)}, got "
                                  f"{list(state[k].shape) if k in state else 'nothing'}")
         for k, cur in mine.items():
             cur.copy_(state[k])

@@ -52,7 +52,8 @@ class RL2(nn.Module):
     def __init__(self, policy: SequencePolicy, config: PPOConfig | None = None):
         super().__init__()
         if not isinstance(policy, SequencePolicy):
-            raise TypeError(f"policy must be a fastmeta.rl.recurrent.SequencePolicy, got {type(policy).__name__}")
+            raise TypeError(f"policy must be a fastmeta.rl.recurrent.SequencePolicy, got "
+                            f"{type(policy).__name__}")
         self.policy = policy
         self.ppo = PPO(policy, config)
 
@@ -66,13 +67,17 @@ class RL2(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.ppo.optimizer.load_state_dict(state["optimizer"])
 
-    def rollout(self, dist: TaskDistribution, tasks: dict[str, Tensor], trials: int, episodes: int, seed: int,
-                generator: torch.Generator | None = None, deterministic: bool = False) -> TrialRollout:
-        """``trials`` trials of ``episodes`` episodes per task (see :func:`~fastmeta.rl.trials.sample_trials`)."""
-        return sample_trials(dist, self.policy, tasks, trials, episodes, seed, generator, deterministic)
+    def rollout(self, dist: TaskDistribution, tasks: dict[str, Tensor], trials: int, episodes: int,
+                seed: int, generator: torch.Generator | None = None,
+                deterministic: bool = False) -> TrialRollout:
+        """``trials`` trials of ``episodes`` episodes per task (see
+        :func:`~fastmeta.rl.trials.sample_trials`)."""
+        return sample_trials(dist, self.policy, tasks, trials, episodes, seed, generator,
+                             deterministic)
 
     def inputs(self, ro: TrialRollout) -> dict[str, Tensor]:
-        """The policy inputs ``x [T*E, L, in_dim]`` and the PPO targets of a rollout, one row per trial."""
+        """The policy inputs ``x [T*E, L, in_dim]`` and the PPO targets of a rollout, one row per
+        trial."""
         f = ro.flat_trials()
         p = self.policy
         x = trial_inputs(f["obs"], f["actions"], f["rewards"], f["done"], p.act_dim, p.discrete)
@@ -91,4 +96,5 @@ class RL2(nn.Module):
 def trial_summary(ro: TrialRollout) -> dict[str, float]:
     """Mean trial return (``return``) and mean return of episode k of a trial (``episode_k``)."""
     per_ep = ro.episode_returns().mean((0, 1))
-    return {"return": float(ro.returns().mean()), **{f"episode_{k + 1}": float(r) for k, r in enumerate(per_ep)}}
+    return {"return": float(ro.returns().mean()),
+            **{f"episode_{k + 1}": float(r) for k, r in enumerate(per_ep)}}

@@ -71,7 +71,8 @@ class TanhGaussianActor(nn.Module):
         if deterministic:
             u = mean
         else:
-            u = mean + log_std.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            u = mean + log_std.exp() * torch.randn(mean.shape, generator=generator,
+                                                   dtype=mean.dtype)
         return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std), mean, log_std
 
 
@@ -98,16 +99,17 @@ class SAC(nn.Module):
         penalty in the actor loss (default 0: plain SAC).
     """
 
-    def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...] = (128, 128), gamma: float = 0.99,
-                 tau: float = 0.005, init_alpha: float = 1.0, target_entropy: float | None = None,
-                 policy_reg: float = 0.0):
+    def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...] = (128, 128),
+                 gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
+                 target_entropy: float | None = None, policy_reg: float = 0.0):
         super().__init__()
         for what, v in (("in_dim", in_dim), ("act_dim", act_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SAC: {what} must be a positive int, got {v!r}")
         if not (0 <= gamma <= 1 and 0 < tau <= 1 and init_alpha > 0 and policy_reg >= 0):
-            raise ValueError(f"SAC: need 0 <= gamma <= 1, 0 < tau <= 1, init_alpha > 0, policy_reg >= 0; got "
-                             f"gamma={gamma}, tau={tau}, init_alpha={init_alpha}, policy_reg={policy_reg}")
+            raise ValueError(f"SAC: need 0 <= gamma <= 1, 0 < tau <= 1, init_alpha > 0, policy_reg "
+                             f">= 0; got gamma={gamma}, tau={tau}, init_alpha={init_alpha}, "
+                             f"policy_reg={policy_reg}")
         self.gamma, self.tau, self.policy_reg = float(gamma), float(tau), float(policy_reg)
         self.target_entropy = float(-act_dim if target_entropy is None else target_entropy)
         self.actor = TanhGaussianActor(in_dim, act_dim, hidden)
@@ -133,9 +135,11 @@ class SAC(nn.Module):
         q1, q2 = self.critic(x, a)
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
 
-    def actor_alpha_loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def actor_alpha_loss(self, x: Tensor, generator: torch.Generator | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
         """``(L_pi, L_alpha, mean log pi)``. ``x`` should carry no gradient to an encoder; the
-        critic's parameters receive gradient from ``L_pi``: zero them before the next critic step."""
+        critic's parameters receive gradient from ``L_pi``: zero them before the next critic
+        step."""
         a, logp, mean, log_std = self.actor.sample(x, generator)
         q1, q2 = self.critic(x, a)
         actor_loss = (self.alpha * logp - torch.minimum(q1, q2)).mean()
@@ -151,7 +155,8 @@ class SAC(nn.Module):
             t.lerp_(s, self.tau)
 
     @torch.no_grad()
-    def act(self, x: Tensor, generator: torch.Generator | None = None, deterministic: bool = False) -> Tensor:
+    def act(self, x: Tensor, generator: torch.Generator | None = None,
+            deterministic: bool = False) -> Tensor:
         """Actions ``[..., act_dim]`` in (-1, 1) for states ``x [..., in_dim]`` (no graph)."""
         lead = x.shape[:-1]
         a, _ = self.actor(x.reshape(-1, x.shape[-1]), generator, deterministic)

@@ -66,8 +66,8 @@ class TrialRollout(Rollout):
                 for k in ("obs", "actions", "rewards", "mask", "done")}
 
 
-def sample_trials(dist: TaskDistribution, policy: SequencePolicy, tasks: dict[str, Tensor], trials: int,
-                  episodes: int, seed: int, generator: torch.Generator | None = None,
+def sample_trials(dist: TaskDistribution, policy: SequencePolicy, tasks: dict[str, Tensor],
+                  trials: int, episodes: int, seed: int, generator: torch.Generator | None = None,
                   deterministic: bool = False, keep_states: bool = False) -> TrialRollout:
     """Play ``trials`` trials of ``episodes`` episodes of every task in ``tasks``.
 
@@ -92,11 +92,13 @@ def sample_trials(dist: TaskDistribution, policy: SequencePolicy, tasks: dict[st
     if not isinstance(dist, TaskDistribution):
         raise TypeError(f"dist must be a TaskDistribution, got {type(dist).__name__}")
     if not isinstance(policy, SequencePolicy):
-        raise TypeError(f"policy must be a fastmeta.rl.recurrent.SequencePolicy, got {type(policy).__name__}")
-    if (policy.obs_dim, policy.act_dim, policy.discrete) != (dist.obs_dim, dist.act_dim, dist.discrete):
+        raise TypeError(f"policy must be a fastmeta.rl.recurrent.SequencePolicy, got "
+                        f"{type(policy).__name__}")
+    if ((policy.obs_dim, policy.act_dim, policy.discrete)
+            != (dist.obs_dim, dist.act_dim, dist.discrete)):
         raise ValueError(f"policy (obs_dim {policy.obs_dim}, act_dim {policy.act_dim}, discrete "
-                         f"{policy.discrete}) does not fit {dist.name} (obs_dim {dist.obs_dim}, act_dim "
-                         f"{dist.act_dim}, discrete {dist.discrete})")
+                         f"{policy.discrete}) does not fit {dist.name} (obs_dim {dist.obs_dim}, "
+                         f"act_dim {dist.act_dim}, discrete {dist.discrete})")
     E, n = positive_int(trials, "trials"), positive_int(episodes, "episodes")
     reset_seeds = torch.randint(0, 2**62, (n,), generator=seeded_generator(seed)).tolist()
     T = dist.check_tasks(tasks)
@@ -104,9 +106,12 @@ def sample_trials(dist: TaskDistribution, policy: SequencePolicy, tasks: dict[st
     L = n * H
     act_tail = () if dist.discrete else (A,)
     p = next(policy.parameters())
-    buf = {"obs": torch.zeros(N, L, dist.obs_dim), "rewards": torch.zeros(N, L), "mask": torch.zeros(N, L),
-           "actions": torch.zeros(N, L, *act_tail, dtype=torch.long if dist.discrete else torch.float32),
-           "done": torch.zeros(N, L, dtype=torch.bool), "episode": torch.full((N, L), n, dtype=torch.long)}
+    buf = {"obs": torch.zeros(N, L, dist.obs_dim), "rewards": torch.zeros(N, L),
+           "mask": torch.zeros(N, L),
+           "actions": torch.zeros(N, L, *act_tail,
+                                  dtype=torch.long if dist.discrete else torch.float32),
+           "done": torch.zeros(N, L, dtype=torch.bool),
+           "episode": torch.full((N, L), n, dtype=torch.long)}
     rows = torch.arange(N)
     pos = torch.zeros(N, dtype=torch.long)
     prev_a, prev_r, prev_d = no_action((N,), A, dist.discrete), torch.zeros(N), torch.zeros(N)
@@ -114,7 +119,8 @@ def sample_trials(dist: TaskDistribution, policy: SequencePolicy, tasks: dict[st
     policy.eval()
     with torch.no_grad():
         state = policy.initial_state(N)
-        states = torch.zeros(N, L, state.shape[-1]) if keep_states and torch.is_tensor(state) else None
+        states = (torch.zeros(N, L, state.shape[-1]) if keep_states and torch.is_tensor(state)
+                  else None)
         for k in range(n):
             obs = dist.reset(tasks, E, reset_seeds[k])
             alive = torch.ones(N, dtype=torch.bool)
@@ -145,4 +151,5 @@ def sample_trials(dist: TaskDistribution, policy: SequencePolicy, tasks: dict[st
                 obs = next_obs
     policy.train(was_training)
     shaped = {k: v.view(T, E, *v.shape[1:]) for k, v in buf.items()}
-    return TrialRollout(**shaped, episodes=n, states=None if states is None else states.view(T, E, L, -1))
+    return TrialRollout(**shaped, episodes=n,
+                        states=None if states is None else states.view(T, E, L, -1))

@@ -32,7 +32,8 @@ def test_point_sparse_goals_and_reward_formula():
         total += r
     assert r[0, 0] > 0.8 and r[1, 0] == 0  # at x = 0.9: within the radius
     assert total[1, 0] == 0 and not done.any()
-    dense = dist.dense_reward(tasks, torch.tensor([[[0.9, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.5]]]))
+    dense = dist.dense_reward(tasks, torch.tensor([[[0.9, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0,
+                                                                                           0.5]]]))
     torch.testing.assert_close(dense, torch.tensor([[-0.1, -1.0], [-1.0, -0.5]]))
     with pytest.raises(ValueError, match="goal_radius"):
         rl.make("point-sparse", goal_radius=1.5)
@@ -40,13 +41,15 @@ def test_point_sparse_goals_and_reward_formula():
 
 def test_dense_critic_learns_from_the_dense_reward():
     dist = rl.make("point-sparse")
-    kw = dict(hidden=(16,), meta_batch=2, batch_size=8, context_size=6, capacity=100, context_capacity=40)
+    kw = dict(hidden=(16,), meta_batch=2, batch_size=8, context_size=6, capacity=100,
+              context_capacity=40)
     losses = []
     for dense in (False, True):  # same networks, same data: only the critic's reward differs
         torch.manual_seed(0)
         agent = PEARL(dist, dist.sample_tasks(3, seed=0), dense_critic=dense, **kw)
         agent.collect(torch.arange(3), 2, 0, False, True, torch.Generator().manual_seed(0))
-        assert agent.replay.data["rewards"].abs().sum() == 0  # the buffer keeps the sparse reward (never reached)
+        # the buffer keeps the sparse reward (never reached)
+        assert agent.replay.data["rewards"].abs().sum() == 0
         losses.append(agent.update()["q_loss"])
     assert losses[0] != losses[1]
     with pytest.raises(ValueError, match="dense_reward"):
@@ -71,13 +74,16 @@ def test_collect_update_and_adapt():
     # returned in the policy's space, sent to the env times max_action (0.1: never clipped there)
     assert ro.actions.abs().max() <= 1
     torch.testing.assert_close(ro.next_obs - ro.obs, 0.1 * ro.actions, rtol=0, atol=1e-6)
-    ro = agent.collect(torch.tensor([1, 3]), 1, seed=1, posterior=True, to_context=False, generator=g)
-    assert agent.replay.size.tolist() == [20, 30, 20, 30] and agent.context.size.tolist() == [20] * 4
+    ro = agent.collect(torch.tensor([1, 3]), 1, seed=1, posterior=True, to_context=False,
+                       generator=g)
+    assert agent.replay.size.tolist() == [20, 30, 20,
+                                          30] and agent.context.size.tolist() == [20] * 4
     before = [p.clone() for p in agent.encoder.parameters()]
     m = agent.update()
     assert set(m) == {"q_loss", "actor_loss", "kl", "alpha", "entropy"}
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
-    assert any(not torch.equal(b, p) for b, p in zip(before, agent.encoder.parameters()))  # learns through L_Q + KL
+    # the encoder learns through L_Q + KL
+    assert any(not torch.equal(b, p) for b, p in zip(before, agent.encoder.parameters()))
     returns = agent.adapt(dist.sample_tasks(3, seed=5), episodes=3, seed=0, generator=g)
     assert returns.shape == (3, 3) and torch.isfinite(returns).all()
 
@@ -88,7 +94,8 @@ def test_state_dict_round_trip_continues_identically():
     a.collect(torch.arange(4), 2, 0, False, True, g)
     a.update()
     _, b = small_agent()
-    b.load_state_dict(copy.deepcopy(a.state_dict()))  # optimizers load state tensors without copying
+    # optimizers load state tensors without copying
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
     ma, mb = a.update(), b.update()
     assert ma == mb
     for x, y in zip(a.sac.parameters(), b.sac.parameters()):
@@ -107,15 +114,17 @@ def test_bad_construction():
         PEARL(dist, {"goal": torch.full((3, 2), float("nan"))})
 
 
-TINY = ["rl", "pearl", "--env", "nav2d", "--train-tasks", "4", "--tasks-per-iter", "2", "--init-episodes", "1",
-        "--prior-episodes", "1", "--post-episodes", "1", "--updates", "3", "--meta-batch", "2", "--batch-size", "8",
-        "--context-size", "8", "--hidden", "16", "--eval-every", "2", "--val-tasks", "2", "--eval-tasks", "3",
-        "--ckpt-every", "2", "--no-progress"]
+TINY = ["rl", "pearl", "--env", "nav2d", "--train-tasks", "4", "--tasks-per-iter", "2",
+        "--init-episodes", "1", "--prior-episodes", "1", "--post-episodes", "1", "--updates", "3",
+        "--meta-batch", "2", "--batch-size", "8", "--context-size", "8", "--hidden", "16",
+        "--eval-every", "2", "--val-tasks", "2", "--eval-tasks", "3", "--ckpt-every", "2",
+        "--no-progress"]
 
 
 def rows(run_dir):
     with open(run_dir / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("episodes_per_s", "elapsed_s")} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if k not in ("episodes_per_s",
+                                                         "elapsed_s")} for r in csv.DictReader(f)]
 
 
 def test_cli_resume_is_exact_including_replay_buffers(tmp_path):
@@ -146,8 +155,10 @@ def test_cli_resume_is_exact_including_replay_buffers(tmp_path):
         main(other + ["--iterations", "5", "--run-dir", str(resumed), "--resume"])
 
 
-@pytest.mark.parametrize("bad", [["--meta-batch", "9"], ["--updates", "0"], ["--env", "bandit-k5-n10"],
-                                 ["--eval-episodes", "1"], ["--post-episodes", "0"], ["--dense-critic"]])
+@pytest.mark.parametrize("bad", [["--meta-batch", "9"], ["--updates", "0"], ["--env",
+                                                                             "bandit-k5-n10"],
+                                 ["--eval-episodes", "1"], ["--post-episodes", "0"],
+                                 ["--dense-critic"]])
 def test_cli_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit):
         main(TINY + ["--iterations", "1", "--run-dir", str(tmp_path)] + bad)

@@ -20,7 +20,8 @@ def context(B=4, C=9, seed=0):
 
 
 def test_transition_features_layout():
-    o, a, r, o2 = torch.ones(3, 5, OBS), 2 * torch.ones(3, 5, ACT), 3 * torch.ones(3, 5), 4 * torch.ones(3, 5, OBS)
+    o, a = torch.ones(3, 5, OBS), 2 * torch.ones(3, 5, ACT)
+    r, o2 = 3 * torch.ones(3, 5), 4 * torch.ones(3, 5, OBS)
     f = transition_features(o, a, r, o2)
     assert f.shape == (3, 5, F)
     assert f[0, 0].tolist() == [1, 1, 2, 2, 3, 4, 4]

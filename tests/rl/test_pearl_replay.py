@@ -11,7 +11,8 @@ def transitions(T, M, start=0.0):
     """Transitions whose reward numbers them: task t, step m has reward start + 100 t + m."""
     r = start + 100 * torch.arange(T)[:, None] + torch.arange(M)[None]
     r = r.float()
-    return r[..., None].expand(T, M, 2), -r[..., None].expand(T, M, 3), r, r[..., None].expand(T, M, 2) + 0.5
+    return (r[..., None].expand(T, M, 2), -r[..., None].expand(T, M, 3), r,
+            r[..., None].expand(T, M, 2) + 0.5)
 
 
 def test_add_with_mask_and_sample_only_valid_slots():
@@ -21,7 +22,10 @@ def test_add_with_mask_and_sample_only_valid_slots():
     buf.add(torch.tensor([3, 1]), o, a, r, o2, mask)
     assert buf.size.tolist() == [0, 6, 0, 3] and buf.ptr.tolist() == [0, 6, 0, 3]
     s = buf.sample(torch.tensor([3, 1, 3]), 500, torch.Generator().manual_seed(0))
-    assert s["rewards"].shape == (3, 500) and s["obs"].shape == (3, 500, 2) and s["actions"].shape == (3, 500, 3)
+    assert s["rewards"].shape == (3, 500) and s["obs"].shape == (3, 500,
+                                                                 2) and s["actions"].shape == (3,
+                                                                                               500,
+                                                                                               3)
     assert set(s["rewards"][0].tolist()) == {0.0, 1.0, 2.0}  # task 3 got task-row 0's first 3 steps
     assert set(s["rewards"][1].tolist()) == {100.0 + m for m in range(6)}
     # fields of one draw belong to one transition

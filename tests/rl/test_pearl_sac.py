@@ -1,4 +1,5 @@
-"""SAC (fastmeta.rl.sac): log-probabilities, targets and losses against float64 hand computations."""
+"""SAC (fastmeta.rl.sac): log-probabilities, targets and losses against float64 hand
+computations."""
 
 import math
 
@@ -25,7 +26,8 @@ def hand_policy(sac: SAC, x, eps):
     A = out.shape[-1] // 2
     mean, log_std = out[:, :A], out[:, A:].clamp(-20, 2)
     u = mean + log_std.exp() * eps
-    gauss = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    gauss = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std
+             - 0.5 * math.log(2 * math.pi)).sum(-1)
     return torch.tanh(u), gauss - torch.log(1 - torch.tanh(u) ** 2).sum(-1)
 
 
@@ -42,9 +44,12 @@ def test_tanh_gaussian_log_prob_matches_naive_float64():
     mean = torch.randn(50, 3, generator=g, dtype=torch.float64)
     log_std = 0.3 * torch.randn(50, 3, generator=g, dtype=torch.float64)
     u = mean + log_std.exp() * torch.randn(50, 3, generator=g, dtype=torch.float64)
-    naive = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
-    torch.testing.assert_close(tanh_gaussian_log_prob(u, mean, log_std), naive, rtol=1e-12, atol=1e-12)
-    # stable where the naive form overflows: |u| = 30 gives log(1 - tanh^2) = log(4) - 2|u| + O(e^-2|u|)
+    naive = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+             - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+    torch.testing.assert_close(tanh_gaussian_log_prob(u, mean, log_std), naive, rtol=1e-12,
+                               atol=1e-12)
+    # stable where the naive form overflows: |u| = 30 gives log(1 - tanh^2) = log(4) - 2|u| +
+    # O(e^-2|u|)
     big = torch.tensor([[30.0, -30.0]], dtype=torch.float64)
     lp = tanh_gaussian_log_prob(big, torch.zeros_like(big), torch.zeros_like(big))
     want = (-0.5 * big ** 2 - 0.5 * math.log(2 * math.pi) - (math.log(4) - 2 * big.abs())).sum(-1)
@@ -54,14 +59,16 @@ def test_tanh_gaussian_log_prob_matches_naive_float64():
 def test_q_target_critic_and_actor_losses_match_hand_computation():
     sac = make()
     g = torch.Generator().manual_seed(1)
-    x, x2 = torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randn(32, 5, generator=g, dtype=torch.float64)
+    x, x2 = torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randn(32, 5, generator=g,
+                                                                              dtype=torch.float64)
     a = torch.rand(32, 2, generator=g, dtype=torch.float64) * 2 - 1
     r = torch.randn(32, generator=g, dtype=torch.float64)
     not_done = (torch.rand(32, generator=g) > 0.3).double()
     y = sac.q_target(r, x2, not_done, torch.Generator().manual_seed(7))
     eps = torch.randn(32, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     a2, logp2 = hand_policy(sac, x2, eps)
-    qt = [hand_mlp(q, torch.cat([x2, a2], -1))[:, 0] for q in (sac.critic_target.q1, sac.critic_target.q2)]
+    qt = [hand_mlp(q, torch.cat([x2, a2], -1))[:, 0] for q in (sac.critic_target.q1,
+                                                               sac.critic_target.q2)]
     alpha = sac.alpha.item()  # exp(log 0.3) as stored
     y_hand = r + 0.9 * not_done * (torch.minimum(*qt) - alpha * logp2)
     torch.testing.assert_close(y, y_hand, rtol=1e-12, atol=1e-12)
@@ -75,7 +82,8 @@ def test_q_target_critic_and_actor_losses_match_hand_computation():
     eps = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     a1, logp1 = hand_policy(sac, x, eps)
     q = [hand_mlp(m, torch.cat([x, a1], -1))[:, 0] for m in (sac.critic.q1, sac.critic.q2)]
-    torch.testing.assert_close(actor_loss, (alpha * logp1 - torch.minimum(*q)).mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(actor_loss, (alpha * logp1 - torch.minimum(*q)).mean(), rtol=1e-12,
+                               atol=1e-12)
     want_alpha = -(sac.log_alpha.item() * (logp1 + sac.target_entropy)).mean()
     torch.testing.assert_close(alpha_loss, want_alpha, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(logp, logp1.mean(), rtol=1e-12, atol=1e-12)
@@ -98,8 +106,10 @@ def test_alpha_gradient_direction_and_target_update():
     x = torch.randn(64, 5, dtype=torch.float64)
     _, alpha_loss, logp = sac.actor_alpha_loss(x)
     alpha_loss.backward()
-    # d L / d log_alpha = -(log pi + target): entropy above target (-logp > -2) -> gradient > 0 -> alpha falls
-    torch.testing.assert_close(sac.log_alpha.grad, -(logp + sac.target_entropy), rtol=1e-12, atol=1e-12)
+    # d L / d log_alpha = -(log pi + target): entropy above target (-logp > -2) -> gradient > 0 ->
+    # alpha falls
+    torch.testing.assert_close(sac.log_alpha.grad, -(logp + sac.target_entropy), rtol=1e-12,
+                               atol=1e-12)
     before = [p.clone() for p in sac.critic_target.parameters()]
     sac.update_target()
     for b, t, s in zip(before, sac.critic_target.parameters(), sac.critic.parameters()):
@@ -117,7 +127,8 @@ def test_act_shapes_range_and_determinism():
 
 
 @pytest.mark.parametrize("kw", [dict(in_dim=0, act_dim=2), dict(in_dim=3, act_dim=2, tau=0.0),
-                                dict(in_dim=3, act_dim=2, gamma=1.5), dict(in_dim=3, act_dim=2, init_alpha=-1.0),
+                                dict(in_dim=3, act_dim=2, gamma=1.5), dict(in_dim=3, act_dim=2,
+                                                                           init_alpha=-1.0),
                                 dict(in_dim=3, act_dim=2, policy_reg=-1.0)])
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):

@@ -25,12 +25,14 @@ def gru_for(dist, hidden=16, **kw):
 
 
 def snail_for(dist, episodes, channels=8):
-    return SNAILPolicy(dist.obs_dim, dist.act_dim, dist.discrete, seq_len=episodes * dist.horizon, channels=channels)
+    return SNAILPolicy(dist.obs_dim, dist.act_dim, dist.discrete, seq_len=episodes * dist.horizon,
+                       channels=channels)
 
 
 def rollout(dist, policy, T=3, E=2, n=3, seed=0, **kw):
     tasks = dist.sample_tasks(T, seed=seed)
-    return sample_trials(dist, policy, tasks, E, n, seed=seed + 1, generator=torch.Generator().manual_seed(seed), **kw)
+    return sample_trials(dist, policy, tasks, E, n, seed=seed + 1,
+                         generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def test_hidden_state_carried_across_episodes_and_reset_between_trials():
@@ -48,7 +50,8 @@ def test_hidden_state_carried_across_episodes_and_reset_between_trials():
     x = trial_inputs(f["obs"], f["actions"], f["rewards"], f["done"], dist.act_dim, True)
     with torch.no_grad():
         h_seq, _ = policy.gru(x)
-    torch.testing.assert_close(ro.states.reshape(6, L, 16)[:, 1:], h_seq[:, :-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ro.states.reshape(6, L, 16)[:, 1:], h_seq[:, :-1], rtol=1e-5,
+                               atol=1e-6)
     for l in (5, 10):
         assert (ro.states[:, :, l].abs().sum(-1) > 0.1).all()
         assert (ro.done.reshape(6, L)[:, l - 1]).all()  # the previous step ended an episode
@@ -84,11 +87,14 @@ def test_packed_layout_done_flags_and_episode_returns():
 def test_step_by_step_rollout_equals_the_whole_trial_pass(kind):
     """What PPO recomputes from the stored trial (one forward over the packed sequence) is what
     the rollout acted on: deterministic actions are the argmax / mean of forward's output."""
-    for dist, n in ((TabularMDP(states=4, actions=3, horizon=4), 3), (Navigation2D(horizon=6, goal_box=0.05), 2)):
+    for dist, n in ((TabularMDP(states=4, actions=3, horizon=4), 3), (Navigation2D(horizon=6,
+                                                                                   goal_box=0.05),
+                                                                      2)):
         policy = gru_for(dist) if kind == "gru" else snail_for(dist, n)
         ro = rollout(dist, policy, T=3, E=1, n=n, deterministic=True)
         f = ro.flat_trials()
-        x = trial_inputs(f["obs"], f["actions"], f["rewards"], f["done"], dist.act_dim, dist.discrete)
+        x = trial_inputs(f["obs"], f["actions"], f["rewards"], f["done"], dist.act_dim,
+                         dist.discrete)
         with torch.no_grad():
             out, value = policy(x)
         real = f["mask"].bool()
@@ -132,7 +138,8 @@ def test_batched_rollout_equals_one_task_at_a_time():
     both = sample_trials(dist, policy, tasks, 2, 2, seed=7, deterministic=True)
     assert (both.mask.sum(-1) < 200).any()  # some episodes ended early
     for t in range(4):
-        one = sample_trials(dist, policy, {"goal": tasks["goal"][t:t + 1]}, 2, 2, seed=7, deterministic=True)
+        one = sample_trials(dist, policy, {"goal": tasks["goal"][t:t + 1]}, 2, 2, seed=7,
+                            deterministic=True)
         for key in ("obs", "actions", "rewards", "mask", "done", "episode"):
             a, b = getattr(both, key)[t:t + 1], getattr(one, key)
             if a.is_floating_point():
@@ -173,7 +180,8 @@ def _per_trial_ppo_loss(policy, x, actions, mask, logp_old, adv, ret, cfg):
             logp = torch.log_softmax(logits, -1)[actions[i, l]]
             ratio = torch.exp(logp - logp_old[i, l])
             a = adv[i, l]
-            total_pi = total_pi - torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * a)
+            total_pi = total_pi - torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip,
+                                                                       1 + cfg.clip) * a)
             total_v = total_v + (value[0, l] - ret[i, l]) ** 2
             p = torch.softmax(logits, -1)
             total_h = total_h - (p * torch.log(p)).sum()
@@ -195,7 +203,8 @@ def test_ppo_loss_and_gradients_match_a_float64_per_trial_loop(kind):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         out, values = policy(x)
-        logp_old = policy.log_prob(out, f["actions"]) + 0.3 * torch.randn(mask.shape, generator=g, dtype=torch.float64)
+        logp_old = policy.log_prob(out, f["actions"]) + 0.3 * torch.randn(mask.shape, generator=g,
+                                                                          dtype=torch.float64)
         adv, ret = advantages(f["rewards"].double() * mask, values, mask, 0.9, 0.5)
     loss, stats = ppo_loss(policy, x, f["actions"], mask, logp_old, adv, ret, cfg)
     grads = torch.autograd.grad(loss, list(policy.parameters()))
@@ -224,7 +233,8 @@ def test_gae_runs_across_episode_boundaries():
     raw = torch.stack(raw)
     torch.testing.assert_close(ret, (raw + values) * mask)
     real = raw[mask.bool()]
-    torch.testing.assert_close(adv[mask.bool()], (real - real.mean()) / (real.std(unbiased=False) + 1e-8))
+    torch.testing.assert_close(adv[mask.bool()],
+                               (real - real.mean()) / (real.std(unbiased=False) + 1e-8))
 
 
 def test_ppo_update_improves_its_objective_and_agent_state_holds_adam():
@@ -233,10 +243,12 @@ def test_ppo_update_improves_its_objective_and_agent_state_holds_adam():
     agent = RL2(gru_for(dist), PPOConfig(lr=3e-3, epochs=2, minibatches=2))
     ro = agent.rollout(dist, dist.sample_tasks(8, seed=0), 1, 1, seed=0)
     m = agent.step(ro, torch.Generator().manual_seed(0))
-    assert {"return", "episode_1", "pi_loss", "v_loss", "entropy", "approx_kl", "clip_frac"} <= set(m)
+    assert {"return", "episode_1", "pi_loss", "v_loss", "entropy", "approx_kl",
+            "clip_frac"} <= set(m)
     assert m["return"] == pytest.approx(float(ro.returns().mean()))
     sd = agent.state_dict()
-    assert "_extra_state" in sd and sd["_extra_state"]["optimizer"]["state"]  # Adam moments are saved
+    # Adam moments are saved
+    assert "_extra_state" in sd and sd["_extra_state"]["optimizer"]["state"]
     clone = RL2(gru_for(dist), PPOConfig(lr=3e-3, epochs=2, minibatches=2))
     clone.load_state_dict(sd)
     s0, s1 = agent.ppo.optimizer.state_dict()["state"], clone.ppo.optimizer.state_dict()["state"]
@@ -276,11 +288,13 @@ def test_bad_input_errors():
         PPOConfig(epochs=0)
     with pytest.raises(ValueError, match=r"PPOConfig.lam must be in \[0, 1\], got 1.5"):
         PPOConfig(lam=1.5)
-    with pytest.raises(ValueError, match="minibatches \\(4\\) must be <= the number of trials \\(2\\)"):
-        PPO(policy).update(torch.zeros(2, 5, 6), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5),
-                           torch.ones(2, 5))
+    with pytest.raises(ValueError, match="minibatches \\(4\\) must be <= the number of trials "
+                       "\\(2\\)"):
+        PPO(policy).update(torch.zeros(2, 5, 6), torch.zeros(2, 5, dtype=torch.long),
+                           torch.zeros(2, 5), torch.ones(2, 5))
     with pytest.raises(ValueError, match="rewards has a non-finite value"):
-        advantages(torch.tensor([[1.0, float("nan")]]), torch.zeros(1, 2), torch.ones(1, 2), 0.9, 0.9)
+        advantages(torch.tensor([[1.0, float("nan")]]), torch.zeros(1, 2), torch.ones(1, 2), 0.9,
+                   0.9)
     with pytest.raises(ValueError, match="hidden must be|feature_dim must be a positive int"):
         GRUPolicy(1, 3, True, hidden=0)
     with pytest.raises(TypeError, match="policy must be a fastmeta.rl.recurrent.SequencePolicy"):

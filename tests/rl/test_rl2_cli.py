@@ -24,11 +24,13 @@ def rows(run_dir):
 
 
 def test_results_json_has_trial_and_episode_returns(tmp_path):
-    assert run(tmp_path, "tabular-mdp", "--iterations", "2", "--episodes", "3", "--eval-every", "1") == 0
+    assert run(tmp_path, "tabular-mdp", "--iterations", "2", "--episodes", "3", "--eval-every",
+               "1") == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["iterations"] == 2 and res["episodes"] == 3 and res["eval_tasks"] == 5
     assert len(res["episode_returns"]) == 3 and len(res["episode_returns_ci95"]) == 3
-    assert sum(res["episode_returns"]) == pytest.approx(res["trial_return"], rel=1e-6)  # float32 sums
+    # float32 sums
+    assert sum(res["episode_returns"]) == pytest.approx(res["trial_return"], rel=1e-6)
     for key in ("trial_return_ci95", "random_trial_return", "random_trial_return_ci95"):
         assert isinstance(res[key], float) and res[key] == res[key], key
     assert res["env_steps"] == 2 * 6 * 3 * 10
@@ -45,18 +47,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert run(b, "bandit-k3-n5", "--iterations", "2", *args) == 0
     assert run(b, "bandit-k3-n5", "--iterations", "3", "--resume", *args) == 0
     assert [x["loss"] for x in rows(a)] == [x["loss"] for x in rows(b)]
-    sa, sb = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
+    sa = load_checkpoint(a / "checkpoint.pt")["model"]
+    sb = load_checkpoint(b / "checkpoint.pt")["model"]
     for k in sa:
         if k != "_extra_state":
             assert torch.equal(sa[k], sb[k]), k
-    adam_a, adam_b = sa["_extra_state"]["optimizer"]["state"], sb["_extra_state"]["optimizer"]["state"]
+    adam_a = sa["_extra_state"]["optimizer"]["state"]
+    adam_b = sb["_extra_state"]["optimizer"]["state"]
     assert adam_a.keys() == adam_b.keys()
     assert all(torch.equal(adam_a[k]["exp_avg_sq"], adam_b[k]["exp_avg_sq"]) for k in adam_a)
 
 
 def test_snail_policy_flag_and_refused_checkpoint(tmp_path):
-    assert run(tmp_path, "nav2d", "--iterations", "1", "--policy", "snail", "--eval-every", "0") == 0
-    assert any(k.startswith("policy.blocks.") for k in load_checkpoint(tmp_path / "checkpoint.pt")["model"])
+    assert run(tmp_path, "nav2d", "--iterations", "1", "--policy", "snail", "--eval-every",
+               "0") == 0
+    model = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    assert any(k.startswith("policy.blocks.") for k in model)
     with pytest.raises(SystemExit, match="--policy 'snail'"):
         run(tmp_path, "nav2d", "--iterations", "2", "--policy", "gru", "--resume")
 

@@ -8,7 +8,8 @@ out which goal is the task's, the case PEARL's posterior sampling is built for.
 * task: ``{"goal": [T, 2] float32}`` (points of the unit circle with y >= 0)
 * observation: the position ``[T, E, 2]`` (zeros after ``reset``)
 * action: ``[T, E, 2]`` float, the displacement, clipped to [-0.1, 0.1] per coordinate
-* reward: ``1 - ||position - goal||`` if that distance is <= ``goal_radius``, else 0 (after the move)
+* reward: ``1 - ||position - goal||`` if that distance is <= ``goal_radius``, else 0 (after the
+  move)
 * horizon: ``horizon`` steps (default 20, as PEARL), every episode runs all of them
 
 All T x E episodes move in one batched tensor operation; the dynamics are deterministic.
@@ -33,7 +34,8 @@ class PointRobotSparse(PointMass2D):
         self.name = "point-sparse"
         self.horizon = positive_int(horizon, "horizon")
         if not (isinstance(goal_radius, (int, float)) and 0 < goal_radius < 1):
-            raise ValueError(f"point-sparse: goal_radius must be a number in (0, 1), got {goal_radius!r}")
+            raise ValueError(f"point-sparse: goal_radius must be a number in (0, 1), got "
+                             f"{goal_radius!r}")
         self.goal_radius = float(goal_radius)
 
     def _sample_tasks(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -49,4 +51,5 @@ class PointRobotSparse(PointMass2D):
     def dense_reward(tasks: dict[str, Tensor], next_obs: Tensor) -> Tensor:
         """``-||next_obs - goal||`` ``[T, N]`` for ``next_obs [T, N, 2]``: the shaped reward PEARL's
         code trains the critic on in this task while the encoder sees only the sparse one."""
-        return -torch.linalg.vector_norm(next_obs - tasks["goal"][:, None].to(next_obs.dtype), dim=-1)
+        return -torch.linalg.vector_norm(next_obs - tasks["goal"][:, None].to(next_obs.dtype),
+                                         dim=-1)
