@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from fastmeta import ops
 from fastmeta.learners._evaluate import FewShotLearner
+from fastmeta.nn.episode import embed_episodes
 
 
 class EpisodeSequence(NamedTuple):
@@ -176,15 +177,15 @@ class SequenceLearner(FewShotLearner):
     """
 
     embed_norm = False
+    episode_bn: bool | None = None  # the embedding's BatchNorm statistics: see fastmeta.ProtoNet
 
     def embed(self, support_x, query_x):
-        b, s = support_x.shape[:2]
-        z = self.embedding(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
-        if z.shape[1] != self.embed_dim:
-            raise ValueError(f"the embedding returned {z.shape[1]} features, expected embed_dim={self.embed_dim}")
+        zs, zq = embed_episodes(self.embedding, support_x, query_x, self.episode_bn)
+        if zs.shape[-1] != self.embed_dim:
+            raise ValueError(f"the embedding returned {zs.shape[-1]} features, expected embed_dim={self.embed_dim}")
         if self.embed_norm:
-            z = F.layer_norm(z, z.shape[1:])
-        return z[: b * s].view(b, s, -1), z[b * s :].view(b, query_x.shape[1], -1)
+            zs, zq = F.layer_norm(zs, zs.shape[-1:]), F.layer_norm(zq, zq.shape[-1:])
+        return zs, zq
 
     def reference_logits(self, support_x, support_y, query_x, n_way: int | None = None) -> torch.Tensor:
         """:meth:`logits` computed on the explicit ``B * Q`` sequences (slow; for tests)."""

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.learners._sequence import SequenceLearner, episode_sequence
+from fastmeta.nn.episode import check_episode_bn
 
 
 class MANNCell(nn.Module):
@@ -156,6 +157,10 @@ class MANN(SequenceLearner):
             :class:`MANNCell` and the module docstring.
         embed_norm: normalise the embedding (parameter-free layer norm) before it enters the
             sequence; see :class:`~fastmeta.learners._sequence.SequenceLearner`.
+        episode_bn: the embedding's BatchNorm statistics in training: ``None`` (default) per
+            episode whenever the embedding allows it (Conv4, ResNet12, ``nn.Sequential``s of
+            standard layers), ``True`` per episode or ``TypeError``, ``False`` over the whole
+            batch; the contract is :class:`fastmeta.ProtoNet`'s.
 
     With ``n_way`` classes and ``K`` shots a sequence makes ``heads * (n_way * K + 1)`` writes,
     each to a freshly zeroed least-used slot: give ``slots`` at least that many, or the first
@@ -174,13 +179,15 @@ class MANN(SequenceLearner):
 
     def __init__(self, embedding: nn.Module, embed_dim: int, n_way: int, hidden: int = 200,
                  slots: int = 128, width: int = 40, heads: int = 4, gamma: float = 0.95,
-                 label_offset: int = 1, write: str = "previous_key", embed_norm: bool = True):
+                 label_offset: int = 1, write: str = "previous_key", embed_norm: bool = True,
+                 episode_bn: bool | None = None):
         super().__init__()
         if n_way < 1 or embed_dim < 1:
             raise ValueError(f"n_way and embed_dim must be >= 1, got {n_way} and {embed_dim}")
         if label_offset not in (0, 1):
             raise ValueError(f"label_offset must be 0 or 1, got {label_offset!r}")
         self.embedding, self.embed_dim, self.n_way = embedding, embed_dim, n_way
+        self.episode_bn = check_episode_bn(embedding, episode_bn)
         self.label_offset, self.embed_norm = label_offset, embed_norm
         self.cell = MANNCell(embed_dim + n_way, hidden, slots, width, heads, gamma, write)
         self.head = nn.Linear(self.cell.out_features, n_way)

@@ -23,7 +23,8 @@ With ``fce=True`` the embeddings are the paper's *full context embeddings* (appe
   ``LSTMCell`` with input ``[f'(x), r_{k-1}]`` and hidden state ``h_{k-1}``.
 
 ``g'`` and ``f'`` are the same backbone (as in the paper). Everything is batched over the
-``B`` episodes of a batch; support and query images go through the backbone in one pass.
+``B`` episodes of a batch; support and query images go through the backbone in one pass, with
+per-episode BatchNorm statistics (``episode_bn``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from fastmeta import ops
 from fastmeta.learners._evaluate import FewShotLearner
+from fastmeta.nn.episode import check_episode_bn, embed_episodes
 
 
 class SupportContext(nn.Module):
@@ -87,6 +89,12 @@ class MatchingNet(FewShotLearner):
             Gidaris & Komodakis 2018, Chen et al. 2019).
         embed_dim: ``D``, the backbone's output width (64 for Conv4 on 28x28 images).
         fce_steps: ``K``, the read steps of the attention LSTM ``f``.
+        episode_bn: BatchNorm statistics of the backbone in training: ``None`` (default) per
+            episode whenever the backbone allows it, ``True`` per episode or ``TypeError``,
+            ``False`` over the whole batch; the contract is :class:`fastmeta.ProtoNet`'s (an
+            episode's loss does not depend on its batch-mates; evaluation uses the running
+            statistics; a user module with BatchNorm inside its own ``forward`` keeps
+            whole-batch statistics).
 
     Example::
 
@@ -97,7 +105,7 @@ class MatchingNet(FewShotLearner):
     """
 
     def __init__(self, backbone: nn.Module, fce: bool = False, scale: float = 10.0,
-                 embed_dim: int | None = None, fce_steps: int = 5):
+                 embed_dim: int | None = None, fce_steps: int = 5, episode_bn: bool | None = None):
         super().__init__()
         if fce and (embed_dim is None or int(embed_dim) < 1):
             raise ValueError(f"fce=True needs embed_dim, the backbone's output width (got {embed_dim!r})")
@@ -106,6 +114,7 @@ class MatchingNet(FewShotLearner):
         if not float(scale) > 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
         self.backbone = backbone
+        self.episode_bn = check_episode_bn(backbone, episode_bn)
         self.fce = bool(fce)
         self.scale = float(scale)
         self.embed_dim = None if embed_dim is None else int(embed_dim)
@@ -114,7 +123,7 @@ class MatchingNet(FewShotLearner):
 
     def embed(self, support_x: torch.Tensor, query_x: torch.Tensor):
         """``(g(support) [B,S,D], f(query) [B,Q,D])``: one backbone pass over support
-        ``[B,S,...]`` and query ``[B,Q,...]`` (so BatchNorm sees the whole episode batch),
+        ``[B,S,...]`` and query ``[B,Q,...]`` (BatchNorm per episode, see ``episode_bn``),
         then the full context embeddings if ``fce``."""
         if (support_x.dim() < 3 or query_x.dim() != support_x.dim()
                 or query_x.shape[0] != support_x.shape[0] or query_x.shape[2:] != support_x.shape[2:]):
@@ -126,8 +135,7 @@ class MatchingNet(FewShotLearner):
         q = query_x.shape[1]
         if s == 0 or q == 0:
             raise ValueError(f"need at least one support and one query example, got S={s}, Q={q}")
-        z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
-        zs, zq = z[: b * s].view(b, s, -1), z[b * s :].view(b, q, -1)
+        zs, zq = embed_episodes(self.backbone, support_x, query_x, self.episode_bn)
         if self.fce:
             if zs.shape[-1] != self.embed_dim:
                 raise ValueError(f"the backbone gives {zs.shape[-1]}-d embeddings but embed_dim="

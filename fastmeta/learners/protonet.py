@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fastmeta import ops
-
 from fastmeta.learners._evaluate import FewShotLearner
+from fastmeta.nn.episode import check_episode_bn, embed_episodes
 
 
 class ProtoNet(FewShotLearner):
@@ -25,6 +25,21 @@ class ProtoNet(FewShotLearner):
         metric: ``"sqeuclidean"`` (the paper) or ``"cosine"``.
         scale: logit temperature; ``learn_scale=True`` makes it a parameter (useful with
             the cosine metric).
+        episode_bn: BatchNorm statistics of the backbone in training. ``None`` (default):
+            per episode whenever the backbone allows it (Conv4, ResNet12, any ``nn.Sequential``
+            of standard layers; :func:`fastmeta.nn.supports_episode_forward`), else over the
+            whole batch; ``True``: per episode, or ``TypeError`` here; ``False``: over the whole
+            batch of ``B`` episodes (fastmeta before per-episode BatchNorm).
+
+    BatchNorm: with per-episode statistics an episode's embeddings, loss and gradient do not
+    depend on the other episodes of its batch, so ``--batch B`` is B one-episode problems and
+    2 ranks x ``B/2`` (torchrun) compute what 1 process x ``B`` computes. Running statistics
+    move once per step towards the mean over the episodes of the per-episode statistics
+    (:mod:`fastmeta.nn.episode`); evaluation (:meth:`evaluate`, eval mode) normalises with
+    them, as before. A user's module with BatchNorm inside its own ``forward`` keeps
+    whole-batch statistics -- its author's choice (make it an ``nn.Sequential`` or give it
+    ``forward_episodes`` for per-episode ones). With one episode per batch (the CLI's default
+    ``--batch 1``) both are the same computation, bit for bit.
 
     Example::
 
@@ -35,26 +50,24 @@ class ProtoNet(FewShotLearner):
     """
 
     def __init__(self, backbone: nn.Module, metric: str = "sqeuclidean", scale: float = 1.0,
-                 learn_scale: bool = False):
+                 learn_scale: bool = False, episode_bn: bool | None = None):
         super().__init__()
         if metric not in ops.PROTO_METRICS:
             raise ValueError(f"metric must be one of {sorted(ops.PROTO_METRICS)}, got {metric!r}")
         self.backbone = backbone
+        self.episode_bn = check_episode_bn(backbone, episode_bn)
         self.metric = metric
         self.scale = nn.Parameter(torch.tensor(float(scale))) if learn_scale else float(scale)
 
     def embed(self, support_x: torch.Tensor, query_x: torch.Tensor):
         """Embed support ``[B,S,...]`` and query ``[B,Q,...]`` in one backbone pass
-        (so BatchNorm sees the whole episode batch, as in the paper's code)."""
+        (BatchNorm: per episode, see the class docstring): ``([B,S,D], [B,Q,D])``."""
         if support_x.dim() < 3 or query_x.shape[0] != support_x.shape[0]:
             raise ValueError(
                 f"expected support_x [B, S, ...] and query_x [B, Q, ...] with the same B, got "
                 f"{tuple(support_x.shape)} and {tuple(query_x.shape)}"
             )
-        b, s = support_x.shape[:2]
-        q = query_x.shape[1]
-        z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
-        return z[: b * s].view(b, s, -1), z[b * s :].view(b, q, -1)
+        return embed_episodes(self.backbone, support_x, query_x, self.episode_bn)
 
     def forward(self, support_x, support_y, query_x, query_y, n_way: int | None = None,
                 reduction: str = "mean"):

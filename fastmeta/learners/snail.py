@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from fastmeta.learners._sequence import SequenceLearner, episode_sequence
+from fastmeta.nn.episode import check_episode_bn
 from fastmeta.nn.snail_blocks import AttentionBlock, TCBlock
 
 
@@ -79,6 +80,10 @@ class SNAIL(SequenceLearner):
             (MANN's convention). See :mod:`fastmeta.learners._sequence`.
         embed_norm: normalise the embedding (parameter-free layer norm) before it enters the
             sequence; see :class:`~fastmeta.learners._sequence.SequenceLearner`.
+        episode_bn: the embedding's BatchNorm statistics in training: ``None`` (default) per
+            episode whenever the embedding allows it (Conv4, ResNet12, ``nn.Sequential``s of
+            standard layers), ``True`` per episode or ``TypeError``, ``False`` over the whole
+            batch; the contract is :class:`fastmeta.ProtoNet`'s.
         label_read: initial weight of the head on the label read of the first attention block
             (see "Label-read initialisation" above); ``0`` keeps the paper's random init.
             ``None`` (default): ``5.0`` with example-label pairs, ``0`` with previous labels
@@ -101,7 +106,7 @@ class SNAIL(SequenceLearner):
     def __init__(self, embedding: nn.Module, embed_dim: int, n_way: int, seq_len: int,
                  filters: int = 128, attention=((64, 32), (256, 128), (512, 256)),
                  label_offset: int = 0, embed_norm: bool = True, label_read: float | None = None,
-                 query_scale: float = 6.0):
+                 query_scale: float = 6.0, episode_bn: bool | None = None):
         super().__init__()
         if label_offset not in (0, 1):
             raise ValueError(f"label_offset must be 0 or 1, got {label_offset!r}")
@@ -112,6 +117,7 @@ class SNAIL(SequenceLearner):
         if len(attention) != 3:
             raise ValueError(f"attention must give (key, value) for 3 attention blocks, got {attention!r}")
         self.embedding, self.embed_dim, self.n_way, self.seq_len = embedding, embed_dim, n_way, seq_len
+        self.episode_bn = check_episode_bn(embedding, episode_bn)
         c = embed_dim + n_way
         layers = []
         for i, (k, v) in enumerate(attention):

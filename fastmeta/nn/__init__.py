@@ -4,6 +4,7 @@ task-batched layers (params ``[T, *shape]``) and the few-shot losses as modules
 
 from fastmeta.nn import task as _task
 from fastmeta.nn.backbones import Conv4, ResNet12
+from fastmeta.nn.episode import episode_forward, supports_episode_forward
 from fastmeta.nn.losses import MatchingLoss, ProtoLoss
 from fastmeta.nn.snail_blocks import AttentionBlock, DenseBlock, TCBlock
 from fastmeta.nn.task import (
@@ -26,4 +27,5 @@ from fastmeta.nn.task import (
 )
 
 __all__ = ["AttentionBlock", "Conv4", "DenseBlock", "MatchingLoss", "ProtoLoss", "ResNet12", "TCBlock",
+           "episode_forward", "supports_episode_forward",
            *(n for n in _task.__all__ if n != "UnsupportedModuleError")]

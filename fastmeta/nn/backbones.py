@@ -6,12 +6,19 @@
 * :class:`ResNet12` -- Oreshkin et al. 2018 (TADAM) / Lee et al. 2019 (MetaOptNet):
   four residual blocks of three conv3x3-BN-LeakyReLU(0.1), a 1x1 conv shortcut and a 2x2
   max-pool; widths 64-160-320-640.
+
+Both are ordinary modules (``[N, C, H, W]`` in, BatchNorm over the whole batch); the episodic
+learners run them through :func:`fastmeta.nn.episode_forward`, which gives every episode of a
+batch its own BatchNorm statistics (Conv4 as an ``nn.Sequential``, ResNet12 through its
+``forward_episodes``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fastmeta.nn.episode import run_episodes
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -57,6 +64,10 @@ class _ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(x) + self.shortcut(x))
 
+    def forward_episodes(self, h: torch.Tensor, episodes: int) -> torch.Tensor:
+        body = run_episodes(self.body, h, episodes)
+        return self.out(body + run_episodes(self.shortcut, h, episodes))
+
 
 class ResNet12(nn.Module):
     """ResNet-12 embedding network: ``[N, C, H, W] -> [N, widths[-1]]`` (global average pool)
@@ -78,5 +89,12 @@ class ResNet12(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)
+        return self._pool(self.blocks(x))
+
+    def forward_episodes(self, h: torch.Tensor, episodes: int) -> torch.Tensor:
+        """Example-major ``h [M * episodes, C, H, W]`` with per-episode BatchNorm
+        (:func:`fastmeta.nn.episode_forward`)."""
+        return self._pool(run_episodes(self.blocks, h, episodes))
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean((2, 3)) if self.avg_pool else x.flatten(1)
