@@ -15,7 +15,11 @@ statistics) + a 5-way linear head -- the model a user writes, handed to fastmeta
    step's activations and double-backward graph).
 2. **Meta-step time** at k=5: fastmeta's Reptile / iMAML (all T tasks at once) against the
    per-task loop research code writes (``torch.func.functional_call`` on the plain model, one
-   task after another; iMAML's Hessian-vector products by double backward, per task). The
+   task after another; iMAML's Hessian-vector products by double backward, per task), each
+   pair doing the same work: ``Reptile.meta_loss`` reports the adapted parameters' query loss
+   and accuracy (a forward of T*Q images), so it is timed against a loop that does that too,
+   and ``meta_loss(sx, sy)`` (no query set, report on the support set) against the plain loop
+   that reports nothing. The
    implementations are timed interleaved (one call of each in turn, ``--rounds`` times) so that
    the load of a shared machine falls on all of them alike; at 1 intra-op thread and at torch's
    default. Correct first: each loop's meta-gradient is compared with fastmeta's on the same
@@ -51,6 +55,11 @@ from bench_inner_loop import meta_step_unrolled  # noqa: E402
 from fastmeta.learners import MAML, Reptile, iMAML  # noqa: E402
 
 LR, LAM, CG = 0.002, 200.0, 5
+# (fastmeta, the per-task loop doing the same work): Reptile's meta_loss reports the adapted
+# parameters' query loss and accuracy, a forward the plain loop leaves out
+PAIRS = [("fastmeta.Reptile", "per-task loop Reptile + query report"),
+         ("fastmeta.Reptile, no query set", "per-task loop Reptile"),
+         ("fastmeta.iMAML", "per-task loop iMAML")]
 
 
 def conv4(hidden=32, n_way=5):
@@ -82,16 +91,25 @@ def _adapt_loop(model, theta, x, y, k, lam=0.0):
     return phi
 
 
-def reptile_loop(model, k):
+def reptile_loop(model, k, report=False):
+    """Per task: k SGD steps, then (``report``) the adapted parameters' query loss and accuracy
+    under no_grad -- the report fastmeta.Reptile.meta_loss makes; returns the per-task losses."""
     def step(sx, sy, qx, qy):
         theta = {n: p.detach() for n, p in model.named_parameters()}
         total = {n: torch.zeros_like(p) for n, p in theta.items()}
+        losses, accs = [], []
         for t in range(sx.shape[0]):
             phi = _adapt_loop(model, theta, sx[t], sy[t], k)
             for n in total:
                 total[n] += theta[n] - phi[n].detach()
+            if report:
+                with torch.no_grad():
+                    out = functional_call(model, phi, (qx[t],))
+                    losses.append(F.cross_entropy(out, qy[t]))
+                    accs.append((out.argmax(-1) == qy[t]).to(out.dtype).mean())
         for n, p in model.named_parameters():
             p.grad = total[n] / sx.shape[0]
+        return torch.stack(losses) if report else None
 
     return step
 
@@ -128,11 +146,15 @@ def imaml_loop(model, k):
     return step
 
 
-def fastmeta_step(learner):
+def fastmeta_step(learner, query=True):
+    """One meta-step; ``query=False``: Reptile without a query set (its report on the support
+    set: the work of the plain per-task loop, which reports nothing)."""
     def step(sx, sy, qx, qy):
         for p in learner.parameters():
             p.grad = None
-        learner.meta_loss(sx, sy, qx, qy).loss.backward()
+        res = learner.meta_loss(sx, sy, qx, qy) if query else learner.meta_loss(sx, sy)
+        res.loss.backward()
+        return res.task_loss
 
     return step
 
@@ -154,12 +176,18 @@ def check(T=3, k=3) -> dict:
     model = conv4().double()
     data = episodes(T, torch.float64)
     out = {}
-    for name, fast, loop in (("reptile", Reptile(model, LR, steps=k), reptile_loop(model, k)),
-                             ("imaml", iMAML(model, LR, lam=LAM, steps=k, cg_steps=CG), imaml_loop(model, k))):
-        fastmeta_step(fast)(*data)
+    reptile = Reptile(model, LR, steps=k)
+    imaml = iMAML(model, LR, lam=LAM, steps=k, cg_steps=CG)
+    for name, fast, loop in (
+            ("reptile", fastmeta_step(reptile), reptile_loop(model, k, report=True)),
+            ("reptile, no query", fastmeta_step(reptile, query=False), reptile_loop(model, k)),
+            ("imaml", fastmeta_step(imaml), imaml_loop(model, k))):
+        fast_losses = fast(*data)
         ref = grads(model)
-        loop(*data)
+        loop_losses = loop(*data)
         out[name] = float((grads(model) - ref).norm() / ref.norm())
+        if name == "reptile":  # the report too: the query losses of the adapted parameters
+            out["reptile report"] = float((loop_losses - fast_losses).norm() / fast_losses.norm())
     return out
 
 
@@ -190,7 +218,10 @@ def time_rows(T, k, threads_list, rounds) -> list[dict]:
         torch.manual_seed(0)
         model = conv4()
         data = episodes(T)
-        impls = {"fastmeta.Reptile": fastmeta_step(Reptile(model, LR, steps=k)),
+        reptile = Reptile(model, LR, steps=k)
+        impls = {"fastmeta.Reptile": fastmeta_step(reptile),
+                 "per-task loop Reptile + query report": reptile_loop(model, k, report=True),
+                 "fastmeta.Reptile, no query set": fastmeta_step(reptile, query=False),
                  "per-task loop Reptile": reptile_loop(model, k),
                  "fastmeta.iMAML": fastmeta_step(iMAML(model, LR, lam=LAM, steps=k, cg_steps=CG)),
                  "per-task loop iMAML": imaml_loop(model, k)}
@@ -205,10 +236,12 @@ def time_rows(T, k, threads_list, rounds) -> list[dict]:
         for name, ts in times.items():
             s = C.summarize_ms(ts)
             rows.append(dict(part="time", impl=name, k=k, T=T, threads=torch.get_num_threads(), **s))
-        for algo in ("Reptile", "iMAML"):
-            fast, loop = (statistics.median(times[n]) for n in (f"fastmeta.{algo}", f"per-task loop {algo}"))
-            print(f"time threads={torch.get_num_threads()} {algo}: fastmeta {fast:.0f} ms, loop {loop:.0f} ms, "
-                  f"{loop / fast:.2f}x", flush=True)
+        for fast_name, loop_name in PAIRS:
+            fast, loop = (statistics.median(times[n]) for n in (fast_name, loop_name))
+            print(f"time threads={torch.get_num_threads()} {fast_name}: {fast:.0f} ms, "
+                  f"{loop_name}: {loop:.0f} ms, {loop / fast:.2f}x", flush=True)
+            rows.append(dict(part="ratio", impl=fast_name, baseline=loop_name, k=k, T=T,
+                             threads=torch.get_num_threads(), loop_over_fastmeta=loop / fast))
     torch.set_num_threads(default)
     return rows
 
@@ -221,15 +254,21 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=8)
     p.add_argument("--time-k", type=int, default=5)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="only the timing (and the float64 check)")
     a = p.parse_args(argv)
     errs = check()
     print(f"float64 meta-gradient, per-task loop vs fastmeta (rel err): {errs}", flush=True)
     bad = {n: e for n, e in errs.items() if not e < 1e-8}
     if bad:
         raise SystemExit(f"the per-task loops disagree with fastmeta: {bad}")
+    if a.skip_memory:
+        a.ks = []
     rows = memory_rows(a.T, a.ks) + time_rows(a.T, a.time_k, a.threads, a.rounds)
     info = C.env_info(torch.device("cpu"))
-    print(f"\n| k | " + " | ".join(sorted({r['impl'] for r in rows if r['part'] == 'memory'})) + " |")
+    if a.ks:
+        names = sorted({r['impl'] for r in rows if r['part'] == 'memory'})
+        print("\n| k | " + " | ".join(names) + " |")
     for k in a.ks:
         vals = {r["impl"]: r["peak_mb"] for r in rows if r["part"] == "memory" and r["k"] == k}
         print(f"| {k} | " + " | ".join(f"{vals[n]:.1f}" for n in sorted(vals)) + " |")
@@ -237,6 +276,11 @@ def main(argv=None) -> int:
     for r in rows:
         if r["part"] == "time":
             print(f"| {r['threads']} | {r['impl']} | {r['median_ms']:.0f} | {r['p20_ms']:.0f}-{r['p80_ms']:.0f} |")
+    print("\n| threads | fastmeta | per-task loop (same work) | loop / fastmeta |")
+    for r in rows:
+        if r["part"] == "ratio":
+            print(f"| {r['threads']} | {r['impl']} | {r['baseline']} | "
+                  f"{r['loop_over_fastmeta']:.2f}x |")
     if not a.no_save:
         out = Path(__file__).resolve().parent / "results" / f"reptile_imaml-{C.device_slug(torch.device('cpu'))}.jsonl"
         with open(out, "a") as f:

@@ -114,6 +114,32 @@ def test_task_chunk_and_steps_override():
     torch.testing.assert_close(grads[0][0], step["0.weight"], **TOL)
 
 
+def test_without_a_query_set_the_report_is_on_the_support_set():
+    """meta_loss(sx, sy): same gradient (theta - mean phi), report = the adapted parameters'
+    support loss and accuracy (the loop's, on the support set)."""
+    torch.manual_seed(0)
+    model = TaskConv4(1, n_way=3, hidden=3, image_size=16).to(DT)
+    (sx, sy, qx, qy), loss_fn = batch("conv")
+    reptile = Reptile(model, lr=0.3, steps=2)
+    grads = []
+    for args in ((sx, sy, qx, qy), (sx, sy)):
+        model.zero_grad()
+        res = reptile.meta_loss(*args)
+        res.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    step, sloss = loop_reptile(model, (sx, sy, sx, sy), 2, 0.3, loss_fn)
+    for n in step:
+        torch.testing.assert_close(grads[0][n], step[n], **TOL)
+        torch.testing.assert_close(grads[1][n], step[n], **TOL)
+    torch.testing.assert_close(res.task_loss, sloss, **TOL)
+    with torch.no_grad():
+        acc = (reptile.predict(reptile.adapt_tasks(sx, sy), sx).argmax(-1) == sy).to(DT).mean(1)
+    torch.testing.assert_close(res.task_metric, acc)
+    for args in ((sx, sy, qx, None), (sx, sy, None, qy)):
+        with pytest.raises(ValueError, match="both be given or both be None"):
+            reptile.meta_loss(*args)
+
+
 def test_evaluation_under_no_grad_adapts_and_predicts():
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(DT)
     data, _ = batch("cls")

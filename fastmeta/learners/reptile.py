@@ -13,6 +13,13 @@ first-order mode, no graph), and the outer update is left to a PyTorch optimiser
 parameter's ``.grad``, so ``torch.optim.SGD(lr=epsilon)`` is exactly Reptile's update and
 Adam etc. work too. The query set is used only to report the adapted parameters' loss and
 accuracy (or MSE). Memory: the ``T`` adapted parameter sets, independent of ``k``.
+
+Cost of the report: one forward of the adapted parameters on the query set. Reptile's update
+does not need it, and with many queries it is not small: 15 queries per class against 1 shot
+make that forward (600 images for T=8, 5-way) about as expensive as the whole 5-step
+adaptation (5 forwards and backwards of 40 images) -- measured in
+bench/results/reptile_imaml.md. ``meta_loss(support_x, support_y)`` without a query set
+reports on the support set instead (one forward of the support examples).
 """
 
 from __future__ import annotations
@@ -53,8 +60,8 @@ class Reptile(nn.Module):
     ``meta_loss(support_x [T,S,...], support_y, query_x [T,Q,...], query_y, steps=None,
     loss_fn=F.cross_entropy, task_chunk=None) -> MetaLossResult``: ``result.loss.backward()``
     adds ``theta - mean_t phi_t`` to every parameter's ``.grad`` (its value is the query loss
-    of the adapted parameters, for logging). Evaluation (``torch.no_grad()``) adapts and
-    predicts like MAML.
+    of the adapted parameters, for logging; without ``query_x``/``query_y`` the support loss
+    of the adapted parameters). Evaluation (``torch.no_grad()``) adapts and predicts like MAML.
 
     Raises ``TypeError``/``ValueError`` for a non-module model, ``lr`` not a finite float
     ``> 0``, ``steps`` not an int ``>= 1`` and badly shaped meta-batches.
@@ -112,8 +119,9 @@ class Reptile(nn.Module):
 
         return tasks_fn
 
-    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-                  steps: int | None = None, loss_fn: Callable = F.cross_entropy,
+    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor | None = None,
+                  query_y: Tensor | None = None, steps: int | None = None,
+                  loss_fn: Callable = F.cross_entropy,
                   task_chunk: int | None = None) -> MetaLossResult:
         """Adapt every task (``steps`` SGD steps on its support set, default ``self.steps``)
         and return a :class:`MetaLossResult` whose ``loss.backward()`` sets each parameter's
@@ -121,7 +129,9 @@ class Reptile(nn.Module):
 
         Args:
             support_x: ``[T, S, *in]``; support_y: ``[T, S]`` integer labels or ``[T, S, *out]``
-                float targets. query_x: ``[T, Q, *in]``; query_y: ``[T, Q]`` or ``[T, Q, *out]``.
+                float targets. query_x: ``[T, Q, *in]``; query_y: ``[T, Q]`` or ``[T, Q, *out]``;
+                used only for the report (``loss``'s value, ``metric``); both ``None``: the
+                report is on the support set (cheaper when ``Q > S``; the gradient is the same).
             steps: inner steps ``k >= 1`` (``None``: ``self.steps``).
             loss_fn: per-example loss (``F.cross_entropy``, ``F.mse_loss``, ...; anything
                 :func:`fastmeta.func.task_losses` accepts); each task's loss is its mean.
@@ -131,8 +141,23 @@ class Reptile(nn.Module):
             ``loss`` (value: mean query loss of the adapted parameters; gradient: theta -
             mean phi), ``metric`` (query accuracy or MSE after adaptation), per-task values.
             The data gets no gradient.
+
+        Raises:
+            ValueError: only one of ``query_x`` and ``query_y`` given; bad shapes (see
+                :class:`Reptile`).
         """
+        if (query_x is None) != (query_y is None):
+            raise ValueError("query_x and query_y must both be given or both be None (then the "
+                             f"report is on the support set); got query_x={_shape(query_x)}, "
+                             f"query_y={_shape(query_y)}")
+        if query_x is None:
+            query_x, query_y = support_x, support_y
         check_batch(support_x, support_y, query_x, query_y)
         steps = self.steps if steps is None else int_at_least("steps", steps, 1)
         return run_meta_loss(self._tasks(steps, loss_fn), (support_x, support_y, query_x, query_y),
                              list(self.parameters()), check_chunk(task_chunk), metric_name(query_y))
+
+
+def _shape(t) -> str:
+    return "None" if t is None else (f"a tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor)
+                                     else type(t).__name__)
