@@ -77,11 +77,16 @@ class _Runner:
                                  max_kl=args.max_kl, cg_iters=args.cg_iters)
 
     def rollouts(self, tasks, seed: int, stream: int, i: int):
-        """Pre-adaptation (theta) and post-adaptation rollouts of ``tasks``."""
+        """Pre-adaptation (theta) and post-adaptation rollouts of ``tasks``: ``(train, valid)``,
+        ``train`` a list of one batch per inner step (batch j sampled with the j-step iterate, as
+        pytorch-maml-rl resamples; one batch when ``--inner-steps 1``)."""
         gen = torch.Generator().manual_seed(stream_seed(seed, _ACTIONS + 4 * stream, i))
         E = self.args.episodes
-        train = rl.sample(self.dist, self.agent.actor(None, gen), tasks, E,
-                          stream_seed(seed, _TRAIN + 4 * stream, i))
+        train_seed = stream_seed(seed, _TRAIN + 4 * stream, i)
+        train = [rl.sample(self.dist, self.agent.actor(None, gen), tasks, E, train_seed)]
+        for j in range(1, self.args.inner_steps):
+            train.append(rl.sample(self.dist, self.agent.actor(self.agent.adapt(train), gen), tasks,
+                                   E, stream_seed(train_seed, j, 0)))
         adapted = self.agent.adapt(train)
         valid = rl.sample(self.dist, self.agent.actor(adapted, gen), tasks, E,
                           stream_seed(seed, _VALID + 4 * stream, i))
@@ -99,7 +104,8 @@ class _Runner:
         a = self.args
         tasks = distributed.shard(self.dist.sample_tasks(n_tasks, stream_seed(a.seed, which, 0)))
         train, valid = self.rollouts(tasks, self.seed, which, 0)
-        per_task = [distributed.all_gather_cat(r.returns().mean(1)) for r in (train, valid)]  # [T]: mean return
+        # [T]: mean return before (theta's batch) and after adaptation
+        per_task = [distributed.all_gather_cat(r.returns().mean(1)) for r in (train[0], valid)]
         return tuple(confidence_interval(t, metric="return") for t in per_task)
 
 
@@ -121,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = TrainConfig(steps=args.iterations, minutes=args.minutes, log_every=1, plot_fields=PLOT_FIELDS,
                       val_every=args.eval_every or 10**12, ckpt_every=args.ckpt_every,
-                      episodes_per_step=args.meta_batch * args.episodes * 2, run_dir=run_dir, resume=args.resume,
+                      episodes_per_step=args.meta_batch * args.episodes * (args.inner_steps + 1),
+                      run_dir=run_dir, resume=args.resume,
                       progress=not args.no_progress, metric="return", extra_fields=LOG_FIELDS)
     trainer = Trainer(runner.policy, None, lambda start: iter(range(start, 2**62)), runner.step,
                       validate if args.eval_every else None, cfg, extra_state={"args": saved_args(args)})

@@ -1,12 +1,13 @@
 """MAML-TRPO: gradient-based meta-RL (Finn et al., "Model-Agnostic Meta-Learning for Fast
 Adaptation of Deep Networks", ICML 2017, section 5.3), all T tasks batched.
 
-One meta-iteration, given each task's train rollouts (sampled with ``theta``) and validation
-rollouts (sampled with the task's adapted parameters)::
+One meta-iteration, given each task's train rollouts (sampled with ``theta``; for k > 1 inner
+steps, one batch per step, batch i sampled with the task's i-step iterate ``phi_i``) and
+validation rollouts (sampled with the task's adapted parameters)::
 
     advantages   <- linear feature baseline + GAE per task, standardised   (returns.py)
-    phi_t        <- k policy-gradient steps from theta on task t's train data, all tasks at once
-                    (fastmeta.ops.inner_update)
+    phi_t        <- k policy-gradient steps from theta, step i on task t's train batch i, all
+                    tasks at once (fastmeta.ops.inner_update)
     g            <- grad_theta mean_t L_t(phi_t(theta)), L_t = -masked mean of ratio * advantage
                     on the validation data; = sum_t J_t^T grad_phi L_t     (meta_fvp.py)
     x            <- conjugate gradient on F_meta x = g, F_meta the meta-objective's Fisher as
@@ -25,6 +26,12 @@ Sampling loop the trainer runs (``dist``/``sample`` from fastmeta.rl)::
     train = sample(dist, agent.actor(None, gen), tasks, E, seed1)          # theta for every task
     valid = sample(dist, agent.actor(agent.adapt(train), gen), tasks, E, seed2)
     metrics = agent.step(train, valid)     # updates agent.policy in place
+
+With k > 1 inner steps, ``train`` is a list: ``trains = [train_0]``, then for i = 1..k-1
+``trains.append(sample(dist, agent.actor(agent.adapt(trains), gen), ...))`` (``adapt`` of a
+list takes one step per batch), as pytorch-maml-rl and Finn et al.'s code resample after every
+inner step. A single Rollout given with k > 1 is reused by every step (cheaper, but steps
+after the first then use data of an earlier policy without importance weights).
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ class MAMLTRPO:
     Args:
         policy: a :class:`fastmeta.rl.GaussianMLPPolicy` (continuous actions) or
             :class:`fastmeta.rl.CategoricalMLPPolicy` (discrete); updated in place by :meth:`step`.
-        fast_lr: inner step size alpha. inner_steps: k inner policy-gradient steps (all on the
-            same train rollouts). gamma, gae_lambda: discount and GAE lambda.
+        fast_lr: inner step size alpha. inner_steps: k inner policy-gradient steps (step i on
+            train batch i, or all on one batch: see the module docstring). gamma, gae_lambda:
+            discount and GAE lambda.
         max_kl, cg_iters, cg_damping, ls_steps, ls_backtrack: the TRPO outer step.
         baseline_reg: ridge coefficient of the linear feature baseline.
         hvp: inner-loss Hessian products for the meta-Fisher: ``"analytic"`` (cached R-operator,
@@ -116,18 +124,40 @@ class MAMLTRPO:
         over the N states is the masked mean)."""
         return obs, self.policy.pack(actions, adv * weights * weights.shape[1])
 
+    def _train_data(self, train, steps: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Per inner step ``(xs, ys)`` lists from ``train``: one rollout (every step uses it:
+        ``steps`` or ``inner_steps`` steps) or a list or tuple of rollouts (one step each; with
+        ``steps`` given, exactly that many)."""
+        if isinstance(train, (list, tuple)):
+            if not train:
+                raise ValueError("train is an empty list; give one rollout per inner step")
+            if steps is not None and len(train) != steps:
+                raise ValueError(f"train has {len(train)} rollouts for {steps} inner steps: give "
+                                 f"one per step (batch i sampled with the i-step iterate) or a "
+                                 f"single rollout")
+            batches = [self.batch(r, f"train[{i}]") for i, r in enumerate(train)]
+            T = {b[0].shape[0] for b in batches}
+            if len(T) != 1:
+                raise ValueError(f"train's rollouts have different task counts {sorted(T)}; "
+                                 f"they must match")
+            data = [self._inner(*b) for b in batches]
+            return [d[0] for d in data], [d[1] for d in data]
+        x, y = self._inner(*self.batch(train, "train"))
+        k = self.inner_steps if steps is None else steps
+        return [x] * k, [y] * k
+
     # ---- acting --------------------------------------------------------------------------------
 
     def theta(self) -> dict[str, Tensor]:
         return {k: v.detach() for k, v in self.fn.params().items()}
 
     def adapt(self, train, theta: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Per-task adapted parameters ``{name: [T, *shape]}`` after ``inner_steps`` steps on
-        ``train`` (from ``theta``, default the policy's own), detached."""
-        obs, actions, adv, weights = self.batch(train, "train")
-        x, y = self._inner(obs, actions, adv, weights)
-        start = self.fn.expand(obs.shape[0], self.theta() if theta is None else theta)
-        return adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps)[-1]
+        """Per-task adapted parameters ``{name: [T, *shape]}`` from ``theta`` (default the
+        policy's own), detached: ``inner_steps`` steps on one rollout ``train``, or one step per
+        rollout of a list (``len(train)`` steps: the iterate the next batch is sampled with)."""
+        xs, ys = self._train_data(train)
+        start = self.fn.expand(xs[0].shape[0], self.theta() if theta is None else theta)
+        return adapt(self.policy, start, xs, ys, self.fast_lr, len(xs))[-1]
 
     def actor(self, params: dict[str, Tensor] | None = None, generator: torch.Generator | None = None):
         """``callable(obs [T, E, obs_dim]) -> actions`` for the sampler (``[T, E, act_dim]`` float32,
@@ -145,12 +175,14 @@ class MAMLTRPO:
 
     def step(self, train, valid) -> dict[str, float]:
         """One outer TRPO step on ``train``/``valid`` rollouts of the same T tasks (``valid``
-        sampled with the adapted parameters of :meth:`adapt`). Updates the policy in place.
+        sampled with the adapted parameters of :meth:`adapt`). ``train``: one rollout, or a list
+        of ``inner_steps`` rollouts (batch i sampled with the i-step iterate). Updates the
+        policy in place.
 
         Returns floats: ``pre_return``/``post_return`` (mean undiscounted episode return of the
-        train / valid rollouts: before / after adaptation), ``loss_before``/``loss_after`` (the
-        surrogate), ``kl`` (mean_t KL of the accepted step), ``step_size`` (0: rejected),
-        ``ls_tries``, ``grad_norm``.
+        train (its first batch) / valid rollouts: before / after adaptation),
+        ``loss_before``/``loss_after`` (the surrogate), ``kl`` (mean_t KL of the accepted step),
+        ``step_size`` (0: rejected), ``ls_tries``, ``grad_norm``.
 
         Under torchrun (:mod:`fastmeta.distributed`), each rank passes the rollouts of its own
         tasks (the same number on every rank): the meta-gradient, every Fisher-vector product of
@@ -158,13 +190,13 @@ class MAMLTRPO:
         metrics are averaged over the ranks, so every rank takes the same step (the step of the
         mean objective over all ranks' tasks).
         """
-        obs, actions, adv, weights = self.batch(train, "train")
+        x, y = self._train_data(train, self.inner_steps)
         xv, av, advv, wv = self.batch(valid, "valid")
-        if xv.shape[0] != obs.shape[0]:
-            raise ValueError(f"train has T={obs.shape[0]} tasks but valid has T={xv.shape[0]}; they must match")
-        x, y = self._inner(obs, actions, adv, weights)
+        if xv.shape[0] != x[0].shape[0]:
+            raise ValueError(f"train has T={x[0].shape[0]} tasks but valid has T={xv.shape[0]}; "
+                             f"they must match")
         theta = self.theta()
-        T = obs.shape[0]
+        T = xv.shape[0]
         iters = adapt(self.policy, self.fn.expand(T, theta), x, y, self.fast_lr, self.inner_steps)
         with torch.no_grad():
             out_old = self.fn(iters[-1], xv)
@@ -207,6 +239,8 @@ class MAMLTRPO:
 
     @staticmethod
     def _metrics(train, valid, loss_before, loss_after, kl, size, tries, grad_norm) -> dict[str, float]:
+        if isinstance(train, (list, tuple)):
+            train = train[0]  # sampled with theta
         pre, post = distributed.mean_over_ranks([(r.rewards * r.mask).sum(-1).mean().item() for r in (train, valid)])
         return {
             "pre_return": pre.item(),

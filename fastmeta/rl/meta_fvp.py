@@ -8,9 +8,10 @@ its Hessian is exactly
 
     F_meta v = (1/T) sum_t J_t^T F_t J_t v,   J_t = (I - alpha H_{t,k-1}) ... (I - alpha H_{t,0})
 
-with ``H_{t,i}`` the inner-loss Hessian at iterate i and ``F_t`` the analytic Gaussian Fisher
-of the adapted policy on task t's validation states (fastmeta.rl.curvature; the categorical policy's ``J^T (diag p - p p^T) J``). Each product is 2k
-batched HVPs plus one batched Fisher product, all tasks at once; no per-task loop, no
+with ``H_{t,i}`` the inner-loss Hessian at iterate i (on the train data of step i) and
+``F_t`` the analytic Gaussian Fisher of the adapted policy on task t's validation states
+(fastmeta.rl.curvature; the categorical policy's ``J^T (diag p - p p^T) J``). Each product is
+2k batched HVPs plus one batched Fisher product, all tasks at once; no per-task loop, no
 third-order graph. The HVPs are ``hvp="analytic"`` (default: fastmeta.rl.curvature.pg_hvp,
 activations cached once per operator) or ``hvp="task_hvp"`` (:func:`fastmeta.func.task_hvp`,
 double backward of the batched loss, recomputed per product); both are exact. (Peers -- pytorch-maml-rl,
@@ -29,6 +30,19 @@ from fastmeta.ops import inner_update
 from fastmeta.func import task_hvp
 
 
+def per_step(data, steps: int, what: str = "x") -> list[Tensor]:
+    """``data`` for each of ``steps`` inner steps: a tensor serves every step; a list or tuple
+    must hold exactly ``steps`` tensors."""
+    if isinstance(data, Tensor):
+        return [data] * steps
+    if not isinstance(data, (list, tuple)) or not all(isinstance(d, Tensor) for d in data):
+        raise TypeError(f"{what} must be a tensor or a list of one tensor per inner step, got "
+                        f"{type(data).__name__}")
+    if len(data) != steps:
+        raise ValueError(f"{what} has {len(data)} per-step tensors for {steps} inner steps")
+    return list(data)
+
+
 def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, steps: int = 1,
           create_graph: bool = False) -> list[dict[str, Tensor]]:
     """The inner iterates ``[phi_0 = params, phi_1, ..., phi_steps]`` for T tasks at once.
@@ -36,19 +50,23 @@ def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, st
     ``params {name: [T, *shape]}``; ``x [T, N, obs_dim]`` train states; ``y`` the targets
     ``policy.pack(actions, weights)`` of the inner loss ``policy.loss``; each step is one
     batched backward of the summed per-task losses and one :func:`fastmeta.ops.inner_update`.
+    ``x`` and ``y`` may instead be lists of ``steps`` tensors: step i then uses ``x[i], y[i]``
+    (train data sampled with ``phi_i``, as pytorch-maml-rl and Finn et al. resample after every
+    inner step); a single tensor serves every step.
     With ``create_graph`` the iterates stay differentiable (second-order MAML by autograd);
     otherwise they are detached (what the structured product needs).
     """
     fn = task_function(policy)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    xs, ys = per_step(x, steps, "x"), per_step(y, steps, "y")
     names = list(fn.names)
     cur = dict(params) if create_graph else {k: params[k].detach() for k in names}
     out = [cur]
-    for _ in range(steps):
+    for i in range(steps):
         with torch.enable_grad():
             p = cur if create_graph else {k: v.detach().requires_grad_() for k, v in cur.items()}
-            loss = task_losses(policy.loss, fn(p, x), y).sum()
+            loss = task_losses(policy.loss, fn(p, xs[i]), ys[i]).sum()
             g = torch.autograd.grad(loss, [p[k] for k in names], create_graph=create_graph)
         nxt = inner_update({k: p[k] for k in names}, list(g), lr)
         cur = nxt if create_graph else {k: v.detach() for k, v in nxt.items()}
@@ -63,7 +81,8 @@ class MetaFisher:
         policy: a :class:`fastmeta.rl.GaussianMLPPolicy` or :class:`fastmeta.rl.CategoricalMLPPolicy`
             (the policy protocol of fastmeta.rl.policy).
         iterates: :func:`adapt`'s list at ``theta_old`` (detached), ``[phi_0, ..., phi_k]``.
-        x, y: the train batch the iterates were adapted on (see :func:`adapt`).
+        x, y: the train batch the iterates were adapted on (see :func:`adapt`): tensors, or
+            lists of one tensor per inner step.
         lr: the inner step size alpha.
         x_valid ``[T, M, obs_dim]``, weights ``[T, M]``: the validation states and the KL
             average's weights (each task's summing to 1).
@@ -82,11 +101,14 @@ class MetaFisher:
         self.fn = task_function(policy)
         self.names = list(self.fn.names)
         self.iterates = iterates
-        self.x, self.y, self.lr, self.damping = x, y, float(lr), float(damping)
-        self.T = x.shape[0]
+        k = len(iterates) - 1
+        self.x, self.y = per_step(x, k, "x"), per_step(y, k, "y")
+        self.lr, self.damping = float(lr), float(damping)
+        self.T = x_valid.shape[0]
         self.hvp = hvp
         self.loss = policy.loss
-        self.hvps = [policy.hvp(it, x, y) for it in iterates[:-1]] if hvp == "analytic" else None
+        self.hvps = ([policy.hvp(it, xi, yi) for it, xi, yi in zip(iterates[:-1], self.x, self.y)]
+                     if hvp == "analytic" else None)
         if self.hvps is not None and any(h is None for h in self.hvps):
             self.hvps = None  # no analytic inner Hessian for this policy: task_hvp serves
         self.fisher = policy.fisher(iterates[-1], x_valid, weights)
@@ -97,7 +119,7 @@ class MetaFisher:
         if self.hvps is not None:
             hv = self.hvps[i](v)
         else:
-            hv = task_hvp(self.fn, self.iterates[i], self.x, self.y, v, loss_fn=self.loss)
+            hv = task_hvp(self.fn, self.iterates[i], self.x[i], self.y[i], v, loss_fn=self.loss)
         return inner_update(v, hv, self.lr)
 
     def jvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -47,6 +47,33 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(sa[k], sb[k]), k
 
 
+def test_two_inner_steps_resample_and_resume(tmp_path):
+    import argparse
+
+    from fastmeta.cli import rl_maml_trpo
+    from fastmeta.rl.meta_fvp import adapt
+
+    p = argparse.ArgumentParser()
+    rl_maml_trpo.add_args(p)
+    args = p.parse_args(["--env", "nav2d", *SMALL, "--inner-steps", "2"])
+    args.agent, args.meta_batch = "maml-trpo", 3
+    runner = rl_maml_trpo._Runner(args)
+    tasks = runner.dist.sample_tasks(3, 0)
+    train, valid = runner.rollouts(tasks, 0, 0, 0)
+    # one batch per inner step: the second is new data, sampled with the one-step iterate
+    assert len(train) == 2 and not torch.equal(train[0].obs, train[1].obs)
+    agent = runner.agent
+    phi1 = agent.adapt(train[:1])
+    x0, y0 = agent._inner(*agent.batch(train[0]))
+    ref = adapt(runner.policy, agent.fn.expand(3), x0, y0, agent.fast_lr, 1)[-1]
+    assert all(torch.equal(phi1[k], ref[k]) for k in ref)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(a, "--iterations", "2", "--eval-every", "0", "--inner-steps", "2") == 0
+    assert run(b, "--iterations", "1", "--eval-every", "0", "--inner-steps", "2") == 0
+    assert run(b, "--iterations", "2", "--eval-every", "0", "--inner-steps", "2", "--resume") == 0
+    assert [x["loss"] for x in rows(a)] == [x["loss"] for x in rows(b)]
+
+
 def test_checkpoint_of_another_policy_is_refused(tmp_path):
     assert run(tmp_path, "--iterations", "1", "--eval-every", "0") == 0
     with pytest.raises(SystemExit, match="--hidden '8,8'"):

@@ -46,18 +46,19 @@ def make(obs_dim=3, act_dim=2, hidden=(8, 8), seed=0, discrete=False):
 
 
 def per_task_fvp(policy, agent, train, valid, v, steps):
-    """The peers' recipe: per task, the KL through a create_graph inner loop, double backward."""
+    """The peers' recipe: per task, the KL through a create_graph inner loop, double backward.
+    ``train``: one rollout for every step, or a list of one per step."""
     fn = task_function(policy)
-    obs, actions, adv, w = agent.batch(train)
-    x, y = agent._inner(obs, actions, adv, w)
+    trains = train if isinstance(train, list) else [train] * steps
+    data = [agent._inner(*agent.batch(r)) for r in trains]
     xv, _, _, wv = agent.batch(valid)
     theta = {k: t.detach() for k, t in fn.params().items()}
     total = {k: torch.zeros_like(t) for k, t in theta.items()}
-    T = x.shape[0]
+    T = xv.shape[0]
     for t in range(T):
         th = {k: p.clone().requires_grad_() for k, p in theta.items()}
         phi = {k: p.unsqueeze(0) for k, p in th.items()}
-        for _ in range(steps):
+        for x, y in data:
             loss = task_losses(policy.loss, fn(phi, x[t:t + 1]), y[t:t + 1]).sum()
             g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
             phi = {k: p - agent.fast_lr * gk for (k, p), gk in zip(phi.items(), g)}
@@ -129,6 +130,59 @@ def test_meta_fvp_equals_per_task_double_backward(steps, hvp, discrete):
     assert err < 1e-10, f"relative error {err:.3e}"
 
 
+@pytest.mark.parametrize("hvp,discrete", [("analytic", False), ("task_hvp", False), ("analytic", True)])
+def test_meta_fvp_with_a_train_batch_per_inner_step(hvp, discrete):
+    # k = 2 inner steps, step i on its own train batch (resampled with the i-step iterate)
+    A = 4 if discrete else 2
+    pol = make(discrete=discrete, act_dim=A)
+    agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=2, cg_damping=0.0)
+    trains = [rollout(seed=s, discrete=discrete, act_dim=A) for s in (1, 6)]
+    valid = rollout(seed=2, discrete=discrete, act_dim=A)
+    fn = task_function(pol)
+    xs, ys = agent._train_data(trains, 2)
+    assert not torch.equal(xs[0], xs[1])
+    xv, _, _, wv = agent.batch(valid)
+    theta = {k: t.detach() for k, t in fn.params().items()}
+    iters = adapt(pol, fn.expand(xv.shape[0], theta), xs, ys, agent.fast_lr, 2)
+    mf = MetaFisher(pol, iters, xs, ys, agent.fast_lr, xv, wv, hvp=hvp)
+    g = torch.Generator().manual_seed(3)
+    v = {k: torch.randn(t.shape, generator=g, dtype=D64) for k, t in theta.items()}
+    fast = mf.fvp(flatten(v))
+    ref = flatten(per_task_fvp(pol, agent, trains, valid, v, 2))
+    err = (fast - ref).norm() / ref.norm()
+    assert err < 1e-10, f"relative error {err:.3e}"
+    # and it is not the product of reusing the first batch for both steps
+    same = flatten(per_task_fvp(pol, agent, trains[0], valid, v, 2))
+    assert (same - ref).norm() / ref.norm() > 1e-3
+
+
+def test_adapt_takes_one_step_per_train_batch():
+    pol = make()
+    agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=2)
+    a, b = rollout(seed=1), rollout(seed=6)
+    fn = task_function(pol)
+    one = agent.adapt([a])  # one step: the iterate the second batch is sampled with
+    xa, ya = agent._inner(*agent.batch(a))
+    ref = adapt(pol, fn.expand(3), xa, ya, 0.3, 1)[-1]
+    for k in ref:
+        torch.testing.assert_close(one[k], ref[k], rtol=0, atol=0)
+    xb, yb = agent._inner(*agent.batch(b))
+    two = agent.adapt([a, b])
+    ref2 = adapt(pol, fn.expand(3), [xa, xb], [ya, yb], 0.3, 2)[-1]
+    step2 = adapt(pol, ref, xb, yb, 0.3, 1)[-1]  # the same as one more step from phi_1 on b
+    for k in ref:
+        torch.testing.assert_close(two[k], ref2[k], rtol=0, atol=0)
+        torch.testing.assert_close(two[k], step2[k], rtol=1e-12, atol=1e-12)
+    reuse = agent.adapt(a)  # a single rollout serves both steps
+    ref3 = adapt(pol, fn.expand(3), xa, ya, 0.3, 2)[-1]
+    for k in ref:
+        torch.testing.assert_close(reuse[k], ref3[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="train has 1 rollouts for 2 inner steps"):
+        agent.step([a], rollout(seed=2))
+    with pytest.raises(ValueError, match="x has 3 per-step tensors for 2 inner steps"):
+        adapt(pol, fn.expand(3), [xa] * 3, [ya] * 3, 0.3, 2)
+
+
 def test_meta_gradient_equals_autograd():
     pol = make()
     agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=2)
@@ -197,6 +251,24 @@ def test_trpo_step_improves_surrogate_within_kl(steps, discrete):
     kl = (pol.kl(fn(new, xv), fn(old, xv)) * wv).sum(1).mean().item()
     assert abs(kl - m["kl"]) < 1e-12
     assert m["pre_return"] == pytest.approx(float((train.rewards * train.mask).sum(-1).mean()))
+
+
+def test_trpo_step_with_a_train_batch_per_inner_step():
+    pol = make(hidden=(16, 16))
+    agent = MAMLTRPO(pol, fast_lr=0.1, inner_steps=2, max_kl=1e-3)
+    trains = [rollout(T=4, E=3, H=10, seed=s) for s in (6, 8)]
+    valid = rollout(T=4, E=3, H=10, seed=7)
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    m = agent.step(trains, valid)
+    assert m["step_size"] > 0 and m["loss_after"] < m["loss_before"] and 0 < m["kl"] < 1e-3
+    fn = task_function(pol)
+    xs, ys = agent._train_data(trains, 2)
+    xv, _, _, wv = agent.batch(valid)
+    new = adapt(pol, fn.expand(4), xs, ys, 0.1, 2)[-1]
+    old = adapt(pol, fn.expand(4, {k: before[k] for k in fn.names}), xs, ys, 0.1, 2)[-1]
+    assert abs((pol.kl(fn(new, xv), fn(old, xv)) * wv).sum(1).mean().item() - m["kl"]) < 1e-12
+    pre = trains[0]  # sampled with theta
+    assert m["pre_return"] == pytest.approx(float((pre.rewards * pre.mask).sum(-1).mean()))
 
 
 def test_zero_advantages_keep_theta():
