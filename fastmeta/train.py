@@ -86,6 +86,13 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_extra(path: Path) -> dict:
+    """The ``extra`` dict of a checkpoint (e.g. the CLI arguments it was written with) without
+    reading its tensors: they are memory-mapped, never touched, so a check before
+    :meth:`Trainer.restore` reads the pickled metadata only, not a large checkpoint twice."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("extra", {})
+
+
 class Trainer:
     """Runs ``step_fn(batch) -> (loss, acc)`` with ``optimizer`` over ``batches(start_step)``.
 

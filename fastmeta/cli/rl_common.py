@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fastmeta.train import load_checkpoint
+from fastmeta.train import checkpoint_extra
 
 
 def stream_seed(seed: int, stream: int, i: int) -> int:
@@ -45,7 +45,7 @@ def check_resume(path: Path, args: argparse.Namespace, keys: tuple[str, ...]) ->
     the difference; nothing to check when not resuming or when there is no checkpoint yet."""
     if not (args.resume and path.exists()):
         return
-    saved = load_checkpoint(path).get("extra", {}).get("args", {})
+    saved = checkpoint_extra(path).get("args", {})  # (the tensors are read once, by the Trainer)
     for key in ("agent", *keys):
         if key in saved and saved[key] != getattr(args, key):
             raise SystemExit(f"{path} was written for --{key.replace('_', '-')} {saved[key]!r}, this run has "
