@@ -12,7 +12,7 @@
 // parallel) were measured 3.5x slower on that MLP (1.14 ms vs 0.32 ms, 1 thread, AVX-512):
 // ~4000 short vector calls per task with no register blocking lose to MKL's batched GEMM.
 //
-// Registered here (own fragment; the schemas live next to their kernel):
+// Schemas (declared in csrc/register.cpp, like every fastmeta_cpp schema):
 //   fastmeta_cpp::mlp_grad_fwd(weights, biases, x, y, activation, loss)
 //       -> (losses [T], grad_w[], grad_b[])
 //   fastmeta_cpp::mlp_grad_hvp_fwd(weights, biases, x, y, v_w, v_b, activation, loss)
