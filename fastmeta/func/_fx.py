@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fastmeta import _malloc
 from fastmeta.nn.task import _TN, TaskModule, UnsupportedModuleError, _to_tn, to_task_batched
 
 # Kinds of the values flowing through the graph (decided statically, per node).
@@ -183,6 +184,8 @@ class TracedTaskModel:
     def __call__(self, params, x: torch.Tensor) -> torch.Tensor:
         T, N = x.shape[0], x.shape[1]
         B = T * N
+        if not _malloc._state["done"] and x.device.type == "cpu":
+            _malloc.tune()  # large task-batched tensors: keep freed memory mapped (see _malloc)
         env = {}
         for st in self._steps:
             node = st.node

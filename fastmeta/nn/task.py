@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fastmeta import _malloc
+
 __all__ = [
     "TaskActivation",
     "TaskAvgPool2d",
@@ -165,6 +167,8 @@ class TaskModule(nn.Module):
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         T = _check_x(x, params)
+        if not _malloc._state["done"] and x.device.type == "cpu":
+            _malloc.tune()  # large task-batched tensors: keep freed memory mapped (see _malloc)
         h, layout = self._task_forward(x, params, T, _TN, "")
         return _to_tn(h, layout, T)
 
