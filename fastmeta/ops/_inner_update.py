@@ -74,14 +74,16 @@ def _items(params, grads):
             extra = [k for k in grads if k not in params]
             if missing or extra:
                 raise ValueError(
-                    f"grads must have the same keys as params: missing {missing}, unexpected {extra}"
+                    f"grads must have the same keys as params: missing {missing}, "
+                    f"unexpected {extra}"
                 )
             glist = [grads[k] for k in keys]
         elif isinstance(grads, (list, tuple)):
             glist = list(grads)
         else:
             raise TypeError(
-                f"grads must be a dict (same keys as params) or a list/tuple, got {type(grads).__name__}"
+                "grads must be a dict (same keys as params) or a list/tuple, "
+                f"got {type(grads).__name__}"
             )
         names = [repr(k) for k in keys]
         kind = type(params) if isinstance(params, dict) else dict
@@ -100,7 +102,8 @@ def _items(params, grads):
             f"got {type(params).__name__}"
         )
     if len(glist) != len(plist):
-        raise ValueError(f"got {len(glist)} grads for {len(plist)} params; they must pair up one to one")
+        raise ValueError(
+            f"got {len(glist)} grads for {len(plist)} params; they must pair up one to one")
     for name, p, g in zip(names, plist, glist):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{name}] must be a torch.Tensor, got {type(p).__name__}")
@@ -109,10 +112,12 @@ def _items(params, grads):
         if p.dtype not in _FLOATS:
             raise TypeError(f"params[{name}] must be a floating tensor, got {p.dtype}")
         if g.dtype != p.dtype:
-            raise TypeError(f"grads[{name}] has dtype {g.dtype} but params[{name}] has {p.dtype}; they must match")
+            raise TypeError(f"grads[{name}] has dtype {g.dtype} but params[{name}] has "
+                            f"{p.dtype}; they must match")
         if g.shape != p.shape:
             raise ValueError(
-                f"grads[{name}] has shape {tuple(g.shape)} but params[{name}] has {tuple(p.shape)}; "
+                f"grads[{name}] has shape {tuple(g.shape)} but params[{name}] has "
+                f"{tuple(p.shape)}; "
                 "they must match"
             )
         if g.device != p.device:
@@ -140,15 +145,18 @@ def _lrs(lr, keys, names, plist) -> tuple[list[torch.Tensor], float]:
         return [_placed("lr", lr, p, n) for p, n in zip(plist, names)], 1.0
     if isinstance(lr, (Mapping, torch.nn.ParameterDict)):
         if keys is None:
-            raise TypeError("lr is a dict but params is a list; pass lr as a list (same order) instead")
+            raise TypeError(
+                "lr is a dict but params is a list; pass lr as a list (same order) instead")
         missing = [k for k in keys if k not in lr]
         extra = [k for k in lr if k not in keys]
         if missing or extra:
-            raise ValueError(f"lr must have the same keys as params: missing {missing}, unexpected {extra}")
+            raise ValueError(f"lr must have the same keys as params: missing {missing}, "
+                             f"unexpected {extra}")
         values = [lr[k] for k in keys]
     elif isinstance(lr, (list, tuple)):
         if len(lr) != len(plist):
-            raise ValueError(f"got {len(lr)} learning rates for {len(plist)} params; they must pair up")
+            raise ValueError(
+                f"got {len(lr)} learning rates for {len(plist)} params; they must pair up")
         values = list(lr)
     else:
         return [], checks.lr_value("lr", lr, one_of=_ONE_OF)
@@ -183,7 +191,15 @@ def inner_update_ref(params, grads, lr):
     return _pack(kind, keys, outs)
 
 
-# ---- registered op -------------------------------------------------------------------------
+# ---- the op: one autograd formulation over the registered kernels ----------------------------
+#
+# The kernels are registered as torch.library ops (fake implementations, so torch.compile traces
+# them into its graph) WITHOUT an autograd formula of their own: differentiation is one
+# autograd.Function per op (_Update, _LrGrad), in eager mode and under torch.compile alike
+# (Dynamo traces an autograd.Function's forward and backward). Eager calls reach the kernels
+# directly, without the registered op's Python dispatch: measured on the sinusoid MLP (6 tensors,
+# T = 25, 1 thread), the custom op's own autograd wrapper cost ~95 us a call against ~30 us for
+# the autograd.Function (bench/results/dispatch.md).
 
 
 @torch.library.custom_op("fastmeta::inner_update_fwd", mutates_args=())
@@ -201,60 +217,10 @@ def _(params, grads, lrs, alpha, backend):
     return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
 
 
-def _save(ctx, params, grads, lrs, alpha, backend):
-    ctx.alpha, ctx.backend = alpha, backend
-    ctx.param_shapes = [p.shape for p in params]
-    ctx.lr_shapes = [lr.shape for lr in lrs]
-    ctx.out_meta = [(g.shape, g.dtype, g.device) for g in grads]
-    ctx.lr_grad = any(lr.requires_grad for lr in lrs)
-    ctx.g_grad = any(g.requires_grad for g in grads)
-    saved_g = list(grads) if ctx.lr_grad else []
-    saved_lr = list(lrs) if (ctx.g_grad or ctx.lr_grad) else []
-    ctx.n_saved_g = len(saved_g)
-    ctx.save_for_backward(*saved_g, *saved_lr)
-
-
-def _grads(ctx, grad_outs, update, lr_grad):
-    """(d params, d grads, d lrs) as lists (None entries where not needed). ``update`` (the op
-    itself) gives d grads and ``lr_grad`` d lrs, both differentiable: the backward is
-    differentiable to any order."""
-    gos = [
-        go if go is not None else torch.zeros(s, dtype=d, device=dev)
-        for go, (s, d, dev) in zip(grad_outs, ctx.out_meta)
-    ]
-    saved = ctx.saved_tensors
-    grads, lrs = saved[: ctx.n_saved_g], saved[ctx.n_saved_g :]
-    alpha = ctx.alpha
-    d_params = [go.sum_to_size(s) for go, s in zip(gos, ctx.param_shapes)]
-    # d grads_i = -alpha * lr_i * go_i: the fused update with no params (they read as 0)
-    d_grads = update([], gos, list(lrs), alpha, ctx.backend) if ctx.g_grad else [None] * len(gos)
-    if ctx.lr_grad:
-        d_lrs = lr_grad(list(grads), gos, list(lrs), alpha, ctx.backend)
-    else:
-        d_lrs = [None] * len(ctx.lr_shapes)
-    return d_params, d_grads, d_lrs
-
-
-def _setup(ctx, inputs, output):
-    _save(ctx, *inputs)
-
-
-def _backward(ctx, grad_outs):
-    d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _fwd, _lr_grad_op)
-    return d_params, d_grads, d_lrs, None, None
-
-
-_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-# d lr_i = -alpha * sum over lr_i's broadcast dims of grads_i * grad_outs_i. Its own gradient is
-# the update with no params: d grads_i = -alpha * A_i * grad_outs_i and d grad_outs_i =
-# -alpha * A_i * grads_i for the cotangent A_i of d lr_i.
-
-
 def _lr_grad(grads, grad_outs, lrs, alpha):
-    """The reduction by the backend the registry's ``inner_update_lr_grad`` table picks: the
-    fused kernel (one pass, no ``[T, *shape]`` temporary) or plain torch ops."""
+    """``-alpha * (grads_i * grad_outs_i).sum_to_size(lrs_i.shape)`` by the backend the
+    registry's ``inner_update_lr_grad`` table picks: the fused kernel (one pass, no
+    ``[T, *shape]`` temporary) or plain torch ops."""
     name = registry.select(_LR_GRAD, grads)
     if name == "composite":
         return [(g * go).sum_to_size(lr.shape).mul(-alpha).contiguous()
@@ -265,87 +231,104 @@ def _lr_grad(grads, grad_outs, lrs, alpha):
 @torch.library.custom_op("fastmeta::inner_update_lr_grad", mutates_args=())
 def _lr_grad_fwd(
     grads: list[torch.Tensor], grad_outs: list[torch.Tensor], lrs: list[torch.Tensor], alpha: float,
-    backend: str,
 ) -> list[torch.Tensor]:
     """``out_i = -alpha * (grads_i * grad_outs_i).sum_to_size(lrs_i.shape)`` (``lrs`` only give
-    the shapes); ``backend`` is the update's, for the double backward."""
+    the shapes)."""
     return _lr_grad(grads, grad_outs, lrs, alpha)
 
 
 @_lr_grad_fwd.register_fake
-def _(grads, grad_outs, lrs, alpha, backend):
+def _(grads, grad_outs, lrs, alpha):
     return [torch.empty_like(lr, memory_format=torch.contiguous_format) for lr in lrs]
 
 
-def _lr_setup(ctx, inputs, output):
-    grads, grad_outs, lrs, alpha, backend = inputs
-    ctx.alpha, ctx.backend, ctx.n = alpha, backend, len(grads)
-    ctx.save_for_backward(*grads, *grad_outs)
+def _run(params, grads, lrs, alpha, backend):
+    """The update's kernel, not differentiated: the registered op while torch.compile traces
+    (it has the fake implementation tracing needs), else the kernel itself."""
+    if torch.compiler.is_compiling():
+        return _fwd(list(params), list(grads), list(lrs), alpha, backend)
+    return registry.kernel(backend, _STEM, "inner_update")(params, grads, lrs, alpha)
 
 
-def _lr_backward(ctx, cots):
-    return (*_lr_grad_grads(ctx, cots, _fwd), [None] * ctx.n, None, None)
+def _run_lr_grad(grads, grad_outs, lrs, alpha, backend=None):
+    """The lr-gradient reduction, not differentiated (see :func:`_run`; it follows its tensors,
+    not the update's ``backend``)."""
+    if torch.compiler.is_compiling():
+        return _lr_grad_fwd(list(grads), list(grad_outs), list(lrs), alpha)
+    return _lr_grad(grads, grad_outs, lrs, alpha)
 
 
-def _lr_grad_grads(ctx, cots, update):
-    saved = ctx.saved_tensors
-    grads, grad_outs = list(saved[: ctx.n]), list(saved[ctx.n :])
-    cots = [c if c is not None else torch.zeros((), dtype=g.dtype, device=g.device)
-            for c, g in zip(cots, grads)]
-    d_grads = update([], grad_outs, cots, ctx.alpha, ctx.backend)
-    d_grad_outs = update([], grads, cots, ctx.alpha, ctx.backend)
-    return d_grads, d_grad_outs
-
-
-_lr_grad_fwd.register_autograd(_lr_backward, setup_context=_lr_setup)
-
-
-def _lr_grad_op(grads, grad_outs, lrs, alpha, backend):
-    return _lr_grad_fwd(grads, grad_outs, lrs, alpha, backend)
-
-
-class _EagerUpdate(torch.autograd.Function):
-    """The same op for eager mode: the kernel behind a plain autograd.Function. Measured on the
-    sinusoid MLP (6 tensors, T = 25): the custom op's Python autograd wrapper costs several
-    times the update itself; this one costs about what a per-tensor loop does. torch.compile
-    traces the registered op instead (it has the fake implementation)."""
+class _Update(torch.autograd.Function):
+    """``out_i = params_i - alpha * lrs_i * grads_i``, differentiable in all three lists to any
+    order: the backward is this op again (d grads) and :class:`_LrGrad` (d lrs)."""
 
     @staticmethod
     def forward(ctx, backend, alpha, n_params, n_lrs, *flat):
-        n = (len(flat) - n_params - n_lrs)
+        n = len(flat) - n_params - n_lrs
         params, grads, lrs = flat[:n_params], flat[n_params : n_params + n], flat[n_params + n :]
-        _save(ctx, params, grads, lrs, alpha, backend)
-        return tuple(registry.kernel(backend, _STEM, "inner_update")(list(params), list(grads), list(lrs), alpha))
+        ctx.alpha, ctx.backend = alpha, backend
+        ctx.param_shapes = [p.shape for p in params]
+        ctx.out_meta = [(g.shape, g.dtype, g.device) for g in grads]
+        ctx.n_lrs = len(lrs)
+        ctx.lr_grad = any(lr.requires_grad for lr in lrs)
+        ctx.g_grad = any(g.requires_grad for g in grads)
+        saved_g = list(grads) if ctx.lr_grad else []
+        saved_lr = list(lrs) if (ctx.g_grad or ctx.lr_grad) else []
+        ctx.n_saved_g = len(saved_g)
+        ctx.save_for_backward(*saved_g, *saved_lr)
+        return tuple(_run(params, grads, lrs, alpha, backend))
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        d_params, d_grads, d_lrs = _grads(ctx, grad_outs, _eager, _eager_lr_grad)
+        gos = [
+            go if go is not None else torch.zeros(s, dtype=d, device=dev)
+            for go, (s, d, dev) in zip(grad_outs, ctx.out_meta)
+        ]
+        saved = ctx.saved_tensors
+        grads, lrs = list(saved[: ctx.n_saved_g]), list(saved[ctx.n_saved_g :])
+        alpha, backend = ctx.alpha, ctx.backend
+        # (torch.compile differentiates once: its backward graph takes the kernels themselves)
+        compiling = torch.compiler.is_compiling()
+        update = _run if compiling else _update
+        lr_grad = _run_lr_grad if compiling else _lr_grad_op
+        d_params = [go.sum_to_size(s) for go, s in zip(gos, ctx.param_shapes)]
+        # d grads_i = -alpha * lr_i * go_i: the update with no params (they read as 0)
+        d_grads = update([], gos, lrs, alpha, backend) if ctx.g_grad else [None] * len(gos)
+        d_lrs = lr_grad(grads, gos, lrs, alpha, backend) if ctx.lr_grad else [None] * ctx.n_lrs
         return (None, None, None, None, *d_params, *d_grads, *d_lrs)
 
 
-def _eager(params, grads, lrs, alpha, backend):
-    return list(_EagerUpdate.apply(backend, alpha, len(params), len(lrs), *params, *grads, *lrs))
+def _update(params, grads, lrs, alpha, backend):
+    return list(_Update.apply(backend, alpha, len(params), len(lrs), *params, *grads, *lrs))
 
 
-class _EagerLrGrad(torch.autograd.Function):
-    """Eager counterpart of ``fastmeta::inner_update_lr_grad`` (see :class:`_EagerUpdate`)."""
+class _LrGrad(torch.autograd.Function):
+    """``d lr_i = -alpha * sum over lr_i's broadcast dims of grads_i * grad_outs_i``. Its own
+    gradient is the update with no params: d grads_i = -alpha * A_i * grad_outs_i and
+    d grad_outs_i = -alpha * A_i * grads_i for the cotangent A_i of d lr_i."""
 
     @staticmethod
     def forward(ctx, backend, alpha, *flat):
         n = len(flat) // 3
-        grads, grad_outs, lrs = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n :])
+        grads, grad_outs, lrs = flat[:n], flat[n : 2 * n], flat[2 * n :]
         ctx.alpha, ctx.backend, ctx.n = alpha, backend, n
         ctx.save_for_backward(*grads, *grad_outs)
-        return tuple(_lr_grad(grads, grad_outs, lrs, alpha))
+        return tuple(_run_lr_grad(grads, grad_outs, lrs, alpha))
 
     @staticmethod
     def backward(ctx, *cots):
-        d_grads, d_grad_outs = _lr_grad_grads(ctx, cots, _eager)
+        saved = ctx.saved_tensors
+        grads, grad_outs = list(saved[: ctx.n]), list(saved[ctx.n :])
+        cots = [c if c is not None else torch.zeros((), dtype=g.dtype, device=g.device)
+                for c, g in zip(cots, grads)]
+        update = _run if torch.compiler.is_compiling() else _update
+        d_grads = update([], grad_outs, cots, ctx.alpha, ctx.backend)
+        d_grad_outs = update([], grads, cots, ctx.alpha, ctx.backend)
         return (None, None, *d_grads, *d_grad_outs, *([None] * ctx.n))
 
 
-def _eager_lr_grad(grads, grad_outs, lrs, alpha, backend):
-    return list(_EagerLrGrad.apply(backend, alpha, *grads, *grad_outs, *lrs))
+def _lr_grad_op(grads, grad_outs, lrs, alpha, backend):
+    return list(_LrGrad.apply(backend, alpha, *grads, *grad_outs, *lrs))
 
 
 # ---- public function -----------------------------------------------------------------------
@@ -379,9 +362,10 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
         Differentiable w.r.t. ``params``, ``grads`` and tensor ``lr`` entries, and twice
         (second-order MAML; gradcheck and gradgradcheck pass on every backend).
 
-    Eager calls run the kernel behind an ``autograd.Function`` (or directly when nothing
-    requires grad); ``torch.compile`` traces the registered op ``fastmeta::inner_update_fwd``;
-    inside ``torch.func`` transforms (vmap, grad, jvp) the reference's plain torch ops run.
+    The kernel runs behind one ``autograd.Function`` (directly when nothing requires grad);
+    ``torch.compile`` traces that Function around the registered op
+    ``fastmeta::inner_update_fwd``; inside ``torch.func`` transforms (vmap, grad, jvp) the
+    reference's plain torch ops run.
 
     Example::
 
@@ -407,7 +391,6 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
     if not plist:
         return _pack(kind, keys, [])
     tensors = [*glist, *plist, *lrs]
-    compiling = torch.compiler.is_compiling()
     # (each grad and lr has its parameter's dtype and device, checked above: the parameters
     # decide what the backends' one-dtype-one-device limit sees)
     name = registry.select("inner_update", plist, backend)
@@ -418,14 +401,12 @@ def inner_update(params, grads, lr, *, backend: str | None = None):
             outs = [p - lr_i * g for p, g, lr_i in zip(plist, glist, lrs)]
         else:
             outs = [p - alpha * g for p, g in zip(plist, glist)]
-    elif not compiling and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        # nothing to differentiate (e.g. inside inner_loop's own autograd.Function): the kernel
-        # directly, without the custom op's Python autograd wrapper (~40 us per call)
-        outs = registry.kernel(name, _STEM, "inner_update")(plist, glist, lrs, alpha)
-    elif compiling:  # the registered op: it has the fake implementation tracing needs
-        outs = _fwd(plist, glist, lrs, alpha, name)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        outs = _update(plist, glist, lrs, alpha, name)
     else:
-        outs = _eager(plist, glist, lrs, alpha, name)
+        # nothing to differentiate (e.g. inside inner_loop's own autograd.Function): the kernel
+        # without the autograd.Function around it
+        outs = _run(plist, glist, lrs, alpha, name)
     return _pack(kind, keys, outs)
 
 

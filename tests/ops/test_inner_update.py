@@ -315,9 +315,9 @@ def test_gradcheck_and_gradgradcheck_all_inputs(backend, lr_form):
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("with_params", [True, False])
-def test_registered_op_gradcheck_and_gradgradcheck(backend, with_params):
-    # eager calls run the kernel behind an autograd.Function; torch.compile traces the registered
-    # op, whose register_autograd formula is checked here directly
+def test_update_function_gradcheck_and_gradgradcheck(backend, with_params):
+    # the one autograd formulation (eager and torch.compile), called directly: also the forms
+    # the public function never builds (no params, per-task lr without a parameter to match)
     shapes, T = [(2, 3), (3,), ()], 2
     ps, gs, _ = make_inputs(shapes, T, F64, "list")
     forms = [torch.rand((), dtype=F64, device=DEVICE), torch.rand(3, dtype=F64, device=DEVICE),
@@ -327,7 +327,8 @@ def test_registered_op_gradcheck_and_gradgradcheck(backend, with_params):
     k = n if with_params else 0
 
     def fn(*flat):
-        return tuple(iu_mod._fwd(list(flat[:k]), list(flat[k:k + n]), list(flat[k + n:]), 0.7, backend))
+        ps, gs, lrs = list(flat[:k]), list(flat[k:k + n]), list(flat[k + n:])
+        return tuple(iu_mod._update(ps, gs, lrs, 0.7, backend))
 
     assert torch.autograd.gradcheck(fn, flat)
     assert torch.autograd.gradgradcheck(fn, flat)
@@ -367,6 +368,9 @@ def test_torch_func_transforms_use_the_reference():
 
 
 # ---- registered op: opcheck, torch.compile ---------------------------------------------------
+# The registered ops carry the kernels and their fake implementations, no autograd formula of
+# their own: differentiation is the autograd.Function around them, in eager mode and under
+# torch.compile (checked by gradcheck above and the compile test below).
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -383,46 +387,60 @@ def test_opcheck_registered_op(backend):
         (expanded, gs, per_elem, 0.5),
     ]
     for p, g, l, a in calls:
-        p = [t.detach().clone().requires_grad_() for t in p]
-        g = [t.detach().clone().requires_grad_() for t in g]
-        l = [t.detach().clone().requires_grad_() for t in l]
         torch.library.opcheck(iu_mod._fwd, (p, g, l, a, backend))
+        want = [(pi if p else 0) - a * (l[i] if l else 1) * gi for i, (pi, gi) in
+                enumerate(zip(p or g, g))]
+        for o, w in zip(iu_mod._fwd(p, g, l, a, backend), want):
+            assert_close64(o, w)
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_opcheck_lr_grad_op(backend):
+def test_opcheck_lr_grad_op():
+    # (the reduction follows its tensors: registry table inner_update_lr_grad)
     shapes, T = [(2, 3), (4,), (0,), (), (2, 5)], 3
-    gs = [torch.randn(T, *s, dtype=F64, device=DEVICE, requires_grad=True) for s in shapes]
-    gos = [torch.randn(T, *s, dtype=F64, device=DEVICE, requires_grad=True) for s in shapes]
+    gs = [torch.randn(T, *s, dtype=F64, device=DEVICE) for s in shapes]
+    gos = [torch.randn(T, *s, dtype=F64, device=DEVICE) for s in shapes]
     lrs = [torch.rand((), dtype=F64, device=DEVICE), torch.rand(4, dtype=F64, device=DEVICE),
            torch.rand(T, 0, dtype=F64, device=DEVICE), torch.rand(T, dtype=F64, device=DEVICE),
            torch.rand(T, 1, 5, dtype=F64, device=DEVICE)]  # last: the ATen fallback
-    torch.library.opcheck(iu_mod._lr_grad_fwd, (gs, gos, lrs, 0.6, backend))
-    out = iu_mod._lr_grad_fwd(gs, gos, lrs, 0.6, backend)
+    torch.library.opcheck(iu_mod._lr_grad_fwd, (gs, gos, lrs, 0.6))
+    out = iu_mod._lr_grad_fwd(gs, gos, lrs, 0.6)
     for o, g, go, lr in zip(out, gs, gos, lrs):
         assert_close64(o, -0.6 * (g * go).sum_to_size(lr.shape))
 
 
+# aot_eager traces the autograd.Function around the registered ops; inductor (torch.compile's
+# default) also compiles the graph around them
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", FAST)
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, compiler):
     T = 3
     P = {"w": torch.randn(T, 4, 2, device=DEVICE), "b": torch.randn(T, 4, device=DEVICE)}
-    G = {k: torch.randn_like(v) for k, v in P.items()}
+    G = {k: torch.randn_like(v).requires_grad_() for k, v in P.items()}
     lr = {k: torch.rand(v.shape[1:], device=DEVICE, requires_grad=True) for k, v in P.items()}
+    P = {k: v.requires_grad_() for k, v in P.items()}
+    graphs = []
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    def record(gm, example_inputs):  # the Dynamo graph, then the chosen compiler on it
+        graphs.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend(compiler)(gm, example_inputs)
+
+    @torch.compile(fullgraph=True, backend=record)
     def step(P, G, lr):
         new = inner_update(P, G, lr, backend=backend)
         new = inner_update(new, G, 0.1, backend=backend)
         return sum((v * v).sum() for v in new.values())
 
+    inputs = [*P.values(), *G.values(), *lr.values()]
     loss = step(P, G, lr)
-    gl = torch.autograd.grad(loss, list(lr.values()))
-    lr2 = {k: v.detach().clone().requires_grad_() for k, v in lr.items()}
-    ref = sum(((P[k] - lr2[k] * G[k] - 0.1 * G[k]) ** 2).sum() for k in P)
-    gr = torch.autograd.grad(ref, list(lr2.values()))
+    got = torch.autograd.grad(loss, inputs)
+    code = "\n".join(g.print_readable(print_output=False) for g in graphs)
+    assert "fastmeta.inner_update_fwd" in code and "fastmeta.inner_update_lr_grad" in code
+    ref_in = [t.detach().clone().requires_grad_() for t in inputs]
+    Pr, Gr, Lr = dict(zip(P, ref_in[:2])), dict(zip(P, ref_in[2:4])), dict(zip(P, ref_in[4:]))
+    ref = sum(((Pr[k] - Lr[k] * Gr[k] - 0.1 * Gr[k]) ** 2).sum() for k in P)
+    want = torch.autograd.grad(ref, ref_in)
     torch.testing.assert_close(loss, ref)
-    for a, b in zip(gl, gr):
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
 
