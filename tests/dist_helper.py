@@ -36,7 +36,7 @@ from learner_helpers import blob_dataset
 from torch import nn
 
 from fastmeta import cli, data, distributed
-from fastmeta.learners import MAML, EpisodicLearner, ProtoNet
+from fastmeta.learners import MAML, EpisodicLearner, MatchingNet, ProtoNet
 from fastmeta.nn import Conv4, TaskConv4
 from fastmeta.rl import GaussianMLPPolicy, MAMLTRPO
 
@@ -83,16 +83,6 @@ def _inject_failure(rank: int, step: int) -> None:
         cls.forward = failing
 
 
-def _without_batchnorm(module: nn.Module) -> nn.Module:
-    """``module`` with every BatchNorm2d replaced by Identity (no coupling between episodes)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, nn.Identity())
-        else:
-            _without_batchnorm(child)
-    return module
-
-
 def run_rank(argv: list[str], writes: str | None = None, fail: tuple[int, int] | None = None) -> int:
     """One rank (or the only process): the CLI on a 28x28 blob dataset."""
     ds = blob_dataset(size=28)
@@ -125,11 +115,13 @@ def _forked_rank(local_rank: int, world: int, port: int, argv: list[str], writes
 
 def grad_models(dtype: torch.dtype) -> dict[str, nn.Module]:
     """The learners of the gradient check, built the same way in every process: MAML on a
-    task-batched Conv4 (per-task BatchNorm) and ProtoNet on Conv4 without BatchNorm."""
+    task-batched Conv4 (per-task BatchNorm), ProtoNet and MatchingNet on the default Conv4
+    (per-episode BatchNorm, fastmeta.nn.episode)."""
     torch.manual_seed(0)
     maml = EpisodicLearner(MAML(TaskConv4(1, n_way=5, hidden=8, image_size=28), 0.4), steps=1)
-    proto = ProtoNet(_without_batchnorm(Conv4(1, hidden=8)))
-    return {"maml": maml.to(dtype), "protonet": proto.to(dtype)}
+    proto = ProtoNet(Conv4(1, hidden=8))
+    matching = MatchingNet(Conv4(1, hidden=8))
+    return {"maml": maml.to(dtype), "protonet": proto.to(dtype), "matching": matching.to(dtype)}
 
 
 def grad_batch(dtype: torch.dtype, batch: int = 4):
@@ -140,7 +132,8 @@ def grad_batch(dtype: torch.dtype, batch: int = 4):
 
 def learner_grads(model: nn.Module, batch, reduce: bool) -> dict[str, torch.Tensor]:
     """``.grad`` of every parameter after one loss on ``batch`` (this rank's shard of it when
-    ``reduce``, then averaged over the ranks), as in fastmeta.distributed's example."""
+    ``reduce``, then averaged over the ranks), as in fastmeta.distributed's example, and the
+    floating-point buffers (BatchNorm running statistics) as ``buffer:<name>``."""
     model.zero_grad()
     if reduce:
         batch = distributed.shard(batch)
@@ -148,7 +141,9 @@ def learner_grads(model: nn.Module, batch, reduce: bool) -> dict[str, torch.Tens
     loss.backward()
     if reduce:
         distributed.all_reduce_gradients(model)
-    return {k: p.grad.clone() for k, p in model.named_parameters()}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    buffers = {f"buffer:{k}": b.clone() for k, b in model.named_buffers() if b.is_floating_point()}
+    return grads | buffers
 
 
 def _forked_grads(local_rank: int, world: int, port: int, out: str) -> None:

@@ -107,7 +107,10 @@ def episode_batch_norm(bn: _BatchNorm, h: torch.Tensor, episodes: int) -> torch.
         with torch.no_grad():
             bn.running_mean.copy_(rm.view(episodes, C).mean(0))
             bn.running_var.copy_(rv.view(episodes, C).mean(0))
-    return out.reshape(h.shape)
+    # Back to [M * B, C, *] as a NON-view for autograd (same storage): an in-place op on the
+    # result (Conv4's ReLU(inplace=True)) on a view would make autograd rebuild the whole base
+    # tensor in backward (CopySlices: a copy and a fill per layer, ~25% of a ProtoNet step).
+    return torch.ops.aten._unsafe_view(out.contiguous(), h.shape)
 
 
 def run_episodes(module: nn.Module, h: torch.Tensor, episodes: int) -> torch.Tensor:
