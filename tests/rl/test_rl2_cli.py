@@ -1,13 +1,15 @@
 """``python -m fastmeta rl rl2``: results.json with per-episode returns, metrics, exact resume
 (Adam state included), the SNAIL flag, refused checkpoints."""
 
+import argparse
 import csv
 import json
 
 import pytest
 import torch
 
-from fastmeta import cli
+from fastmeta import cli, rl
+from fastmeta.cli.rl_rl2 import _fill_defaults
 from fastmeta.train import load_checkpoint
 
 SMALL = ["--tasks", "6", "--hidden", "8", "--minibatches", "2", "--epochs", "2", "--val-tasks", "4",
@@ -65,6 +67,21 @@ def test_snail_policy_flag_and_refused_checkpoint(tmp_path):
     assert any(k.startswith("policy.blocks.") for k in model)
     with pytest.raises(SystemExit, match="--policy 'snail'"):
         run(tmp_path, "nav2d", "--iterations", "2", "--policy", "gru", "--resume")
+
+
+def test_bandit_reward_scale_default_follows_the_pulls():
+    def scale(env, *extra):
+        a = argparse.Namespace(env=env, episodes=None, tasks=None, lam=None, reward_scale=None,
+                               trials=1, env_steps=None)
+        for k, v in extra:
+            setattr(a, k, v)
+        _fill_defaults(a, rl.make(env))
+        return a.reward_scale
+
+    assert scale("bandit-k5-n10") == 1.0  # the 5M-step runs of rl2.md keep their setting
+    assert scale("bandit-k10-n100") == pytest.approx(0.1)
+    assert scale("bandit-k10-n100", ("reward_scale", 0.5)) == 0.5
+    assert scale("tabular-mdp") == 0.1
 
 
 def test_unknown_env_is_refused(tmp_path):
