@@ -18,6 +18,14 @@ backward), so a meta-step does about one extra support forward+backward per inne
 compared with the unrolled loop. Measured memory and time against the unrolled loop:
 ``bench/results/inner_loop_hvp.md``.
 
+``recompute=False`` trades that memory for the time: each step's gradient is taken with its
+double-backward graph kept (``create_graph=True``) and the backward runs the Hessian-vector
+products on those graphs (exactly the unrolled loop's memory, as learn2learn's clone/adapt;
+same values). The default (``recompute=None``) does so for CPU tensors, where the
+recomputation cost 20-25 % of a second-order meta-step of learn2learn's conv models (T=32,
+1 thread; ``bench/results/dropin.md``) and memory is rarely what limits, and recomputes on
+other devices.
+
 This is a model-level op (it runs the module), so it is a ``torch.autograd.Function``, not a
 ``torch.library`` custom op.
 """
@@ -74,15 +82,25 @@ class _InnerLoop(torch.autograd.Function):
         theta = [p.detach() for p in params]
         iterates = []
         rng = []
+        graphs = []
         for _ in range(plan.steps):
             iterates.append(theta)
             rng.append(torch.random.get_rng_state())
             if plan.cuda_rng:
                 rng[-1] = (rng[-1], torch.cuda.get_rng_state(plan.x.device))
-            _, grads = plan.grad(dict(zip(plan.names, theta)))
+            if plan.keep:
+                # keep this step's double-backward graph for the backward (no recomputation)
+                leaves, g = _hvp.grad_graph(plan.fn, dict(zip(plan.names, theta)), plan.x, plan.y,
+                                            plan.loss_fn)
+                graphs.append((leaves, g))
+                grads = {k: torch.zeros_like(t) if gi is None else gi.detach()
+                         for k, t, gi in zip(plan.names, theta, g)}
+            else:
+                _, grads = plan.grad(dict(zip(plan.names, theta)))
             theta = _update(theta, [grads[k] for k in plan.names], lrs)
         ctx.plan = plan
         ctx.rng = rng
+        ctx.graphs = graphs
         flat = [t for it in iterates for t in it]
         ctx.save_for_backward(*flat, *lr_inputs)
         return tuple(t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta, params))
@@ -114,7 +132,13 @@ class _InnerLoop(torch.autograd.Function):
                     torch.cuda.set_rng_state(cuda_state, plan.x.device)
                 torch.random.set_rng_state(cpu_state)
                 theta = dict(zip(names, iterates[i]))
-                if plan.first_order:
+                if ctx.graphs and ctx.graphs[i] is not None:
+                    # (a second backward, retain_graph=True, finds it used and recomputes)
+                    leaves, g = ctx.graphs[i]
+                    ctx.graphs[i] = None  # free step i's graph as soon as it is used
+                    u = [(vv * lr).to(vv.dtype) for vv, lr in zip(v, lrs)]
+                    grads, hv = _hvp.hvp_from_graph(names, leaves, g, u)
+                elif plan.first_order:
                     _, grads = plan.grad(theta)
                     hv = None
                 else:
@@ -148,8 +172,9 @@ def _reduce_to(d: torch.Tensor, shape) -> torch.Tensor:
 class _Plan:
     """Configuration of one inner_loop call (not a tensor input of the autograd.Function)."""
 
-    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad):
+    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad, keep=False):
         self.fn, self.x, self.y = fn, x, y
+        self.keep = keep  # keep each step's double-backward graph (no recomputation in the backward)
         self.n_lr, self.x_grad = n_lr, x_grad
         self.names = tuple(fn.names)
         self.steps, self.first_order, self.loss_fn, self.backend = steps, first_order, loss_fn, backend
@@ -202,6 +227,7 @@ def inner_loop(
     first_order: bool = False,
     loss_fn=F.cross_entropy,
     hvp_backend: str | None = None,
+    recompute: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """``steps`` gradient steps on every task's support set at once, as one autograd op.
 
@@ -237,6 +263,12 @@ def inner_loop(
         loss_fn: per-example loss (``F.cross_entropy``, ``F.mse_loss`` or any callable
             ``(out, y)``); each task's loss is its mean over N, the inner objective is their sum.
         hvp_backend: force task_hvp's ``"analytic"``, ``"func"`` or ``"reference"``.
+        recompute: True: the backward recomputes each step's activations (memory grows with
+            ``steps`` by the parameters only); False: each step's double-backward graph is
+            kept from the forward (the unrolled loop's memory, one support forward+backward
+            per step less work); None: False for CPU tensors, True elsewhere. Only the
+            double-backward (``reference``) strategy can keep graphs: with the analytic MLP
+            kernels, ``func``, first order or a ``support_x`` that requires grad it recomputes.
 
     Returns:
         ``{name: [T, *shape]}`` adapted parameters, differentiable w.r.t. ``params`` and ``lr``
@@ -289,7 +321,14 @@ def inner_loop(
         backend = "none"
     else:
         backend = registry.select(_hvp.HVP_OP, tensors, hvp_backend, fn=fn, loss_fn=loss_fn)
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be True, False or None, got {recompute!r}")
+    if recompute is None:
+        recompute = support_x.device.type != "cpu"
+    keep = (not recompute and backend == "reference" and not first_order and not x_grad
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in [*(params[k] for k in names), *lr_tensors]))
     plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec,
-                 len(lr_tensors), x_grad)
+                 len(lr_tensors), x_grad, keep)
     out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors, *([support_x] if x_grad else []))
     return dict(zip(names, out))

@@ -161,6 +161,29 @@ def grad_reference(fn, params, x, y, loss_fn):
     return losses.detach(), dict(zip(names, _zeros_for_none(g, p.values())))
 
 
+def grad_graph(fn, params, x, y, loss_fn):
+    """``(leaves, grads)``: the per-task gradients of the summed loss at fresh leaves made from
+    ``params``, with their graph (``create_graph=True``) kept for :func:`hvp_from_graph`."""
+    with torch.enable_grad():
+        p = _leaves(params, tuple(fn.names))
+        leaves = list(p.values())
+        losses = _summed_losses(fn, p, x, y, loss_fn)
+        return leaves, torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
+
+
+def hvp_from_graph(names, leaves, g, v: list):
+    """``(grads, hvps)`` dicts from :func:`grad_graph`'s output and the vectors ``v`` (a list
+    in ``names`` order): the double backward of ``g`` with ``v``, which frees the graph."""
+    live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+    hv = [None] * len(names)
+    if live:
+        out = torch.autograd.grad([g[i] for i in live], leaves, grad_outputs=[v[i] for i in live],
+                                  allow_unused=True)
+        hv = list(out)
+    gd = [None if gi is None else gi.detach() for gi in g]
+    return dict(zip(names, _zeros_for_none(gd, leaves))), dict(zip(names, _zeros_for_none(hv, leaves)))
+
+
 def hvp_reference(fn, params, x, y, v, loss_fn, x_grad: bool = False):
     """``(losses, grads, hvps)``; with ``x_grad`` also ``(d g / d x)^T v`` (the mixed second
     derivative, ``[T, N, *in]``) from the same double backward, for inner_loop's gradient
