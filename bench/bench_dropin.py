@@ -5,7 +5,8 @@ which runs at learn2learn's speed), second-order MAML, one meta-step (forward + 
 Method: float64 gate first (meta-gradients of both against each other, relative error
 ``||a - b|| / ||b||`` per parameter, must be <= 1e-10, on a 2-task batch of the same model);
 then float32 timing, the two rows interleaved call by call in the same process and thread
-count (median and p20/p80 of the per-call times). Results: a table on stdout, JSON lines under
+count (median and p20/p80 of the per-call times; also the process CPU time of each call, which
+on a shared machine is less disturbed by the other processes than the wall clock). Results: a table on stdout, JSON lines under
 bench/results/ (``dropin-<device>.jsonl``), and with ``--md`` a Markdown table appended there.
 
     OMP_NUM_THREADS=1 python bench/bench_dropin.py --threads 1 --small   # a quick check
@@ -90,13 +91,17 @@ def time_pair(name, steps, args):
     for f in fns.values():  # warm-up (also plans the task function)
         f()
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     t_end = time.perf_counter() + args.budget
     rounds = 0
     while rounds < args.min_rounds or (time.perf_counter() < t_end and rounds < args.max_rounds):
         for k, f in fns.items():
-            times[k].extend(C.time_calls(f, device="cpu", reps=1)["times_ms"])
+            r = C.time_calls(f, device="cpu", reps=1, cpu_clock=True)
+            times[k].extend(r["times_ms"])
+            cpu[k].extend(r["cpu_times_ms"])
         rounds += 1
-    return {k: C.summarize_ms(v) for k, v in times.items()}, task_function(model).path
+    return ({k: C.summarize_ms(v) for k, v in times.items()}, {k: C.summarize_ms(v) for k, v in cpu.items()},
+            task_function(model).path)
 
 
 def main(argv=None):
@@ -126,21 +131,25 @@ def main(argv=None):
                 ok = err <= 1e-10
                 if not ok:
                     print(f"WRONG {name} k={steps}: meta-gradients differ by {err:.2e} (float64)")
-                    rows.append([name, str(steps), str(nthr), "-", "-", "-", "-", f"{err:.1e} WRONG"])
+                    rows.append([name, str(steps), str(nthr), "-", "-", "-", "-", "-", "-", f"{err:.1e} WRONG"])
                     continue
-                stats, path = time_pair(name, steps, args)
+                stats, cpu, path = time_pair(name, steps, args)
                 fm, l2l = stats["fastmeta meta_loss"], stats["clone/adapt loop"]
                 speed = l2l["median_ms"] / fm["median_ms"]
+                cfm, cl2l = cpu["fastmeta meta_loss"], cpu["clone/adapt loop"]
+                cspeed = cl2l["median_ms"] / cfm["median_ms"]
                 rows.append([name, str(steps), str(nthr), path,
                              f"{fm['median_ms']:.1f} [{fm['p20_ms']:.1f}-{fm['p80_ms']:.1f}]",
                              f"{l2l['median_ms']:.1f} [{l2l['p20_ms']:.1f}-{l2l['p80_ms']:.1f}]",
-                             f"{speed:.2f}x", f"{err:.1e}"])
+                             f"{speed:.2f}x", f"{cfm['median_ms']:.1f} / {cl2l['median_ms']:.1f}",
+                             f"{cspeed:.2f}x", f"{err:.1e}"])
                 records.append(dict(model=name, steps=steps, n_threads=nthr, T=args.T, ways=args.ways,
                                     shots=args.shots, query=args.query, small=args.small, path=path,
-                                    fastmeta=fm, clone_adapt=l2l, speedup=speed, gate_rel_err=err))
+                                    fastmeta=fm, clone_adapt=l2l, speedup=speed, fastmeta_cpu=cfm,
+                                    clone_adapt_cpu=cl2l, cpu_speedup=cspeed, gate_rel_err=err))
                 print(" | ".join(rows[-1]), flush=True)
     header = ["model", "k", "threads", "fastmeta path", "meta_loss ms [p20-p80]", "clone/adapt ms [p20-p80]",
-              "speedup", "f64 grad err"]
+              "speedup", "CPU ms meta_loss / clone/adapt", "CPU-time speedup", "f64 grad err"]
     table = C.format_table(header, rows)
     print("\n".join(table))
     if records:
