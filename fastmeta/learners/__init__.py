@@ -5,7 +5,9 @@ from fastmeta.learners.baseline import Baseline, cosine_logits, fit_heads
 from fastmeta.learners.pixel_nn import PixelNN
 from fastmeta.learners.imaml import iMAML
 from fastmeta.learners.mann import MANN
-from fastmeta.learners.maml import ANIL, MAML, EpisodicLearner, MetaLossResult, MetaSGD, clone_module
+from fastmeta.learners._clone import clone_module
+from fastmeta.learners.episodic import EpisodicLearner
+from fastmeta.learners.maml import ANIL, MAML, MetaLossResult, MetaSGD
 from fastmeta.learners.matching import MatchingNet
 from fastmeta.learners.metalstm import MetaLSTM
 from fastmeta.learners.protonet import ProtoNet

@@ -43,118 +43,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.func import inner_loop, task_function, task_losses
-from fastmeta.learners._evaluate import EvalResult, FewShotLearner, evaluate_episodes
+from fastmeta.learners._clone import adaptable, adapt_module, clone_module
 from fastmeta.learners._meta_loss import MetaLossResult, task_metric
 from fastmeta.learners._meta_loss import check_batch as _check_batch
 from fastmeta.learners._meta_loss import check_chunk as _check_chunk
 from fastmeta.learners._meta_loss import metric_name as _metric_name
 from fastmeta.learners._meta_loss import run_meta_loss as _run_meta_loss
-from fastmeta.ops import checks, inner_update
+from fastmeta.ops import checks
 
 Tensor = torch.Tensor
-
-
-# ---- learn2learn-style cloning --------------------------------------------------------------
-
-
-def clone_module(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters are differentiable functions (``clone()``) of the
-    original's: gradients of anything computed with the copy flow back to the original
-    parameters. Buffers that require grad are cloned too; the others (BatchNorm running
-    statistics) are shared, as in learn2learn. Parameters and submodules shared inside
-    ``module`` stay shared in the copy."""
-    return _clone(module, {}, {})
-
-
-def _clone(module: nn.Module, tensors: dict, modules: dict) -> nn.Module:
-    if id(module) in modules:
-        return modules[id(module)]
-    new = module.__new__(type(module))
-    new.__dict__ = module.__dict__.copy()
-    modules[id(module)] = new
-    new._parameters = module._parameters.copy()
-    new._buffers = module._buffers.copy()
-    new._modules = module._modules.copy()
-
-    def cloned(t):
-        if id(t) not in tensors:
-            tensors[id(t)] = (t.clone(), t)  # keep t alive: ids must not be reused meanwhile
-        return tensors[id(t)][0]
-
-    for k, p in new._parameters.items():
-        if p is not None:
-            new._parameters[k] = cloned(p)
-    for k, b in new._buffers.items():
-        if b is not None and b.requires_grad:
-            new._buffers[k] = cloned(b)
-    for k, m in new._modules.items():
-        if m is not None:
-            new._modules[k] = _clone(m, tensors, modules)
-    _refresh_rnn(new)
-    return new
-
-
-def _refresh_rnn(module: nn.Module) -> None:
-    # nn.RNNBase keeps a list of its weight tensors for cuDNN; point it at the new tensors
-    if isinstance(module, nn.RNNBase):
-        module._init_flat_weights()
-
-
-def _replace_parameters(module: nn.Module, new: dict[int, Tensor]) -> None:
-    """Swap every parameter ``p`` of ``module`` (and its submodules) with ``id(p) in new``
-    for ``new[id(p)]``, in place (the module objects stay; only the tensors change)."""
-    for m in module.modules():
-        for k, p in m._parameters.items():
-            if p is not None and id(p) in new:
-                m._parameters[k] = new[id(p)]
-        _refresh_rnn(m)
-
-
-def _adaptable(module: nn.Module) -> list[tuple[str, Tensor]]:
-    """``(name, parameter)`` for what ``adapt`` steps: ``module.parameters()`` -- the module's
-    own method, which research code overrides to leave out parameters that are state (the
-    MAML-PyTorch ``Learner`` returns its ``vars`` list, not its BatchNorm running statistics
-    kept as non-trainable Parameters), as learn2learn's ``maml_update`` does -- each tensor once,
-    named as in ``named_parameters()``. A tensor the module does not register is skipped: the
-    update could not be put back into the module."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    out, seen = [], set()
-    for p in module.parameters():
-        if id(p) in names and id(p) not in seen:
-            seen.add(id(p))
-            out.append((names[id(p)], p))
-    return out
-
-
-def _adapt_module(module: nn.Module, loss: Tensor, lr_of: Callable[[str, Tensor], object], first_order: bool,
-                  allow_unused: bool, allow_nograd: bool, who: str) -> None:
-    """One learn2learn-style adaptation step of ``module`` in place: ``p <- p - lr * dloss/dp``
-    for every parameter that gets a gradient, through ``fastmeta.ops.inner_update``."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{who}.adapt: loss must be a scalar tensor, got {type(loss).__name__}")
-    second_order = not first_order
-    named = _adaptable(module)
-    if allow_nograd:
-        named = [(n, p) for n, p in named if p.requires_grad]
-    if not named:
-        return
-    try:
-        grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=second_order,
-                                    create_graph=second_order, allow_unused=allow_unused)
-    except RuntimeError as e:
-        raise RuntimeError(f"{who}.adapt: {e}\n(learn2learn semantics: pass allow_nograd=True to skip parameters "
-                           f"that do not require grad and/or allow_unused=True for parameters the loss does not "
-                           f"use)") from e
-    keep = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None]
-    if not keep:
-        return
-    lrs = [lr_of(n, p) for n, p, _ in keep]
-    lr = lrs if any(isinstance(x, torch.Tensor) for x in lrs) else lrs[0]
-    if isinstance(lr, list):
-        lr = [x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=p.dtype, device=p.device)
-              for x, (_, p, _) in zip(lr, keep)]
-    updated = inner_update([p for _, p, _ in keep], [g for _, _, g in keep], lr)
-    _replace_parameters(module, {id(p): u for (_, p, _), u in zip(keep, updated)})
 
 
 def _detached(params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -293,7 +190,7 @@ class MAML(_GradientLearner):
         override that leaves out state kept as Parameters is respected) with
         ``create_graph=not first_order``, so second-order MAML differentiates through it.
         A parameter there with ``requires_grad=False`` needs ``allow_nograd=True``."""
-        _adapt_module(self.module, loss, lambda n, p: self.lr,
+        adapt_module(self.module, loss, lambda n, p: self.lr,
                       **_flags(self, first_order, allow_unused, allow_nograd), who="MAML")
 
     # -- batched API --------------------------------------------------------------------------
@@ -348,7 +245,7 @@ class MetaSGD(MAML):
         super().__init__(model, lr, first_order, allow_unused, allow_nograd)
         # one rate per parameter that adapt() or meta_loss() can step (learn2learn: one per
         # model.parameters()); none for state kept as a non-trainable Parameter outside it
-        steppable = {n for n, _ in _adaptable(model)}
+        steppable = {n for n, _ in adaptable(model)}
         self.lrs = nn.ParameterDict({self.lr_key(n): nn.Parameter(torch.full_like(p.detach(), lr))
                                      for n, p in model.named_parameters() if p.requires_grad or n in steppable})
 
@@ -373,7 +270,7 @@ class MetaSGD(MAML):
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
         """One step ``p <- p - lrs[p] * dloss/dp`` (element-wise), in place."""
-        _adapt_module(self.module, loss, lambda n, p: self.lrs[self.lr_key(n)],
+        adapt_module(self.module, loss, lambda n, p: self.lrs[self.lr_key(n)],
                       **_flags(self, first_order, allow_unused, allow_nograd), who="MetaSGD")
 
     def _inner_lr(self, fn):
@@ -425,7 +322,7 @@ class ANIL(_GradientLearner):
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
         """One gradient step of the head on ``loss``, in place."""
-        _adapt_module(self.head, loss, lambda n, p: self.lr,
+        adapt_module(self.head, loss, lambda n, p: self.lr,
                       **_flags(self, first_order, allow_unused, allow_nograd), who="ANIL")
 
     def embed(self, x: Tensor) -> Tensor:
@@ -461,56 +358,3 @@ class ANIL(_GradientLearner):
             return task_losses(loss_fn, out, qy), task_metric(out.detach(), qy)
 
         return tasks_fn
-
-
-# ---- the few-shot learner the trainer, evaluator and CLI use --------------------------------
-
-
-class EpisodicLearner(FewShotLearner):
-    """A MAML-family learner as a :class:`FewShotLearner` (what the shared trainer, evaluator
-    and CLI drive): ``forward(support_x, support_y, query_x, query_y) -> (loss, metric)`` runs
-    ``meta.meta_loss`` with ``steps`` inner steps in training and ``test_steps`` in eval mode.
-
-    Args:
-        meta: a :class:`MAML`, :class:`MetaSGD` or :class:`ANIL`.
-        steps: inner steps during meta-training; test_steps: at evaluation (default: steps).
-        loss_fn: ``F.cross_entropy`` (classification, metric: accuracy) or ``F.mse_loss``
-            (regression, metric: MSE).
-        task_chunk: passed to ``meta_loss``.
-    """
-
-    def __init__(self, meta: _GradientLearner, steps: int = 1, test_steps: int | None = None,
-                 loss_fn: Callable = F.cross_entropy, task_chunk: int | None = None):
-        super().__init__()
-        self.meta = meta
-        self.steps = checks.steps_value(steps)
-        self.test_steps = (self.steps if test_steps is None
-                           else checks.steps_value(test_steps, "test_steps"))
-        self.loss_fn = loss_fn
-        self.task_chunk = _check_chunk(task_chunk)
-        self.metric = "mse" if loss_fn in (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss) else "accuracy"
-
-    def meta_loss(self, support_x, support_y, query_x, query_y) -> MetaLossResult:
-        steps = self.steps if self.training else self.test_steps
-        return self.meta.meta_loss(support_x, support_y, query_x, query_y, steps=steps, loss_fn=self.loss_fn,
-                                   task_chunk=self.task_chunk)
-
-    def forward(self, support_x, support_y, query_x, query_y, n_way: int | None = None, reduction: str = "mean"):
-        """``(loss, metric)`` over the meta-batch (``n_way`` is fixed by the model's head)."""
-        if reduction != "mean":
-            raise ValueError(f"{type(self).__name__} supports reduction='mean' only, got {reduction!r}")
-        res = self.meta_loss(support_x, support_y, query_x, query_y)
-        return res.loss, res.metric
-
-    @torch.no_grad()
-    def episode_accuracy(self, support_x, support_y, query_x, query_y) -> Tensor:
-        """Per-episode query accuracy (or MSE for regression) ``[B]`` after ``test_steps``."""
-        return self.meta_loss(support_x, support_y, query_x, query_y).task_metric
-
-    def evaluate(self, batches, episodes: int = 600, device=None) -> EvalResult:
-        was_training = self.training
-        self.eval()
-        try:
-            return evaluate_episodes(self.episode_accuracy, batches, episodes, device, metric=self.metric)
-        finally:
-            self.train(was_training)
