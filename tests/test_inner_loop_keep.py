@@ -119,3 +119,30 @@ def test_dropout_with_kept_graphs():
     want = torch.autograd.grad(query_loss(p), own)
     for a, b in zip(got, want):
         assert_close64(a, b, name="dropout")
+
+
+@pytest.mark.parametrize("budget_mb,kept", [("0", 0), ("0.8", 1), ("1000", 3)])
+def test_graph_budget(monkeypatch, budget_mb, kept):
+    """recompute=None keeps steps while their saved tensors fit FASTMETA_KEEP_GRAPHS_MB; the
+    rest are recomputed; the meta-gradient is the naive loop's either way."""
+    monkeypatch.setenv("FASTMETA_KEEP_GRAPHS_MB", budget_mb)
+    module, xs, ys, xq, yq, loss_fn = make("conv4")
+    fn = task_function(module)
+    own = list(fn.params().values())
+    fast = inner_loop(fn, fn.expand(T), xs, ys, 3, 0.2)
+    node = next(iter(fast.values())).grad_fn
+    assert sum(g is not None for g in node.graphs) == kept
+    q = torch.stack([loss_fn(o, y) for o, y in zip(fn(fast, xq), yq)]).sum()
+    got = torch.autograd.grad(q, own)
+    adapted = naive_adapt(module, fn.params(), xs, ys, 3, 0.2, False, loss_fn)
+    q_ref = torch.stack([loss_fn(per_task_forward(module, adapted[t], xq[t]), yq[t]) for t in range(T)])
+    for a, b in zip(got, torch.autograd.grad(q_ref.sum(), own)):
+        assert_close64(a, b, name=f"budget {budget_mb}")
+
+
+def test_graph_budget_bad_env(monkeypatch):
+    monkeypatch.setenv("FASTMETA_KEEP_GRAPHS_MB", "lots")
+    module, xs, ys, *_ = make("conv4")
+    fn = task_function(module)
+    with pytest.raises(ValueError, match="FASTMETA_KEEP_GRAPHS_MB"):
+        inner_loop(fn, fn.expand(T), xs, ys, 1, 0.2)

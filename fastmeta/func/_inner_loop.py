@@ -23,14 +23,17 @@ double-backward graph kept (``create_graph=True``) and the backward runs the Hes
 products on those graphs (exactly the unrolled loop's memory, as learn2learn's clone/adapt;
 same values). The default (``recompute=None``) does so for CPU tensors, where the
 recomputation cost 20-25 % of a second-order meta-step of learn2learn's conv models (T=32,
-1 thread; ``bench/results/dropin.md``) and memory is rarely what limits, and recomputes on
-other devices.
+1 thread; ``bench/results/dropin.md``), as long as the kept graphs' saved tensors total at
+most :data:`KEEP_BUDGET_MB` (4 GiB; ``FASTMETA_KEEP_GRAPHS_MB`` overrides it) -- the later
+steps are recomputed -- and recomputes on other devices.
 
 This is a model-level op (it runs the module), so it is a ``torch.autograd.Function``, not a
 ``torch.library`` custom op.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -83,24 +86,33 @@ class _InnerLoop(torch.autograd.Function):
         iterates = []
         rng = []
         graphs = []
+        keep, kept = plan.keep, 0
         for _ in range(plan.steps):
             iterates.append(theta)
             rng.append(torch.random.get_rng_state())
             if plan.cuda_rng:
                 rng[-1] = (rng[-1], torch.cuda.get_rng_state(plan.x.device))
-            if plan.keep:
-                # keep this step's double-backward graph for the backward (no recomputation)
-                leaves, g = _hvp.grad_graph(plan.fn, dict(zip(plan.names, theta)), plan.x, plan.y,
-                                            plan.loss_fn)
-                graphs.append((leaves, g))
+            if keep:
+                # keep this step's double-backward graph for the backward (no recomputation),
+                # while the kept graphs' saved tensors fit the budget
+                leaves, g, nbytes = _hvp.grad_graph(plan.fn, dict(zip(plan.names, theta)), plan.x, plan.y,
+                                                    plan.loss_fn)
+                if plan.keep_budget is not None and kept + nbytes > plan.keep_budget:
+                    keep = False  # this and the later steps are recomputed by the backward
+                    graphs.append(None)
+                else:
+                    kept += nbytes
+                    graphs.append((leaves, g))
                 grads = {k: torch.zeros_like(t) if gi is None else gi.detach()
                          for k, t, gi in zip(plan.names, theta, g)}
+                del leaves, g
             else:
+                graphs.append(None)
                 _, grads = plan.grad(dict(zip(plan.names, theta)))
             theta = _update(theta, [grads[k] for k in plan.names], lrs)
         ctx.plan = plan
         ctx.rng = rng
-        ctx.graphs = graphs
+        ctx.graphs = graphs if any(gr is not None for gr in graphs) else []
         flat = [t for it in iterates for t in it]
         ctx.save_for_backward(*flat, *lr_inputs)
         return tuple(t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta, params))
@@ -172,9 +184,11 @@ def _reduce_to(d: torch.Tensor, shape) -> torch.Tensor:
 class _Plan:
     """Configuration of one inner_loop call (not a tensor input of the autograd.Function)."""
 
-    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad, keep=False):
+    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad, keep=False,
+                 keep_budget=None):
         self.fn, self.x, self.y = fn, x, y
         self.keep = keep  # keep each step's double-backward graph (no recomputation in the backward)
+        self.keep_budget = keep_budget  # bytes of saved tensors the kept graphs may hold (None: any)
         self.n_lr, self.x_grad = n_lr, x_grad
         self.names = tuple(fn.names)
         self.steps, self.first_order, self.loss_fn, self.backend = steps, first_order, loss_fn, backend
@@ -215,6 +229,22 @@ def _check_lr(lr, names, params):
     if isinstance(v, torch.Tensor):
         return [0] * len(names), [v.reshape(())]
     return [("const", v)] * len(names), []
+
+
+KEEP_BUDGET_MB = 4096
+"""Default budget (MiB) of the graphs ``inner_loop(recompute=None)`` keeps on a CPU: steps are
+kept while their saved tensors total at most this; the later steps are recomputed. The
+environment variable ``FASTMETA_KEEP_GRAPHS_MB`` overrides it (0: always recompute)."""
+
+
+def keep_budget_bytes() -> int:
+    """The budget in bytes (``FASTMETA_KEEP_GRAPHS_MB``, else :data:`KEEP_BUDGET_MB`)."""
+    raw = os.environ.get("FASTMETA_KEEP_GRAPHS_MB")
+    try:
+        mb = float(raw) if raw is not None else KEEP_BUDGET_MB
+    except ValueError:
+        raise ValueError(f"FASTMETA_KEEP_GRAPHS_MB must be a number of MiB, got {raw!r}") from None
+    return int(mb * 2**20)
 
 
 def inner_loop(
@@ -266,7 +296,8 @@ def inner_loop(
         recompute: True: the backward recomputes each step's activations (memory grows with
             ``steps`` by the parameters only); False: each step's double-backward graph is
             kept from the forward (the unrolled loop's memory, one support forward+backward
-            per step less work); None: False for CPU tensors, True elsewhere. Only the
+            per step less work); None: False for CPU tensors up to the graph budget
+            (:data:`KEEP_BUDGET_MB`, the later steps recompute), True elsewhere. Only the
             double-backward (``reference``) strategy can keep graphs: with the analytic MLP
             kernels, ``func``, first order or a ``support_x`` that requires grad it recomputes.
 
@@ -323,12 +354,14 @@ def inner_loop(
         backend = registry.select(_hvp.HVP_OP, tensors, hvp_backend, fn=fn, loss_fn=loss_fn)
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"recompute must be True, False or None, got {recompute!r}")
+    budget = None
     if recompute is None:
         recompute = support_x.device.type != "cpu"
+        budget = keep_budget_bytes()
     keep = (not recompute and backend == "reference" and not first_order and not x_grad
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in [*(params[k] for k in names), *lr_tensors]))
     plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec,
-                 len(lr_tensors), x_grad, keep)
+                 len(lr_tensors), x_grad, keep, budget)
     out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors, *([support_x] if x_grad else []))
     return dict(zip(names, out))

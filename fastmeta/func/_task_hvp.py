@@ -162,13 +162,23 @@ def grad_reference(fn, params, x, y, loss_fn):
 
 
 def grad_graph(fn, params, x, y, loss_fn):
-    """``(leaves, grads)``: the per-task gradients of the summed loss at fresh leaves made from
-    ``params``, with their graph (``create_graph=True``) kept for :func:`hvp_from_graph`."""
-    with torch.enable_grad():
+    """``(leaves, grads, nbytes)``: the per-task gradients of the summed loss at fresh leaves
+    made from ``params``, with their graph (``create_graph=True``) kept for
+    :func:`hvp_from_graph`; ``nbytes``: the storage the graph's saved tensors hold (each
+    storage counted once; the inputs' storages included)."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[(t.device, st.data_ptr())] = st.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         p = _leaves(params, tuple(fn.names))
         leaves = list(p.values())
         losses = _summed_losses(fn, p, x, y, loss_fn)
-        return leaves, torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
+        g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
+    return leaves, g, sum(storages.values())
 
 
 def hvp_from_graph(names, leaves, g, v: list):
