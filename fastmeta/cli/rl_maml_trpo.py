@@ -1,6 +1,9 @@
 """``python -m fastmeta rl maml-trpo --env nav2d|cheetah-vel|cheetah-dir|bandit-k5-n10|tabular-mdp``:
 MAML for RL (Finn et al. 2017, section 5.3) with an outer TRPO step; the PNG shows the pre- and
 post-adaptation return per iteration, ``results.json`` both on held-out tasks (+- 95% CI).
+The cheetahs run with ``--action-scale 10`` unless told otherwise (pytorch-maml-rl's
+``normalization_scale``: see ``ACTION_SCALE``). With ``--inner-steps k > 1`` every inner step
+gets a fresh train batch, sampled with the previous step's adapted policy.
 
 Under ``torchrun``, each rank samples and adapts tasks ``rank::world`` of every meta-batch
 (``--meta-batch`` a multiple of the world size) with its own random streams, the TRPO statistics
@@ -24,6 +27,11 @@ from fastmeta.train import Trainer, TrainConfig
 HELP = "MAML with a TRPO outer step (Finn et al. 2017): Gaussian or categorical MLP policy"
 # pytorch-maml-rl's configs: meta-batch 20 tasks (HalfCheetah 40), 20 episodes per task
 META_BATCH = {"nav2d": 20, "cheetah-vel": 40, "cheetah-dir": 40}
+# pytorch-maml-rl's HalfCheetah configs (normalization_scale 10): the policy acts in units of 10x
+# MuJoCo's torques, so its initial std 1 explores with torque noise 0.1 instead of the full
+# actuator range; 20 tasks x 10 episodes, 100 iterations: adaptation gap +2..+5 with scale 1,
+# +20..+23 with 10 (bench/results/maml_trpo.md)
+ACTION_SCALE = {"cheetah-vel": 10.0, "cheetah-dir": 10.0}
 LOG_FIELDS = ("pre_return", "post_return", "kl", "step_size")
 PLOT_FIELDS = ("pre_return", "post_return")  # beside the return; kl and step size only in the CSV
 # the seed streams of one iteration (tasks, train rollouts, valid rollouts, actions) and of the
@@ -42,7 +50,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-lr", type=float, default=0.1, help="inner policy-gradient step size")
     p.add_argument("--inner-steps", type=int, default=1)
     p.add_argument("--action-scale", type=float, default=None,
-                   help="cheetah only: policy actions are this times MuJoCo's (default 1)")
+                   help="cheetah only: policy actions are this times MuJoCo's (default 10, as "
+                   "pytorch-maml-rl)")
     p.add_argument("--max-kl", type=float, default=1e-2)
     p.add_argument("--cg-iters", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=25, help="held-out validation every N iterations (0: never)")
@@ -62,10 +71,11 @@ class _Runner:
         # a single process, from --seed's)
         self.seed = args.seed + 1_000_000 * distributed.rank()
         kw = {}
-        if args.action_scale is not None:
-            if not args.env.startswith("cheetah"):
-                raise SystemExit(f"--action-scale applies to cheetah-vel/cheetah-dir, not {args.env!r}")
-            kw["action_scale"] = args.action_scale
+        if args.action_scale is not None and args.env not in ACTION_SCALE:
+            raise SystemExit(f"--action-scale applies to cheetah-vel/cheetah-dir, not {args.env!r}")
+        if args.env in ACTION_SCALE:
+            scale = args.action_scale
+            kw["action_scale"] = ACTION_SCALE[args.env] if scale is None else scale
         try:
             self.dist = rl.make(args.env, **kw)
         except ValueError as e:
@@ -113,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
     """Train MAML-TRPO on ``args.env``, evaluate it on held-out tasks; the results dict."""
     if args.meta_batch is None:
         args.meta_batch = META_BATCH.get(args.env, 20)
+    if args.action_scale is None and args.env in ACTION_SCALE:
+        args.action_scale = ACTION_SCALE[args.env]  # saved in the checkpoint, checked on resume
     try:
         distributed.check_divisible(args.meta_batch, "--meta-batch")
     except ValueError as e:
@@ -142,6 +154,8 @@ def run(args: argparse.Namespace) -> dict:
                test_seconds=round(time.perf_counter() - t0, 1), eval_tasks=args.eval_tasks,
                pre_return=pre.mean, pre_return_ci95=pre.ci95, post_return=post.mean, post_return_ci95=post.ci95,
                run_dir=str(run_dir))
+    if args.action_scale is not None:
+        out["action_scale"] = args.action_scale
     if distributed.world_size() > 1:
         out["world_size"] = distributed.world_size()
     if not distributed.is_main():
