@@ -64,11 +64,12 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
     sched = (torch.optim.lr_scheduler.StepLR(opt, args.lr_halve_every, gamma=0.5)
              if args.lr_halve_every > 0 else None)
 
-    def episode_loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch, queries=None):
+    def episode_loader(split, ways, n_batches=None, start=0, seed=args.seed, batch=args.batch,
+                       queries=None, rank=0, world=1):
         queries = args.queries if queries is None else queries
         return data.episodes(ds, split, ways, args.shots, queries, batch_size=batch,
                              num_batches=n_batches, start=start, seed=seed, shuffle=spec.shuffle,
-                             num_workers=args.workers, device=device)
+                             num_workers=args.workers, device=device, rank=rank, world=world)
 
     loader = sinusoid_loader(args, device) if regression else episode_loader
     try:
@@ -77,7 +78,12 @@ def _run_training(args: argparse.Namespace, spec: LearnerSpec) -> dict:
         raise SystemExit(str(e)) from None
 
     def batches(start_step):  # this rank's episodes of each global batch (all of them in one process)
-        return (distributed.shard(b) for b in loader("train", train_ways, start=start_step, queries=args.train_queries))
+        if regression:
+            return (distributed.shard(b) for b in loader("train", train_ways, start=start_step,
+                                                         queries=args.train_queries))
+        # only this rank's episodes are built: those distributed.shard would cut from the batch
+        return iter(episode_loader("train", train_ways, start=start_step, queries=args.train_queries,
+                                   rank=distributed.rank(), world=distributed.world_size()))
 
     def step_fn(batch):
         sx, sy, qx, qy, classes = batch

@@ -182,19 +182,27 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class _Indices:
-    """Episode indices ``start, start+1, ...`` (``stop=None``: endless), for the sampler."""
+    """Episode indices ``start, start+1, ...`` (``stop=None``: endless), for the sampler;
+    with ``world > 1``, only this rank's share of every global batch of ``batch_size``:
+    episodes ``j*batch_size + rank + k*world`` of batch ``j`` (``distributed.shard``'s
+    ``rank::world``), so ``start``/``stop`` stay global episode numbers (multiples of it)."""
 
-    def __init__(self, start: int, stop: int | None):
+    def __init__(self, start: int, stop: int | None, batch_size: int = 1, rank: int = 0,
+                 world: int = 1):
         self.start, self.stop = start, stop
+        self.batch_size, self.rank, self.world = batch_size, rank, world
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop)) if self.stop is not None \
+        every = iter(range(self.start, self.stop)) if self.stop is not None \
             else itertools.count(self.start)
+        if self.world == 1:
+            return every
+        return (i for i in every if (i % self.batch_size) % self.world == self.rank)
 
     def __len__(self) -> int:
         if self.stop is None:
             raise TypeError("endless episode stream has no length")
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start) // self.world
 
 
 class _Collate:
@@ -220,7 +228,7 @@ class EpisodeLoader:
 
     def __init__(self, episode_dataset: EpisodeDataset, batch_size: int, start: int,
                  num_batches: int | None, num_workers: int, pin_memory: bool | None,
-                 device, normalize, dtype: torch.dtype):
+                 device, normalize, dtype: torch.dtype, rank: int = 0, world: int = 1):
         self.episode_dataset = episode_dataset
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if pin_memory is None:
@@ -232,7 +240,8 @@ class EpisodeLoader:
         to_float(torch.zeros(1, c, 1, 1, dtype=torch.uint8), normalize, dtype)  # fail early
         self.on_cpu = self.device.type == "cpu"
         self.loader = DataLoader(
-            episode_dataset, batch_size=batch_size, sampler=_Indices(start * batch_size, stop),
+            episode_dataset, batch_size=batch_size // world,
+            sampler=_Indices(start * batch_size, stop, batch_size, rank, world),
             num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
             collate_fn=_Collate(self.on_cpu, normalize, dtype),
         )
@@ -259,7 +268,7 @@ def episodes(dataset: FewShotDataset, split: str | None, n_way: int, k_shot: int
              start: int = 0, seed: int = 0, shuffle: bool = False, num_workers: int = 0,
              pin_memory: bool | None = None, device: torch.device | str | None = None,
              normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-             dtype: torch.dtype = torch.float32) -> EpisodeLoader:
+             dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1) -> EpisodeLoader:
     """Batches of ``batch_size`` N-way K-shot episodes from ``split`` of ``dataset``.
 
     Each batch is an :class:`Episode` with
@@ -283,6 +292,9 @@ def episodes(dataset: FewShotDataset, split: str | None, n_way: int, k_shot: int
         device: where the batches go. For a GPU, uint8 batches are copied (4x less than
             float) and converted there; for the CPU, the worker that builds a batch converts it.
         normalize: ``(mean, std)`` per channel, in ``[0, 1]`` units.
+        rank, world: build only this rank's share of every batch: episodes ``rank::world`` of
+            it (``batch_size // world`` episodes, the batch ``fastmeta.distributed.shard``
+            would cut from the whole one; ``batch_size`` must be a multiple of ``world``).
 
     Example::
 
@@ -297,5 +309,10 @@ def episodes(dataset: FewShotDataset, split: str | None, n_way: int, k_shot: int
     _check_int("num_workers", num_workers, 0)
     if num_batches is not None:
         _check_int("num_batches", num_batches, 0)
+    _check_int("world", world, 1)
+    _check_int("rank", rank, 0)
+    if rank >= world or batch_size % world:
+        raise ValueError(f"need 0 <= rank < world and batch_size a multiple of world, got rank="
+                         f"{rank}, world={world}, batch_size={batch_size}")
     return EpisodeLoader(ep, batch_size, start, num_batches, num_workers, pin_memory, device,
-                         normalize, dtype)
+                         normalize, dtype, rank, world)
