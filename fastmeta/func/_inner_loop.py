@@ -24,7 +24,7 @@ products on those graphs (exactly the unrolled loop's memory, as learn2learn's c
 same values). The default (``recompute=None``) does so for CPU tensors, where the
 recomputation cost 20-25 % of a second-order meta-step of learn2learn's conv models (T=32,
 1 thread; ``bench/results/dropin.md``), as long as the kept graphs' saved tensors total at
-most :data:`KEEP_BUDGET_MB` (4 GiB; ``FASTMETA_KEEP_GRAPHS_MB`` overrides it) -- the later
+most :data:`KEEP_BUDGET_MB` (1 GiB; ``FASTMETA_KEEP_GRAPHS_MB`` overrides it) -- the later
 steps are recomputed -- and recomputes on other devices.
 
 This is a model-level op (it runs the module), so it is a ``torch.autograd.Function``, not a
@@ -231,10 +231,13 @@ def _check_lr(lr, names, params):
     return [("const", v)] * len(names), []
 
 
-KEEP_BUDGET_MB = 4096
+KEEP_BUDGET_MB = 1024
 """Default budget (MiB) of the graphs ``inner_loop(recompute=None)`` keeps on a CPU: steps are
 kept while their saved tensors total at most this; the later steps are recomputed. The
-environment variable ``FASTMETA_KEEP_GRAPHS_MB`` overrides it (0: always recompute)."""
+environment variable ``FASTMETA_KEEP_GRAPHS_MB`` overrides it (0: always recompute). Sizes per
+step at T=32, 5-way 1-shot: learn2learn's OmniglotCNN 58 MB, MiniImagenetCNN 884 MB (k=1 kept,
+k=5 one step of five), TaskConv4 28x28 208 MB (bench_maml's k=10: four of ten, so its peak
+stays within about 1 GB of the recomputing design's)."""
 
 
 def keep_budget_bytes() -> int:
