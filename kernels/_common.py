@@ -1,5 +1,6 @@
 """Helpers every Triton kernel module of fastmeta shares: the interpreter flag, dtypes,
-precision rules, the device's SM count and the precise/fast math switch.
+precision rules, the device's SM count, tile sizes and the program-to-tile map, and the
+precise/fast math switch.
 
 Launchers call the Python helpers through this module (``_common.input_precision(...)``, not
 a copied name), so the ahead-of-time compile check (``tools/aot_check.py``) can stand a GPU in
@@ -103,6 +104,30 @@ def last_dim_unit_stride(x: torch.Tensor) -> torch.Tensor:
 def pow2_at_least_16(n: int) -> int:
     """``n`` rounded up to a power of two, at least 16 (``tl.dot`` needs >= 16 on a GPU)."""
     return max(16, triton.next_power_of_2(n))
+
+
+def tile(cap: int, n: int | None = None) -> int:
+    """A tile edge: 16 under the interpreter (small tiles keep interpreted kernels fast, and
+    tests cover the block boundaries at 16); on a GPU ``cap``, or for a dimension of ``n``
+    elements ``n`` rounded up to a power of two within ``[16, cap]``."""
+    if INTERPRET:
+        return 16
+    return cap if n is None else max(16, min(cap, triton.next_power_of_2(n)))
+
+
+@triton.jit
+def program_tile(pid, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile of program ``pid`` on a grid of (batch, block of R rows, block of D columns),
+    columns fastest: ``(b as int64, row offsets, column offsets, row mask, column mask)``."""
+    num_db = tl.cdiv(D, BLOCK_D)
+    num_rb = tl.cdiv(R, BLOCK_R)
+    db = pid % num_db
+    t = pid // num_db
+    rb = t % num_rb
+    b = (t // num_rb).to(tl.int64)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, offs_r, offs_d, offs_r < R, offs_d < D
 
 
 @triton.jit

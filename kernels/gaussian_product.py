@@ -33,9 +33,9 @@ def _blocks(D: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_D): a [BLOCK_C, BLOCK_D] tile of at most 2048 fp32 / 512 fp64 values
     (16 / 4 per thread at 4 warps): fp64 tiles of 32 x 64 and 32 x 32 spilled 8-28 B on sm_80 /
     sm_90 (tools/aot_check.py; fp64 division is a called subroutine)."""
+    block_d = _common.tile(128, D)
     if _common.INTERPRET:
-        return 16, 16
-    block_d = max(16, min(128, triton.next_power_of_2(D)))
+        return 16, block_d
     budget = 512 if dtype == torch.float64 else 2048
     return min(32, budget // block_d), block_d
 
@@ -88,17 +88,8 @@ def _gaussian_product_bwd_kernel(
     C, D, MIN_HI, MIN_LO,
     ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_db = tl.cdiv(D, BLOCK_D)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    db = pid % num_db
-    t = pid // num_db
-    cb = t % num_cb
-    b = (t // num_cb).to(tl.int64)
-    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_d = offs_d < D
-    mask_c = offs_c < C
+    b, offs_c, offs_d, mask_c, mask_d = _common.program_tile(tl.program_id(0), C, D, BLOCK_C,
+                                                             BLOCK_D)
 
     row = b * D + offs_d
     g_mu = tl.load(g_mu_ptr + row, mask=mask_d, other=0.0).to(ACC_DTYPE)

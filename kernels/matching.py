@@ -57,7 +57,7 @@ def _blocks(N: int, D: int) -> dict:
     # The forward's masked [BLOCK_Q, BLOCK_S, BLOCK_N] tile is the register budget: 4K or 8K
     # elements. Untuned (no GPU was available when this was written).
     bn = 16 if N <= 16 else 32
-    bd = max(16, min(64, triton.next_power_of_2(D)))
+    bd = _common.tile(64, D)
     return {"BLOCK_Q": 16, "BLOCK_S": 16, "BLOCK_N": bn, "BLOCK_D": bd,
             "num_warps": 4 if bn == 16 else 8}
 

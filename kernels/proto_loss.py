@@ -111,8 +111,8 @@ def _pick_tile(path: str, B: int, Q: int, N: int, n_split: bool, device: torch.d
     if _common.INTERPRET:
         return dict(_INTERPRET_TILE)
     rows = _TILES[path]
-    fit_n = max(16, triton.next_power_of_2(N))
-    fit_q = max(16, triton.next_power_of_2(Q))
+    fit_n = _common.pow2_at_least_16(N)
+    fit_q = _common.pow2_at_least_16(Q)
     cands = [(bn, bq) for bn, row in rows.items() for bq in row if bn <= fit_n and bq <= fit_q]
     cands = cands or [(16, 16)]
 
@@ -143,8 +143,8 @@ def _tile_configs():
 def _prune_tile_configs(configs, named_args, **kwargs):
     """Keep the tiles of this call's dot path whose Q/N blocks are not wider than needed."""
     rows = _TILES[_dot_path(named_args["q_ptr"].dtype, kwargs.get("INPUT_PRECISION", "ieee"))]
-    max_q = max(16, triton.next_power_of_2(named_args["Q"]))
-    max_n = max(16, triton.next_power_of_2(named_args["N"]))
+    max_q = _common.pow2_at_least_16(named_args["Q"])
+    max_n = _common.pow2_at_least_16(named_args["N"])
 
     def listed(c):
         bq, bd, bn = c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_N"]
@@ -188,8 +188,7 @@ def _center(query: torch.Tensor, protos: torch.Tensor, metric: int):
     B, N, D = protos.shape
     acc = _common.acc_dtype(query.dtype)
     mu = torch.empty((B, D), dtype=acc, device=protos.device)
-    block_d = 16 if _common.INTERPRET else max(16, min(128, triton.next_power_of_2(D)))
-    block_n = 16 if _common.INTERPRET else max(16, min(32, triton.next_power_of_2(N)))
+    block_d, block_n = _common.tile(128, D), _common.tile(32, N)
     _proto_center_kernel[(B,)](
         protos, mu, N, D, protos.stride(0), protos.stride(1),
         ACC_DTYPE=_common.acc_tl(query.dtype),
@@ -229,6 +228,9 @@ def _proto_center_kernel(
     mu_row = mu_ptr + b * D
     mu_sq = tl.zeros((BLOCK_D,), ACC_DTYPE)
     p_sq = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    # (the two passes' loads stay written out: a shared jit helper returning both sums cost
+    # 4-16 more registers and a fp64 spill on sm_80, a shared load helper 15 registers on
+    # one sm_90 variant; tools/aot_check.py)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -373,25 +375,18 @@ def _proto_logits_fwd_kernel(
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_qb = tl.cdiv(Q, BLOCK_Q)
-    num_nb = tl.cdiv(N, BLOCK_N)
-    nb = pid % num_nb
-    t = pid // num_nb
-    qb = t % num_qb
-    b = (t // num_qb).to(tl.int64)
+    b, offs_q, offs_n, mask_q, mask_n = _common.program_tile(tl.program_id(0), Q, N, BLOCK_Q,
+                                                             BLOCK_N)
     scale = tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
     eps = tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
 
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     logits = _logits_tile(
         q_ptr + b * stride_qb, p_ptr + b * stride_pb, mu_ptr + b * D, offs_q, offs_n,
         Q, N, D, stride_qq, stride_pn, scale, eps,
         METRIC, CENTER, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE, PRECISE,
     )
     out = out_ptr + b * Q * N + offs_q.to(tl.int64)[:, None] * N + offs_n[None, :]
-    mask = (offs_q < Q)[:, None] & (offs_n < N)[None, :]
+    mask = mask_q[:, None] & mask_n[None, :]
     tl.store(out, logits.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -478,19 +473,10 @@ def _proto_logits_bwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """G from grad_logits: sqeuclidean 2*scale*dL, cosine scale*dL/(a_q c_n) (a, c given)."""
-    pid = tl.program_id(0)
-    num_qb = tl.cdiv(Q, BLOCK_Q)
-    num_nb = tl.cdiv(N, BLOCK_N)
-    nb = pid % num_nb
-    t = pid // num_nb
-    qb = t % num_qb
-    b = (t // num_qb).to(tl.int64)
+    b, offs_q, offs_n, mask_q, mask_n = _common.program_tile(tl.program_id(0), Q, N, BLOCK_Q,
+                                                             BLOCK_N)
     scale = tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
 
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_q = offs_q < Q
-    mask_n = offs_n < N
     mask = mask_q[:, None] & mask_n[None, :]
     rows = offs_q.to(tl.int64)
     dl = tl.load(
@@ -664,8 +650,7 @@ def proto_logits_bwd(grad_logits, query, protos, metric, scale, eps):
     G = torch.empty((B, Q, N), dtype=acc, device=query.device)
     qn, pn = _norms(query, protos, metric, eps)
     s_hi, s_lo = _common.split_f32(scale)
-    block_q = 16 if _common.INTERPRET else 32
-    block_n = 16 if _common.INTERPRET else max(16, min(128, triton.next_power_of_2(N)))
+    block_q, block_n = _common.tile(32), _common.tile(128, N)
     grid = (B * triton.cdiv(Q, block_q) * triton.cdiv(N, block_n),)
     _proto_logits_bwd_kernel[grid](
         grad_logits, G if qn is None else qn[1], G if pn is None else pn[1], G,

@@ -24,12 +24,6 @@ import triton.language as tl
 from . import _common
 
 
-def _block_d(D: int) -> int:
-    if _common.INTERPRET:
-        return 16
-    return max(16, min(128, triton.next_power_of_2(D)))
-
-
 @triton.jit
 def _prototypes_fwd_kernel(
     x_ptr, lab_ptr, out_ptr, cnt_ptr,
@@ -78,18 +72,8 @@ def _prototypes_bwd_kernel(
     stride_gb, stride_gn, stride_lb, stride_ls, stride_cb, stride_cn,
     ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_db = tl.cdiv(D, BLOCK_D)
-    num_sb = tl.cdiv(S, BLOCK_S)
-    db = pid % num_db
-    t = pid // num_db
-    sb = t % num_sb
-    b = (t // num_sb).to(tl.int64)
-
-    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_s = offs_s < S
-    mask_d = offs_d < D
+    b, offs_s, offs_d, mask_s, mask_d = _common.program_tile(tl.program_id(0), S, D, BLOCK_S,
+                                                             BLOCK_D)
     mask = mask_s[:, None] & mask_d[None, :]
 
     lab = tl.load(lab_ptr + b * stride_lb + offs_s.to(tl.int64) * stride_ls, mask=mask_s, other=0)
@@ -112,8 +96,7 @@ def prototypes_fwd(support: torch.Tensor, labels: torch.Tensor, n_way: int):
         counts.zero_()
         return protos, counts
     support = _common.last_dim_unit_stride(support)
-    block_d = _block_d(D)
-    block_s = 16 if _common.INTERPRET else 32
+    block_d, block_s = _common.tile(128, D), _common.tile(32)
     grid = (B * N * triton.cdiv(D, block_d),)
     _prototypes_fwd_kernel[grid](
         support, labels, protos, counts,
@@ -133,8 +116,7 @@ def prototypes_bwd(grad_protos: torch.Tensor, labels: torch.Tensor, counts: torc
     if out.numel() == 0:
         return out
     grad_protos = _common.last_dim_unit_stride(grad_protos)
-    block_d = _block_d(D)
-    block_s = 16 if _common.INTERPRET else 32
+    block_d, block_s = _common.tile(128, D), _common.tile(32)
     grid = (B * triton.cdiv(S, block_s) * triton.cdiv(D, block_d),)
     _prototypes_bwd_kernel[grid](
         grad_protos, labels, counts, out,
