@@ -156,6 +156,33 @@ class CMakeBuild(build_ext):
                     os.remove(path)
                     _log(f"removed stale {path}")
 
+    def copy_extensions_to_source(self):
+        """The in-place step (``build_ext --inplace``, editable installs) with an atomic
+        replace. setuptools' own step copies the built module over the one in the package by
+        rewriting that file in place, under every process that has it loaded (a rebuild while
+        tests or training runs use the module can crash them); here the new module is copied
+        next to it and renamed over it in one step: a running process keeps the module it
+        loaded, a starting one gets the old or the new one, never a partial file."""
+        inplace_equivalent = getattr(self, "_get_inplace_equivalent", None)
+        if inplace_equivalent is None:  # a setuptools without the helper: its own copy
+            return super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = inplace_equivalent(build_py, ext)
+            if not os.path.exists(regular_file):
+                if ext.optional:
+                    continue
+                raise RuntimeError(f"fastmeta: the build produced no {regular_file}")
+            os.makedirs(os.path.dirname(inplace_file) or ".", exist_ok=True)
+            tmp = f"{inplace_file}.tmp-{os.getpid()}"
+            try:
+                shutil.copy2(regular_file, tmp)
+                os.replace(tmp, inplace_file)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            _log(f"{regular_file} -> {inplace_file} (atomic replace)")
+
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
