@@ -6,7 +6,8 @@ Method: float64 gate first (meta-gradients of both against each other, relative 
 ``||a - b|| / ||b||`` per parameter, must be <= 1e-10, on a 2-task batch of the same model);
 then float32 timing, the two rows interleaved call by call in the same process and thread
 count (median and p20/p80 of the per-call times; also the process CPU time of each call, which
-on a shared machine is less disturbed by the other processes than the wall clock). Results: a table on stdout, JSON lines under
+on a shared machine is less disturbed by the other processes than the wall clock). Results: a
+table on stdout, JSON lines under
 bench/results/ (``dropin-<device>.jsonl``), and with ``--md`` a Markdown table appended there.
 
     OMP_NUM_THREADS=1 python bench/bench_dropin.py --threads 1 --small   # a quick check
@@ -101,8 +102,8 @@ def time_pair(name, steps, args):
             times[k].extend(r["times_ms"])
             cpu[k].extend(r["cpu_times_ms"])
         rounds += 1
-    return ({k: C.summarize_ms(v) for k, v in times.items()}, {k: C.summarize_ms(v) for k, v in cpu.items()},
-            task_function(model).path)
+    return ({k: C.summarize_ms(v) for k, v in times.items()},
+            {k: C.summarize_ms(v) for k, v in cpu.items()}, task_function(model).path)
 
 
 def main(argv=None):
@@ -118,7 +119,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=3.0, help="seconds of interleaved rounds per configuration")
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2,
-                   help="untimed rounds first (MiniImagenetCNN's heap takes 2-3 steps to stop growing)")
+                   help="untimed rounds first (MiniImagenetCNN's heap grows for 2-3 steps)")
     p.add_argument("--max-rounds", type=int, default=50)
     p.add_argument("--small", action="store_true", help="tiny model sizes (a quick check)")
     p.add_argument("--md", default=None, help="append a Markdown table to this file")
@@ -134,7 +135,7 @@ def main(argv=None):
                 ok = err <= 1e-10
                 if not ok:
                     print(f"WRONG {name} k={steps}: meta-gradients differ by {err:.2e} (float64)")
-                    rows.append([name, str(steps), str(nthr), "-", "-", "-", "-", "-", "-", f"{err:.1e} WRONG"])
+                    rows.append([name, str(steps), str(nthr), *["-"] * 6, f"{err:.1e} WRONG"])
                     continue
                 stats, cpu, path = time_pair(name, steps, args)
                 fm, l2l = stats["fastmeta meta_loss"], stats["clone/adapt loop"]

@@ -88,8 +88,8 @@ def meta_step_inner_loop(model, data, loss_fn, lr, k, backend):
     sx, sy, qx, qy = data
 
     def step():
-        fast = inner_loop(fn, fn.expand(sx.shape[0]), sx, sy, k, lr, loss_fn=loss_fn, hvp_backend=backend,
-                          recompute=True)  # the memory curve of the recomputing design
+        fast = inner_loop(fn, fn.expand(sx.shape[0]), sx, sy, k, lr, loss_fn=loss_fn,
+                          hvp_backend=backend, recompute=True)  # the recomputing design's memory
         loss = task_losses(loss_fn, fn(fast, qx), qy).mean()
         return torch.autograd.grad(loss, own)
 

@@ -40,7 +40,8 @@ def tune() -> bool:
     _state["done"] = True
     if os.environ.get("FASTMETA_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+    env = os.environ
+    if "GLIBC_TUNABLES" in env or any(k.startswith("MALLOC_") and k.endswith("_") for k in env):
         return False
     try:
         libc = ctypes.CDLL(None)

@@ -31,7 +31,8 @@ def _grads(module, lr_kind, steps, recompute, backend="reference", retain=False)
     got = torch.autograd.grad(q, wrt, retain_graph=retain)
     again = torch.autograd.grad(q, wrt) if retain else None
     adapted = naive_adapt(module_, own, xs, ys, steps, lr, False, loss_fn)
-    q_ref = torch.stack([loss_fn(per_task_forward(module_, adapted[t], xq[t]), yq[t]) for t in range(T)])
+    q_ref = torch.stack([loss_fn(per_task_forward(module_, adapted[t], xq[t]), yq[t])
+                         for t in range(T)])
     want = torch.autograd.grad(q_ref.sum(), wrt)
     return got, want, again
 
@@ -68,8 +69,8 @@ def _kept(recompute, device_type="cpu", grad=True, first_order=False, backend="r
     IL._Plan.__init__ = spy
     try:
         with torch.set_grad_enabled(grad):
-            inner_loop(fn, fn.expand(T), xs, ys, 1, 0.1, first_order=first_order, recompute=recompute,
-                       hvp_backend=backend)
+            inner_loop(fn, fn.expand(T), xs, ys, 1, 0.1, first_order=first_order,
+                       recompute=recompute, hvp_backend=backend)
     finally:
         IL._Plan.__init__ = orig
     return seen["keep"]
@@ -113,7 +114,8 @@ def test_dropout_with_kept_graphs():
     torch.manual_seed(1)
     p = fn.expand(T)
     for _ in range(3):
-        loss = F.cross_entropy(fn(p, xs).flatten(0, 1), ys.flatten(), reduction="none").view(T, -1).mean(1).sum()
+        loss = F.cross_entropy(fn(p, xs).flatten(0, 1), ys.flatten(), reduction="none")
+        loss = loss.view(T, -1).mean(1).sum()
         g = torch.autograd.grad(loss, list(p.values()), create_graph=True)
         p = {k: v - 0.3 * gk for (k, v), gk in zip(p.items(), g)}
     want = torch.autograd.grad(query_loss(p), own)
@@ -135,7 +137,8 @@ def test_graph_budget(monkeypatch, budget_mb, kept):
     q = torch.stack([loss_fn(o, y) for o, y in zip(fn(fast, xq), yq)]).sum()
     got = torch.autograd.grad(q, own)
     adapted = naive_adapt(module, fn.params(), xs, ys, 3, 0.2, False, loss_fn)
-    q_ref = torch.stack([loss_fn(per_task_forward(module, adapted[t], xq[t]), yq[t]) for t in range(T)])
+    q_ref = torch.stack([loss_fn(per_task_forward(module, adapted[t], xq[t]), yq[t])
+                         for t in range(T)])
     for a, b in zip(got, torch.autograd.grad(q_ref.sum(), own)):
         assert_close64(a, b, name=f"budget {budget_mb}")
 

@@ -18,10 +18,12 @@ print("applied" if _malloc.applied() else "not applied")
 
 
 def _run(env_extra):
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not
-           (k.startswith("MALLOC_") and k.endswith("_")) and k != "FASTMETA_MALLOC_TUNING"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "FASTMETA_MALLOC_TUNING")
+           and not (k.startswith("MALLOC_") and k.endswith("_"))}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -40,7 +42,8 @@ def test_applied_at_first_task_batched_cpu_call():
     assert _run({}) == "applied"
 
 
-@pytest.mark.parametrize("env", [{"FASTMETA_MALLOC_TUNING": "0"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
+@pytest.mark.parametrize("env", [{"FASTMETA_MALLOC_TUNING": "0"},
+                                 {"MALLOC_TRIM_THRESHOLD_": "131072"},
                                  {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
 def test_user_settings_win(env):
     assert _run(env) == "not applied"

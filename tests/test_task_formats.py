@@ -14,8 +14,9 @@ D = torch.float64
 CL = torch.channels_last
 
 
-@pytest.mark.parametrize("x_fmt,out_fmt", [(CL, torch.contiguous_format), (torch.contiguous_format, CL),
-                                           (CL, CL)], ids=["x_cl-g_nchw", "x_nchw-g_cl", "cl"])
+@pytest.mark.parametrize("x_fmt,out_fmt",
+                         [(CL, torch.contiguous_format), (torch.contiguous_format, CL), (CL, CL)],
+                         ids=["x_cl-g_nchw", "x_nchw-g_cl", "cl"])
 def test_batchnorm_mixed_formats(x_fmt, out_fmt):
     x = torch.randn(3, 4, 5, 5, dtype=D).contiguous(memory_format=x_fmt)
     params = {"w": torch.randn(4, dtype=D), "b": torch.randn(4, dtype=D)}

@@ -95,8 +95,8 @@ class _InnerLoop(torch.autograd.Function):
             if keep:
                 # keep this step's double-backward graph for the backward (no recomputation),
                 # while the kept graphs' saved tensors fit the budget
-                leaves, g, nbytes = _hvp.grad_graph(plan.fn, dict(zip(plan.names, theta)), plan.x, plan.y,
-                                                    plan.loss_fn)
+                leaves, g, nbytes = _hvp.grad_graph(plan.fn, dict(zip(plan.names, theta)), plan.x,
+                                                    plan.y, plan.loss_fn)
                 if plan.keep_budget is not None and kept + nbytes > plan.keep_budget:
                     keep = False  # this and the later steps are recomputed by the backward
                     graphs.append(None)
@@ -184,10 +184,10 @@ def _reduce_to(d: torch.Tensor, shape) -> torch.Tensor:
 class _Plan:
     """Configuration of one inner_loop call (not a tensor input of the autograd.Function)."""
 
-    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad, keep=False,
-                 keep_budget=None):
+    def __init__(self, fn, x, y, steps, first_order, loss_fn, backend, lr_spec, n_lr, x_grad,
+                 keep=False, keep_budget=None):
         self.fn, self.x, self.y = fn, x, y
-        self.keep = keep  # keep each step's double-backward graph (no recomputation in the backward)
+        self.keep = keep  # keep each step's double-backward graph (the backward does not recompute)
         self.keep_budget = keep_budget  # bytes of saved tensors the kept graphs may hold (None: any)
         self.n_lr, self.x_grad = n_lr, x_grad
         self.names = tuple(fn.names)

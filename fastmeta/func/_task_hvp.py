@@ -191,7 +191,8 @@ def hvp_from_graph(names, leaves, g, v: list):
                                   allow_unused=True)
         hv = list(out)
     gd = [None if gi is None else gi.detach() for gi in g]
-    return dict(zip(names, _zeros_for_none(gd, leaves))), dict(zip(names, _zeros_for_none(hv, leaves)))
+    grads = dict(zip(names, _zeros_for_none(gd, leaves)))
+    return grads, dict(zip(names, _zeros_for_none(hv, leaves)))
 
 
 def hvp_reference(fn, params, x, y, v, loss_fn, x_grad: bool = False):
