@@ -37,7 +37,8 @@ def test_a_ranks_batches_are_its_shard_of_the_global_batches(world, shuffle):
 def test_one_rank_is_the_whole_batch_and_bad_arguments_raise():
     ds = blob_dataset()
     a = next(iter(data.episodes(ds, "train", 3, 1, 1, batch_size=4, num_batches=1)))
-    b = next(iter(data.episodes(ds, "train", 3, 1, 1, batch_size=4, num_batches=1, rank=0, world=1)))
+    b = next(iter(data.episodes(ds, "train", 3, 1, 1, batch_size=4, num_batches=1, rank=0,
+                                world=1)))
     assert _same(a, b)
     with pytest.raises(ValueError, match="batch_size a multiple of world, got rank=0, world=3"):
         data.episodes(ds, "train", 3, 1, 1, batch_size=4, world=3)
