@@ -224,3 +224,49 @@ def test_run_episodes_checks_the_row_count():
     bn = nn.BatchNorm2d(3)
     with pytest.raises(ValueError, match="7 rows are not 2 episodes"):
         run_episodes(bn, torch.randn(7, 3, 4, 4), 2)
+
+
+@pytest.mark.parametrize("episode_bn", [None, False])
+def test_anil_task_loss_does_not_depend_on_its_meta_batch_mates(episode_bn):
+    """ANIL's shared features run once per meta-batch: with per-task BatchNorm (the default for
+    a Conv4 body) the meta-gradient of 4 tasks is the mean of two 2-task meta-gradients, as in
+    MAML's task layers; with whole-batch statistics (episode_bn=False) it is not."""
+    from fastmeta.learners import ANIL
+
+    torch.manual_seed(0)
+    features = Conv4(1, hidden=8).double()
+    anil = ANIL(features, nn.Linear(8, 3).double(), lr=0.3, episode_bn=episode_bn)
+    g = torch.Generator().manual_seed(3)
+    sx, qx = (torch.randn(4, n, 1, 28, 28, generator=g, dtype=F64) for n in (6, 9))
+    sy, qy = torch.arange(3).repeat(2).expand(4, 6), torch.arange(3).repeat(3).expand(4, 9)
+    params = list(anil.parameters())
+
+    def grads(sl):
+        loss = anil.meta_loss(sx[sl], sy[sl], qx[sl], qy[sl], steps=2).loss
+        return torch.autograd.grad(loss, params)
+
+    whole = grads(slice(0, 4))
+    halves = [(a + b) / 2 for a, b in zip(grads(slice(0, 2)), grads(slice(2, 4)))]
+    # relative to the largest gradient entry: Conv4's conv biases sit in front of a BatchNorm,
+    # their exact gradient is 0 and each side holds only rounding there
+    scale = max(w.abs().max().item() for w in whole)
+    err = max((w - h).abs().max().item() for w, h in zip(whole, halves)) / scale
+    if episode_bn is None:
+        assert err < 1e-10
+    else:
+        assert err > 1e-6  # whole-batch statistics couple the tasks
+
+
+def test_anil_episode_bn_true_refuses_an_unsupported_body():
+    from fastmeta.learners import ANIL
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(x)
+
+    with pytest.raises(TypeError, match="episode_bn=True"):
+        ANIL(Own(), nn.Linear(4, 2), lr=0.1, episode_bn=True)

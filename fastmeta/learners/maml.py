@@ -49,6 +49,12 @@ from fastmeta.learners._meta_loss import check_batch as _check_batch
 from fastmeta.learners._meta_loss import check_chunk as _check_chunk
 from fastmeta.learners._meta_loss import metric_name as _metric_name
 from fastmeta.learners._meta_loss import run_meta_loss as _run_meta_loss
+from fastmeta.nn.episode import (
+    check_episode_bn,
+    embed_episodes,
+    episode_forward,
+    supports_episode_forward,
+)
 from fastmeta.ops import checks
 
 Tensor = torch.Tensor
@@ -283,10 +289,19 @@ class ANIL(_GradientLearner):
 
     Args:
         features: ``[M, *in] -> [M, D]`` (any module; run once per meta-batch on the support
-            and query examples of all tasks together, so BatchNorm sees the whole batch --
-            with ``task_chunk``, the chunk's tasks).
+            and query examples of all tasks together).
         head: ``[M, D] -> [M, *out]`` (e.g. ``nn.Linear(D, n_way)``), adapted per task.
         lr: inner learning rate; first_order, allow_unused, allow_nograd: as for :class:`MAML`.
+        episode_bn: BatchNorm statistics of ``features`` in training, as for
+            :class:`~fastmeta.ProtoNet`: ``None`` (default) per task (support and query of a
+            task together) whenever :func:`fastmeta.nn.supports_episode_forward` allows it,
+            else over the whole batch of tasks; ``True``: per task or ``TypeError``; ``False``:
+            over the whole batch (fastmeta before per-task BatchNorm in ANIL's features).
+
+    BatchNorm: with per-task statistics a task's loss and gradient do not depend on the other
+    tasks of its meta-batch (MAML's task layers have the same semantics), so ``task_chunk`` and
+    ``torchrun`` ranks give the result of one process with the whole meta-batch. The
+    learn2learn-style path (``learner(x)``) calls ``features`` plainly.
 
     Batched: ``meta_loss(...)`` as :class:`MAML`. learn2learn-style: ``clone()`` (features
     shared, head cloned), ``adapt(loss)`` (steps the head only), ``learner(x)`` =
@@ -299,12 +314,14 @@ class ANIL(_GradientLearner):
     """
 
     def __init__(self, features: nn.Module, head: nn.Module, lr, first_order: bool = False,
-                 allow_unused: bool | None = None, allow_nograd: bool = False):
+                 allow_unused: bool | None = None, allow_nograd: bool = False,
+                 episode_bn: bool | None = None):
         super().__init__()
         for name, m in (("features", features), ("head", head)):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
         self.features, self.head = features, head
+        self.episode_bn = check_episode_bn(features, episode_bn)
         self.lr = checks.lr_value("lr", lr)
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
@@ -317,7 +334,8 @@ class ANIL(_GradientLearner):
               allow_nograd: bool | None = None) -> ANIL:
         """Features shared (same module), head cloned (differentiable)."""
         return ANIL(self.features, clone_module(self.head), self.lr,
-                    **_flags(self, first_order, allow_unused, allow_nograd))
+                    **_flags(self, first_order, allow_unused, allow_nograd),
+                    episode_bn=self.episode_bn)
 
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
@@ -326,9 +344,17 @@ class ANIL(_GradientLearner):
                       **_flags(self, first_order, allow_unused, allow_nograd), who="ANIL")
 
     def embed(self, x: Tensor) -> Tensor:
-        """Features of ``x [T, N, *in]``: ``[T, N, D]``."""
+        """Features of ``x [T, N, *in]``: ``[T, N, D]`` (BatchNorm per task, class docstring)."""
         t, n = x.shape[:2]
+        if self._per_task_bn():
+            return episode_forward(self.features, x).reshape(t, n, -1)
         return self.features(x.flatten(0, 1)).reshape(t, n, -1)
+
+    def _per_task_bn(self) -> bool:
+        if self.episode_bn is not None:
+            return self.episode_bn
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.features.modules()) \
+            and supports_episode_forward(self.features)
 
     def head_function(self):
         return task_function(self.head)
@@ -349,10 +375,7 @@ class ANIL(_GradientLearner):
 
     def _tasks(self, steps: int, loss_fn: Callable):
         def tasks_fn(sx, sy, qx, qy):
-            t, s = sx.shape[:2]
-            z = self.features(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))
-            z = z.reshape(z.shape[0], -1)
-            zs, zq = z[: t * s].reshape(t, s, -1), z[t * s:].reshape(t, qx.shape[1], -1)
+            zs, zq = embed_episodes(self.features, sx, qx, self._per_task_bn())
             adapted = self.adapt_tasks(sx, sy, steps, loss_fn, support_features=zs)
             out = self.predict(adapted, qx, features=zq)
             return task_losses(loss_fn, out, qy), task_metric(out.detach(), qy)
