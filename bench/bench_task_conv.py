@@ -6,8 +6,8 @@ images per task), k=5, lr 0.4. The variants switch off one of the choices in
 ``fastmeta/nn/task.py`` at a time and run interleaved in one process (round robin), so load
 changes on a shared machine hit all of them alike:
 
-* ``default``: channels_last for grouped convs on maps >= 14x14, ``_GroupedConv`` (grouped
-  double backward in one call), ``_MaxPool2d`` (no zeros tensor in the double backward);
+* ``default``: channels_last for grouped convs on maps >= 14x14, ``GroupedConvFunction`` (grouped
+  double backward in one call), ``MaxPool2dFunction`` (no zeros tensor in the double backward);
 * ``nchw``: no channels_last;
 * ``torch_conv``: ``F.conv2d``'s own double backward (one conv per task for the weight term);
 * ``torch_pool``: ``F.max_pool2d``'s own double backward.
@@ -54,9 +54,9 @@ class _TorchPool:
 
 
 def _set(variant: str, saved: dict) -> None:
-    TK._CHANNELS_LAST_MIN_PIXELS = 1 << 62 if variant == "nchw" else saved["px"]
-    TK._GroupedConv = _TorchConv if variant == "torch_conv" else saved["conv"]
-    TK._MaxPool2d = _TorchPool if variant == "torch_pool" else saved["pool"]
+    TK.CHANNELS_LAST_MIN_PIXELS = 1 << 62 if variant == "nchw" else saved["px"]
+    TK.GroupedConvFunction = _TorchConv if variant == "torch_conv" else saved["conv"]
+    TK.MaxPool2dFunction = _TorchPool if variant == "torch_pool" else saved["pool"]
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--variants", default="default,nchw,torch_conv,torch_pool")
     C.add_common_args(ap, "threads", threads=1)
     a = C.parse_args(ap)
-    saved = {"px": TK._CHANNELS_LAST_MIN_PIXELS, "conv": TK._GroupedConv, "pool": TK._MaxPool2d}
+    saved = {"px": TK.CHANNELS_LAST_MIN_PIXELS, "conv": TK.GroupedConvFunction, "pool": TK.MaxPool2dFunction}
     T, S, Q = a.tasks, 5, 75
     torch.manual_seed(0)
     model = TaskConv4(1, 5, 64, 28)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from test_task_nn import assert_same_derivatives
 
-from fastmeta.nn.task import _batch_norm_train, _like_format, _MaxPool2d
+from fastmeta.nn.task_autograd import MaxPool2dFunction as _MaxPool2d
+from fastmeta.nn.task_autograd import batch_norm_train as _batch_norm_train
+from fastmeta.nn.task_autograd import like_format as _like_format
 
 D = torch.float64
 CL = torch.channels_last

@@ -322,7 +322,7 @@ def test_task_modules_pickle_and_deepcopy():
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_batchnorm_custom_double_backward_gradgradcheck(shape, affine):
     """The closed-form double backward of training-mode BatchNorm (used by every task BN)."""
-    from fastmeta.nn.task import _batch_norm_train
+    from fastmeta.nn.task_autograd import batch_norm_train as _batch_norm_train
 
     x = torch.randn(*shape, dtype=D)
     params = {"w": torch.randn(3, dtype=D), "b": torch.randn(3, dtype=D)} if affine else {}
@@ -367,7 +367,7 @@ def test_max_pool_autograd_function_matches_max_pool2d(fmt, kw):
     """_MaxPool2d (no zeros tensor for the pool-backward's derivative w.r.t. its input) equals
     F.max_pool2d in value, first and second derivatives, ties (a constant region) and odd
     sizes included; gradgradcheck."""
-    from fastmeta.nn.task import _MaxPool2d
+    from fastmeta.nn.task_autograd import MaxPool2dFunction as _MaxPool2d
 
     x = torch.randn(2, 3, 7, 9, dtype=D)
     x[:, :, :4, :4] = 0.5  # ties
@@ -390,7 +390,7 @@ def test_max_pool_autograd_function_matches_max_pool2d(fmt, kw):
 def test_batchnorm_channels_last_input_nchw_gradient():
     """channels_last x with an NCHW gradient (what a sum of branches of mixed formats gives):
     same derivatives as F.batch_norm."""
-    from fastmeta.nn.task import _batch_norm_train
+    from fastmeta.nn.task_autograd import batch_norm_train as _batch_norm_train
 
     x = torch.randn(3, 4, 5, 5, dtype=D).contiguous(memory_format=torch.channels_last)
     params = {"w": torch.randn(4, dtype=D), "b": torch.randn(4, dtype=D)}
@@ -404,7 +404,7 @@ def test_batchnorm_channels_last_input_nchw_gradient():
 def test_grouped_conv_double_backward(bias, x_grad):
     """_GroupedConv (grouped weight term of the double backward in one call): gradgradcheck,
     and equal to F.conv2d's own double backward."""
-    from fastmeta.nn.task import _GroupedConv
+    from fastmeta.nn.task_autograd import GroupedConvFunction as _GroupedConv
 
     cfg = ([2, 1], [1, 0], [1, 2], 2)
     x = torch.randn(2, 4, 6, 7, dtype=D).contiguous(memory_format=torch.channels_last)
@@ -430,7 +430,7 @@ def test_task_linear_function_derivatives_and_grad_layout(bias):
     """TaskLinear's autograd Function: first, second and forward-mode derivatives in float64,
     and the weight gradient contiguous in the weight's [T, out, in] layout (autograd's bmm
     formula gave a transposed view, which made the sum over tasks ~40x slower)."""
-    from fastmeta.nn.task import _TaskLinearFn
+    from fastmeta.nn.task_autograd import TaskLinearFunction as _TaskLinearFn
 
     x = torch.randn(3, 4, 5, dtype=D, requires_grad=True)
     w = torch.randn(3, 6, 5, dtype=D, requires_grad=True)

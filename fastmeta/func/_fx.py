@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fastmeta import _malloc
-from fastmeta.nn.task import _TN, TaskModule, UnsupportedModuleError, _to_tn, to_task_batched
+from fastmeta.nn.task import TaskModule, UnsupportedModuleError
+from fastmeta.nn.task_layout import TN, to_tn
+from fastmeta.nn.task_models import to_task_batched
 
 # Kinds of the values flowing through the graph (decided statically, per node).
 _BATCH = "batch"  # tensor whose dim 0 is the T*N examples
@@ -153,7 +155,7 @@ def _tn(v, T):
     """``[T, N, ...]`` form of a value (for a task layer)."""
     if isinstance(v, _Lazy):
         return v.h, v.layout
-    return v.unflatten(0, (T, v.shape[0] // T)), _TN
+    return v.unflatten(0, (T, v.shape[0] // T)), TN
 
 
 def _fold(v, T, B):
@@ -161,7 +163,7 @@ def _fold(v, T, B):
     if not isinstance(v, _Lazy):
         return v
     if v.folded is None:
-        h = _to_tn(v.h, v.layout, T)
+        h = to_tn(v.h, v.layout, T)
         v.folded = h.reshape(B, *h.shape[2:])
     return v.folded
 
@@ -227,7 +229,7 @@ class TracedTaskModel:
             else:  # output
                 v = env[node.args[0]]
                 if isinstance(v, _Lazy):
-                    return _to_tn(v.h, v.layout, T)
+                    return to_tn(v.h, v.layout, T)
                 if v.shape[0] != B:
                     raise NotPerExampleError(f"the output has shape {tuple(v.shape)}, "
                                      f"expected T*N={B} examples first")

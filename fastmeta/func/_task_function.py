@@ -12,17 +12,9 @@ from torch import nn
 
 from fastmeta.func import _fx
 from fastmeta.func._call import call_with, param_slots
-from fastmeta.nn.task import (
-    _TN,
-    TaskActivation,
-    TaskLinear,
-    TaskModule,
-    TaskSequential,
-    UnsupportedModuleError,
-    _check_x,
-    _to_tn,
-    to_task_batched,
-)
+from fastmeta.nn.task import TaskActivation, TaskLinear, TaskModule, UnsupportedModuleError
+from fastmeta.nn.task_layout import TN, check_task_input, to_tn
+from fastmeta.nn.task_models import TaskSequential, to_task_batched
 
 _MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 
@@ -228,11 +220,11 @@ class TaskFunction:
         module = self.module
         if not self._fp.unchanged():
             self._plan(module)
-        T = _check_x(x, params)
+        T = check_task_input(x, params)
         if self.path == "batched":
             task = module if self._task is None else self._task
-            h, layout = task._task_forward(x, params, T, _TN, "")
-            return _to_tn(h, layout, T)
+            h, layout = task._task_forward(x, params, T, TN, "")
+            return to_tn(h, layout, T)
         self._check_params(params, T)
         if self.path == "traced":
             try:

@@ -43,9 +43,7 @@ inspectable initial network); ``c_0`` is their concatenation.
 paper's learner). Its state is kept transposed, ``[features, B * P]``, so each gate is a
 contiguous row block of one ``[4H, B * P]`` GEMM output and every elementwise op runs on
 contiguous memory; ``nn.LSTMCell`` on ``[B * P, features]`` works on strided gate slices
-(measured at 228k coordinates, hidden 20, one CPU thread: forward+backward 0.22 s vs 0.57 s;
-a whole training step of 8 glyph episodes, quiet machine: 1.29 s vs 1.91 s for the previous
-``nn.LSTMCell`` + hand-written grouped-conv implementation).
+(measured: ``bench/results/design_notes.md``).
 The weights are still an ``nn.LSTMCell``'s (``learner.lstm``), the same math.
 """
 

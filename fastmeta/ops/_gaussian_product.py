@@ -110,9 +110,10 @@ _fwd.register_autograd(_backward, setup_context=_setup)
 
 
 class _Eager(torch.autograd.Function):
-    """The same op for eager mode: the kernels behind a plain autograd.Function. The custom
-    op's Python autograd wrapper cost ~26 us per forward here (2.4x the cpp kernel at PEARL's
-    [16, 100, 5]); torch.compile traces the registered op instead (it has the fake)."""
+    """The same op for eager mode: the kernels behind a plain autograd.Function (the custom
+    op's Python autograd wrapper costs more than the kernel at PEARL's sizes:
+    ``bench/results/design_notes.md``); torch.compile traces the registered op instead (it has
+    the fake)."""
 
     @staticmethod
     def forward(ctx, mu, var, weights, min_var, backend):
