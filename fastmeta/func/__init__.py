@@ -10,7 +10,10 @@
 * :func:`task_hvp`: Hessian-vector products of T tasks at once (``task_hvp_ref``: the double
   backward oracle).
 * :func:`inner_loop`: k task-batched inner steps as one autograd op whose backward is the exact
-  second-order meta-gradient by batched HVPs with recomputation.
+  second-order meta-gradient by batched HVPs. On a CPU the forward keeps each step's graph
+  while the kept graphs total at most ``KEEP_BUDGET_MB`` (1 GiB; ``FASTMETA_KEEP_GRAPHS_MB``,
+  0 = always recompute) and the backward recomputes only the later steps' activations;
+  elsewhere (``recompute=True``) it keeps only the k parameter iterates and recomputes.
 
 These are model-level transforms (they take a module and run it): they use ``fastmeta.nn`` and
 the tensor-level ``fastmeta.ops``, never the layers above.

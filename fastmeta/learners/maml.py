@@ -12,7 +12,7 @@ Each learner has two APIs.
 **Batched** (the fast one): ``learner.meta_loss(support_x [T,S,...], support_y, query_x
 [T,Q,...], query_y, steps=k)`` adapts all ``T`` tasks of a meta-batch at once
 (``fastmeta.func.task_function`` + ``fastmeta.func.inner_loop``, whose backward is the exact
-second-order meta-gradient from batched Hessian-vector products with recomputation) and
+second-order meta-gradient from batched HVPs over kept (CPU, up to 1 GiB) or recomputed graphs) and
 returns a :class:`MetaLossResult`: the query loss averaged over tasks, ready for
 ``backward()``, and the query accuracy (integer labels) or MSE (float targets).
 ``task_chunk=c`` adapts ``c`` tasks at a time and keeps only one chunk's graph alive: same
