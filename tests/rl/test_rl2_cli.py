@@ -87,3 +87,25 @@ def test_bandit_reward_scale_default_follows_the_pulls():
 def test_unknown_env_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown task distribution 'moon-walk'"):
         run(tmp_path, "moon-walk", "--iterations", "1")
+
+
+def test_held_out_evaluation_in_chunks(tmp_path, monkeypatch):
+    """A large held-out evaluation is rolled out EVAL_CHUNK tasks at a time: every task counted,
+    and a run whose tasks fit in one chunk is unchanged by the chunking (same tasks, same
+    returns as the one-piece evaluation)."""
+    from fastmeta.cli import rl_rl2
+
+    args = ["--iterations", "1", "--eval-tasks", "7", "--seed", "3"]
+    assert run(tmp_path / "one", "bandit-k5-n10", *args) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    monkeypatch.setattr(rl_rl2, "EVAL_CHUNK", 3)
+    assert run(tmp_path / "three", "bandit-k5-n10", *args) == 0
+    three = json.loads((tmp_path / "three" / "results.json").read_text())
+    assert three["eval_tasks"] == 7 and three["iterations"] == 1
+    for key in ("trial_return", "random_trial_return", "trial_return_ci95"):
+        assert isinstance(three[key], float) and three[key] == three[key], key
+    monkeypatch.setattr(rl_rl2, "EVAL_CHUNK", 7)
+    assert run(tmp_path / "same", "bandit-k5-n10", *args) == 0
+    same = json.loads((tmp_path / "same" / "results.json").read_text())
+    assert same["trial_return"] == one["trial_return"]
+    assert same["random_trial_return"] == one["random_trial_return"]
