@@ -49,12 +49,7 @@ from fastmeta.learners._meta_loss import check_batch as _check_batch
 from fastmeta.learners._meta_loss import check_chunk as _check_chunk
 from fastmeta.learners._meta_loss import metric_name as _metric_name
 from fastmeta.learners._meta_loss import run_meta_loss as _run_meta_loss
-from fastmeta.nn.episode import (
-    check_episode_bn,
-    embed_episodes,
-    episode_forward,
-    supports_episode_forward,
-)
+from fastmeta.nn.episode import check_episode_bn, embed_episodes, episode_forward, per_episode
 from fastmeta.ops import checks
 
 Tensor = torch.Tensor
@@ -346,15 +341,9 @@ class ANIL(_GradientLearner):
     def embed(self, x: Tensor) -> Tensor:
         """Features of ``x [T, N, *in]``: ``[T, N, D]`` (BatchNorm per task, class docstring)."""
         t, n = x.shape[:2]
-        if self._per_task_bn():
+        if per_episode(self.features, self.episode_bn):
             return episode_forward(self.features, x).reshape(t, n, -1)
         return self.features(x.flatten(0, 1)).reshape(t, n, -1)
-
-    def _per_task_bn(self) -> bool:
-        if self.episode_bn is not None:
-            return self.episode_bn
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.features.modules()) \
-            and supports_episode_forward(self.features)
 
     def head_function(self):
         return task_function(self.head)
@@ -375,7 +364,7 @@ class ANIL(_GradientLearner):
 
     def _tasks(self, steps: int, loss_fn: Callable):
         def tasks_fn(sx, sy, qx, qy):
-            zs, zq = embed_episodes(self.features, sx, qx, self._per_task_bn())
+            zs, zq = embed_episodes(self.features, sx, qx, self.episode_bn)
             adapted = self.adapt_tasks(sx, sy, steps, loss_fn, support_features=zs)
             out = self.predict(adapted, qx, features=zq)
             return task_losses(loss_fn, out, qy), task_metric(out.detach(), qy)

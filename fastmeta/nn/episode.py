@@ -60,7 +60,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["check_episode_bn", "embed_episodes", "episode_batch_norm", "episode_forward",
-           "run_episodes", "supports_episode_forward"]
+           "per_episode", "run_episodes", "supports_episode_forward"]
 
 
 def _has_batch_norm(module: nn.Module) -> bool:
@@ -154,14 +154,22 @@ def embed_episodes(backbone: nn.Module, support_x: torch.Tensor, query_x: torch.
     examples, as before this module existed (a BatchNorm then normalises over the whole batch).
     The per-episode results are transposed views (non-contiguous) for ``B > 1``."""
     b, s, q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-    auto = episode_bn is None and _has_batch_norm(backbone) and supports_episode_forward(backbone)
-    if episode_bn or auto:
+    if per_episode(backbone, episode_bn):
         # example-major [S + Q, B] order in one copy
         x = torch.cat([support_x.transpose(0, 1), query_x.transpose(0, 1)]).flatten(0, 1)
         z = run_episodes(backbone, x, b).reshape(s + q, b, -1)
         return z[:s].transpose(0, 1), z[s:].transpose(0, 1)
     z = backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
     return z[: b * s].view(b, s, -1), z[b * s :].view(b, q, -1)
+
+
+def per_episode(backbone: nn.Module, episode_bn: bool | None) -> bool:
+    """Whether a learner with this ``episode_bn`` setting runs ``backbone`` per episode:
+    ``episode_bn`` itself when given, else (None) whether the backbone has BatchNorm layers
+    that :func:`run_episodes` can run."""
+    if episode_bn is not None:
+        return episode_bn
+    return _has_batch_norm(backbone) and supports_episode_forward(backbone)
 
 
 def check_episode_bn(backbone: nn.Module, episode_bn: bool | None) -> bool | None:
