@@ -4,17 +4,15 @@ Task-batched activations are large: ``[N, T*C, H, W]`` for T=32 tasks is 8 MB at
 sizes and 144 MB at mini-ImageNet's 84x84. glibc serves blocks above its mmap threshold with a
 fresh ``mmap`` (and returns them with ``munmap``), and gives the top of its heap back to the
 system once more than the trim threshold is free there. Either way the next step's tensors land
-on fresh pages, and every 4 KB page is zero-filled by the kernel on first touch. Measured on
-the 2-core CPU VM (1 thread): one second-order MAML meta-step of learn2learn's OmniglotCNN at
-T=32 took ~33,000 minor page faults (0.03-0.3 s of system time on a ~0.4 s step) and of
-MiniImagenetCNN ~1.2 million (2 s of system time on a 4 s step); the per-task clone/adapt
-loop, whose tensors are 32x smaller, took none. ``bench/results/dropin.md`` has the numbers.
+on fresh pages, and every 4 KB page is zero-filled by the kernel on first touch (the page
+faults measured per meta-step: ``bench/results/design_notes.md``, ``bench/results/dropin.md``).
 
 :func:`tune` keeps freed memory in the heap: ``M_MMAP_MAX = 0`` (large blocks come from the
 heap too) and ``M_TRIM_THRESHOLD = 1 GiB`` (less than that free at the heap's top stays
 mapped). The price: the process keeps up to its peak heap resident instead of returning it
 between steps (what PyTorch's CUDA caching allocator does on a GPU). It is called at the first
-task-batched call on a CPU tensor (:class:`fastmeta.nn.TaskModule`, the traced path), and does
+task-batched call on a CPU tensor (:func:`tune_for`, called by :class:`fastmeta.nn.TaskModule`
+and the traced path), and does
 nothing when the environment sets ``FASTMETA_MALLOC_TUNING=0``, when the C library is not
 glibc, or when the user already set any of glibc's own ``MALLOC_*_`` variables or
 ``GLIBC_TUNABLES`` (their settings win).
@@ -56,9 +54,16 @@ def tune() -> bool:
     return ok
 
 
+def tune_for(x) -> None:
+    """:func:`tune` at the first task-batched call on a CPU tensor ``x`` (the hot-path entry:
+    after the first call this is one flag test)."""
+    if not _state["done"] and x.device.type == "cpu":
+        tune()
+
+
 def applied() -> bool:
     """Whether :func:`tune` has changed the settings in this process."""
     return _state["applied"]
 
 
-__all__ = ["applied", "tune"]
+__all__ = ["applied", "tune", "tune_for"]

@@ -186,8 +186,7 @@ class TracedTaskModel:
     def __call__(self, params, x: torch.Tensor) -> torch.Tensor:
         T, N = x.shape[0], x.shape[1]
         B = T * N
-        if not _malloc._state["done"] and x.device.type == "cpu":
-            _malloc.tune()  # large task-batched tensors: keep freed memory mapped (see _malloc)
+        _malloc.tune_for(x)  # large task-batched tensors: keep freed memory mapped (see _malloc)
         env = {}
         for st in self._steps:
             node = st.node

@@ -22,10 +22,10 @@ compared with the unrolled loop. Measured memory and time against the unrolled l
 double-backward graph kept (``create_graph=True``) and the backward runs the Hessian-vector
 products on those graphs (exactly the unrolled loop's memory, as learn2learn's clone/adapt;
 same values). The default (``recompute=None``) does so for CPU tensors, where the
-recomputation cost 20-25 % of a second-order meta-step of learn2learn's conv models (T=32,
-1 thread; ``bench/results/dropin.md``), as long as the kept graphs' saved tensors total at
-most :data:`KEEP_BUDGET_MB` (1 GiB; ``FASTMETA_KEEP_GRAPHS_MB`` overrides it) -- the later
-steps are recomputed -- and recomputes on other devices.
+recomputation is a large share of a second-order meta-step (``bench/results/dropin.md``), as
+long as the kept graphs' saved tensors total at most :data:`KEEP_BUDGET_MB` (1 GiB;
+``FASTMETA_KEEP_GRAPHS_MB`` overrides it) -- the later steps are recomputed -- and recomputes
+on other devices.
 
 This is a model-level op (it runs the module), so it is a ``torch.autograd.Function``, not a
 ``torch.library`` custom op.
@@ -234,10 +234,9 @@ def _check_lr(lr, names, params):
 KEEP_BUDGET_MB = 1024
 """Default budget (MiB) of the graphs ``inner_loop(recompute=None)`` keeps on a CPU: steps are
 kept while their saved tensors total at most this; the later steps are recomputed. The
-environment variable ``FASTMETA_KEEP_GRAPHS_MB`` overrides it (0: always recompute). Sizes per
-step at T=32, 5-way 1-shot: learn2learn's OmniglotCNN 58 MB, MiniImagenetCNN 884 MB (k=1 kept,
-k=5 one step of five), TaskConv4 28x28 208 MB (bench_maml's k=10: four of ten, so its peak
-stays within about 1 GB of the recomputing design's)."""
+environment variable ``FASTMETA_KEEP_GRAPHS_MB`` overrides it (0: always recompute). Graph
+sizes per step and the memory this costs against the recomputing design:
+``bench/results/design_notes.md``, ``bench/results/maml_memory_keep.md``."""
 
 
 def keep_budget_bytes() -> int:

@@ -106,8 +106,7 @@ class TaskModule(nn.Module):
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         T = check_task_input(x, params)
-        if not _malloc._state["done"] and x.device.type == "cpu":
-            _malloc.tune()  # large task-batched tensors: keep freed memory mapped (see _malloc)
+        _malloc.tune_for(x)  # large task-batched tensors: keep freed memory mapped (see _malloc)
         h, layout = self._task_forward(x, params, T, TN, "")
         return to_tn(h, layout, T)
 
