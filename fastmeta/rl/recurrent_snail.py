@@ -16,7 +16,6 @@ output ``forward`` gives there (every block is causal).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from fastmeta.nn.snail_blocks import AttentionBlock, TCBlock
