@@ -57,6 +57,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="GRU (Duan et al.) or SNAIL (Mishra et al. 2018) policy")
     p.add_argument("--hidden", type=int, default=128, help="GRU hidden size (SNAIL: hidden / 4 "
                    "channels, 128 -> the paper's 32)")
+    p.add_argument("--action-reward", action="store_true", help="GRU: also feed onehot(previous "
+                   "action) * previous reward (discrete actions)")
+    p.add_argument("--value-gru", action="store_true", help="GRU: a separate GRU for the value")
     p.add_argument("--env-steps", type=float, default=None, help="training budget in environment "
                    "steps (sets --iterations)")
     p.add_argument("--iterations", type=int, default=500, help="PPO iterations")
@@ -100,7 +103,8 @@ def build_agent(args: argparse.Namespace, dist) -> RL2:
     init_std = _defaults(args.env)["init_std"]
     if args.policy == "gru":
         policy = GRUPolicy(dist.obs_dim, dist.act_dim, dist.discrete, hidden=args.hidden,
-                           init_std=init_std)
+                           init_std=init_std, action_reward=getattr(args, "action_reward", False),
+                           value_gru=getattr(args, "value_gru", False))
     else:
         policy = SNAILPolicy(dist.obs_dim, dist.act_dim, dist.discrete,
                              seq_len=args.episodes * dist.horizon, channels=args.hidden // 4,
@@ -162,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
     _fill_defaults(args, dist)
     torch.manual_seed(args.seed)
     run_dir = run_dir_of(args)
-    check_resume(run_dir / "checkpoint.pt", args, ("env", "policy", "hidden", "episodes"))
+    check_resume(run_dir / "checkpoint.pt", args, ("env", "policy", "hidden", "episodes",
+                                                          "action_reward", "value_gru"))
     agent = build_agent(args, dist)
     runner = _Runner(args, dist, agent)
     fields = tuple(f"episode_{k + 1}" for k in range(args.episodes)) + ("entropy", "approx_kl",

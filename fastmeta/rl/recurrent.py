@@ -152,29 +152,56 @@ class GRUPolicy(SequencePolicy):
         discrete: categorical head (True) or Gaussian head (False).
         hidden: GRU hidden size (RL^2 used 256 for bandits/MDPs; 128 is enough for k=5 n=10).
         init_std: initial standard deviation of the Gaussian head.
+        action_reward: (discrete only) also feed the GRU ``onehot(a_{t-1}) * r_{t-1}``, the
+            previous reward in the slot of the previous action: the same information as
+            ``x``, but a per-action reward sum becomes linear in the inputs (bandits).
+        value_gru: the value head reads a second GRU of its own (same inputs) instead of the
+            policy's: the value loss then no longer moves the policy's recurrent weights.
 
     ``forward(x [N, L, in_dim]) -> (out [N, L, out_dim], value [N, L])`` runs the fused
     ``nn.GRU`` over whole trials from a zero state; ``step`` runs the same GRU one step at a
-    time (see the module docstring). The state is the hidden vector ``[N, hidden]``.
+    time (see the module docstring). The state is the hidden vector ``[N, hidden]``
+    (``[N, 2 * hidden]``: policy then value GRU, with ``value_gru``).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 128,
-                 init_std: float = 1.0):
+                 init_std: float = 1.0, action_reward: bool = False, value_gru: bool = False):
         super().__init__(obs_dim, act_dim, discrete, hidden, init_std)
+        if action_reward and not discrete:
+            raise ValueError("action_reward needs a discrete action space")
         self.hidden = hidden
-        self.gru = nn.GRU(self.in_dim, hidden, batch_first=True)
+        self.action_reward, self.value_gru = bool(action_reward), bool(value_gru)
+        gru_in = self.in_dim + (act_dim if action_reward else 0)
+        self.gru = nn.GRU(gru_in, hidden, batch_first=True)
+        self.vgru = nn.GRU(gru_in, hidden, batch_first=True) if value_gru else None
+
+    def _gru_inputs(self, x: Tensor) -> Tensor:
+        if not self.action_reward:
+            return x
+        o, A = self.obs_dim, self.act_dim
+        return torch.cat([x, x[..., o:o + A] * x[..., o + A:o + A + 1]], -1)
 
     def initial_state(self, n: int) -> Tensor:
         p = self.gru.weight_ih_l0
-        return torch.zeros(n, self.hidden, dtype=p.dtype, device=p.device)
+        return torch.zeros(n, self.hidden * (2 if self.value_gru else 1), dtype=p.dtype,
+                           device=p.device)
 
     def step(self, x: Tensor, state: Tensor, pos: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
         self.check_inputs(x)
-        h = self.gru(x.unsqueeze(1), state.unsqueeze(0))[1].squeeze(0)
+        x1 = self._gru_inputs(x).unsqueeze(1)
+        H = self.hidden
+        h = self.gru(x1, state[:, :H].unsqueeze(0).contiguous())[1].squeeze(0)
+        if self.vgru is not None:
+            hv = self.vgru(x1, state[:, H:].unsqueeze(0).contiguous())[1].squeeze(0)
+            h = torch.cat([h, hv], -1)
         h = torch.where(alive.unsqueeze(-1), h, state)
-        return self._heads(h)[0], h
+        return self._heads(h[:, :H])[0], h
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_inputs(x)
+        x = self._gru_inputs(x)
         feats, _ = self.gru(x)
-        return self._heads(feats)
+        out, value = self._heads(feats)
+        if self.vgru is not None:
+            value = self.v(self.vgru(x)[0]).squeeze(-1)
+        return out, value
