@@ -20,6 +20,7 @@ from fastmeta import rl
 from fastmeta.cli.rl_common import (add_common_args, check_resume, run_dir_of, saved_args,
                                     stream_seed, write_results)
 from fastmeta.learners import confidence_interval
+from fastmeta.rl.envs.bandit import BernoulliBandit, greedy_returns
 from fastmeta.rl.ppo import PPOConfig
 from fastmeta.rl.recurrent import GRUPolicy
 from fastmeta.rl.recurrent_snail import SNAILPolicy
@@ -40,7 +41,7 @@ DEFAULTS = {
     "cheetah-dir": dict(episodes=2, tasks=20, lam=0.95, init_std=0.5, reward_scale=0.1),
 }
 _TASKS, _ENV, _ACTIONS, _SHUFFLE = range(4)
-_VAL_SET, _TEST_SET = 10, 11
+_VAL_SET, _TEST_SET, _GREEDY = 10, 11, 12
 # Held-out tasks rolled out at once: a SNAIL policy's caches hold ~1.3 MB per task at 100 steps
 # (a 10,000-task evaluation in one piece was killed at 13.3 GB); 2,000 keeps the demo's one piece.
 EVAL_CHUNK = 2000
@@ -202,6 +203,15 @@ def run(args: argparse.Namespace) -> dict:
                                          stream_seed(args.seed, _TEST_SET, 1 + c))
                    for c, (tasks, _, _) in enumerate(chunks)]),
         metric="return")
+    greedy = {}
+    if isinstance(dist, BernoulliBandit) and args.episodes == 1:  # greedy on the same bandits
+        for name, prior in (("greedy", False), ("greedy_beta", True)):
+            ci = confidence_interval(torch.cat([
+                greedy_returns(dist, tasks, stream_seed(args.seed, _TEST_SET, 1 + c),
+                               torch.Generator().manual_seed(stream_seed(args.seed, _GREEDY, c)),
+                               prior=prior)
+                for c, (tasks, _, _) in enumerate(chunks)]), metric="return")
+            greedy.update({f"{name}_trial_return": ci.mean, f"{name}_trial_return_ci95": ci.ci95})
     eps = [confidence_interval(per_episode[:, k], metric="return") for k in range(args.episodes)]
     out = dict(agent=args.agent, env=args.env, policy=args.policy, hidden=args.hidden,
                iterations=trainer.step, tasks=args.tasks, trials=args.trials,
@@ -209,12 +219,14 @@ def run(args: argparse.Namespace) -> dict:
                train_seconds=round(train_s, 1), test_seconds=round(time.perf_counter() - t0, 1),
                eval_tasks=args.eval_tasks, trial_return=ret.mean, trial_return_ci95=ret.ci95,
                episode_returns=[e.mean for e in eps], episode_returns_ci95=[e.ci95 for e in eps],
-               random_trial_return=rand.mean, random_trial_return_ci95=rand.ci95,
+               random_trial_return=rand.mean, random_trial_return_ci95=rand.ci95, **greedy,
                run_dir=str(run_dir))
     write_results(run_dir, out)
     print(f"rl2 ({args.policy}) on {args.env}, {args.eval_tasks} held-out tasks, trial of "
           f"{args.episodes} episode(s): return {ret.mean:.3f} +- {ret.ci95:.3f} (random policy "
-          f"{rand.mean:.3f} +- {rand.ci95:.3f}); per "
+          f"{rand.mean:.3f} +- {rand.ci95:.3f}"
+          + ("".join(f", {g} {out[f'{g}_trial_return']:.3f}" for g in ("greedy", "greedy_beta"))
+             if greedy else "") + "); per "
           f"episode " + ", ".join(f"{e.mean:.2f}" for e in eps))
     print(f"run folder: {run_dir} (checkpoint.pt, metrics.csv, learning_curve.png, results.json)")
     return out

@@ -128,6 +128,69 @@ def test_policy_step_with_ragged_positions_equals_forward(kind):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_gru_action_reward_input_and_separate_value_gru():
+    """``action_reward``: the GRU reads ``x`` plus ``onehot(a_prev) * r_prev``; ``value_gru``:
+    the value comes from a second GRU, so the value loss leaves the policy's GRU alone. Step by
+    step (ragged) equals the whole-trial pass, the state holding both GRUs' hidden vectors."""
+    torch.manual_seed(0)
+    N, L, A = 3, 7, 4
+    dist = BernoulliBandit(arms=A, pulls=L)
+    policy = gru_for(dist, hidden=6, action_reward=True, value_gru=True).double()
+    ro = rollout(dist, policy.float(), T=N, E=1, n=1)
+    policy.double()
+    f = ro.flat_trials()
+    x = trial_inputs(f["obs"], f["actions"], f["rewards"], f["done"], A, True).double()
+    # the extra inputs, written out: the previous reward in the previous action's slot
+    extra = torch.zeros(N, L, A, dtype=torch.float64)
+    for i in range(N):
+        for l in range(1, L):
+            extra[i, l, f["actions"][i, l - 1]] = f["rewards"][i, l - 1]
+    torch.testing.assert_close(policy._gru_inputs(x), torch.cat([x, extra], -1))
+    out, value = policy(x)
+    with torch.no_grad():
+        torch.testing.assert_close(value, policy.v(policy.vgru(torch.cat([x, extra], -1))[0])
+                                   .squeeze(-1))
+    g = torch.Generator().manual_seed(1)
+    state, pos = policy.initial_state(N), torch.zeros(N, dtype=torch.long)
+    assert state.shape == (N, 12)
+    got = torch.zeros(N, L, A, dtype=torch.float64)
+    with torch.no_grad():
+        while bool((pos < L).any()):
+            alive = (torch.rand(N, generator=g) < 0.6) & (pos < L)
+            o, state = policy.step(x[torch.arange(N), pos.clamp(max=L - 1)], state, pos, alive)
+            got[torch.arange(N)[alive], pos[alive]] = o[alive]
+            pos += alive.long()
+    torch.testing.assert_close(got, out.detach(), rtol=1e-10, atol=1e-12)
+    value.pow(2).sum().backward()
+    assert all(p.grad is None for n, p in policy.named_parameters() if n.startswith("gru."))
+    assert all(p.grad is not None for n, p in policy.named_parameters() if n.startswith("vgru."))
+    with pytest.raises(ValueError, match="action_reward needs a discrete"):
+        GRUPolicy(2, 2, False, hidden=4, action_reward=True)
+
+
+def test_greedy_bandit_baselines():
+    """Arms that pay 0 or 1 for sure: ``prior=False`` pulls every arm once, then stays on a
+    paying arm; ``prior=True`` (posterior means) stays on the first paying arm it finds."""
+    from fastmeta.rl.envs.bandit import greedy_returns
+
+    dist = BernoulliBandit(arms=4, pulls=10)
+    probs = torch.tensor([[0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1.]])
+    tasks = {"probs": probs}
+    got = greedy_returns(dist, tasks, 0, torch.Generator().manual_seed(0))
+    assert got.tolist() == [1 + 6, 2 + 6, 0, 3 + 6]
+    for s in range(5):
+        got = greedy_returns(dist, tasks, s, torch.Generator().manual_seed(s), prior=True)
+        assert got[2] == 0 and ((got[[0, 1, 3]] >= 10 - 3) & (got[[0, 1, 3]] <= 10)).all(), got
+    # k = 10 arms, n = 100 pulls: near the RL^2 paper's greedy row (77.1), far above random (50)
+    dist = rl.make("bandit-k10-n100")
+    tasks = dist.sample_tasks(500, 0)  # (a tie generator seeded 0 would draw these very probs)
+    for prior in (False, True):
+        mean = float(greedy_returns(dist, tasks, 1, torch.Generator().manual_seed(7), prior).mean())
+        assert 74 < mean < 85, (prior, mean)
+    with pytest.raises(TypeError, match="BernoulliBandit"):
+        greedy_returns(TabularMDP(), {}, 0)
+
+
 def test_batched_rollout_equals_one_task_at_a_time():
     dist = Navigation2D(goal_box=0.05)
     torch.manual_seed(1)
@@ -189,11 +252,13 @@ def _per_trial_ppo_loss(policy, x, actions, mask, logp_old, adv, ret, cfg):
     return (total_pi + cfg.value_coef * total_v - cfg.entropy_coef * total_h) / count
 
 
-@pytest.mark.parametrize("kind", ["gru", "snail"])
+@pytest.mark.parametrize("kind", ["gru", "gru-options", "snail"])
 def test_ppo_loss_and_gradients_match_a_float64_per_trial_loop(kind):
     dist = TabularMDP(states=3, actions=3, horizon=4)
     torch.manual_seed(0)
-    policy = (gru_for(dist, hidden=8) if kind == "gru" else snail_for(dist, 2, channels=4)).double()
+    policy = (gru_for(dist, hidden=8) if kind == "gru"
+              else gru_for(dist, hidden=8, action_reward=True, value_gru=True)
+              if kind == "gru-options" else snail_for(dist, 2, channels=4)).double()
     ro = rollout(dist, policy, T=3, E=2, n=2)
     f = ro.flat_trials()
     x = trial_inputs(f["obs"], f["actions"], f["rewards"], f["done"], 3, True).double()

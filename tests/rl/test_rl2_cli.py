@@ -35,6 +35,7 @@ def test_results_json_has_trial_and_episode_returns(tmp_path):
     assert sum(res["episode_returns"]) == pytest.approx(res["trial_return"], rel=1e-6)
     for key in ("trial_return_ci95", "random_trial_return", "random_trial_return_ci95"):
         assert isinstance(res[key], float) and res[key] == res[key], key
+    assert "greedy_trial_return" not in res  # a bandit baseline
     assert res["env_steps"] == 2 * 6 * 3 * 10
     r = rows(tmp_path)
     assert [int(x["step"]) for x in r] == [1, 2]
@@ -102,10 +103,12 @@ def test_held_out_evaluation_in_chunks(tmp_path, monkeypatch):
     assert run(tmp_path / "three", "bandit-k5-n10", *args) == 0
     three = json.loads((tmp_path / "three" / "results.json").read_text())
     assert three["eval_tasks"] == 7 and three["iterations"] == 1
-    for key in ("trial_return", "random_trial_return", "trial_return_ci95"):
+    for key in ("trial_return", "random_trial_return", "trial_return_ci95", "greedy_trial_return",
+                "greedy_beta_trial_return"):
         assert isinstance(three[key], float) and three[key] == three[key], key
     monkeypatch.setattr(rl_rl2, "EVAL_CHUNK", 7)
     assert run(tmp_path / "same", "bandit-k5-n10", *args) == 0
     same = json.loads((tmp_path / "same" / "results.json").read_text())
     assert same["trial_return"] == one["trial_return"]
     assert same["random_trial_return"] == one["random_trial_return"]
+    assert same["greedy_trial_return"] == one["greedy_trial_return"]

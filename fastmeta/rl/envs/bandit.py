@@ -55,3 +55,36 @@ class BernoulliBandit(TaskDistribution):
         u = torch.rand(p.shape, generator=self._gen)
         reward = (u < p).float()
         return self._obs, reward, torch.zeros(p.shape, dtype=torch.bool), {}
+
+
+
+def greedy_returns(dist: BernoulliBandit, tasks: dict[str, Tensor], seed: int,
+                   generator: torch.Generator | None = None, prior: bool = False) -> Tensor:
+    """``[T]``: each bandit's total reward over one episode of ``dist.horizon`` pulls under a
+    greedy baseline, with ``seed`` seeding the rewards as :meth:`BernoulliBandit.reset` does.
+
+    * ``prior=False``: pull every arm once (in the order 0, 1, ..., k - 1), then always the arm
+      of the highest empirical mean reward so far;
+    * ``prior=True``: always the arm of the highest posterior mean reward under a uniform
+      Beta(1, 1) prior, ``(wins + 1) / (pulls + 2)`` (an arm never pulled counts 1/2).
+
+    Ties are broken uniformly at random (``generator``)."""
+    if not isinstance(dist, BernoulliBandit):
+        raise TypeError(f"dist must be a BernoulliBandit, got {type(dist).__name__}")
+    dist.reset(tasks, 1, seed)
+    T, k = dist.T, dist.act_dim
+    pulls, wins = torch.zeros(T, k), torch.zeros(T, k)
+    total = torch.zeros(T)
+    rows = torch.arange(T)
+    for h in range(dist.horizon):
+        if not prior and h < k:
+            a = torch.full((T,), h, dtype=torch.long)
+        else:
+            mean = (wins + 1) / (pulls + 2) if prior else wins / pulls.clamp_min(1)
+            best = mean == mean.max(1, keepdim=True).values
+            a = torch.where(best, torch.rand(T, k, generator=generator), -1.0).argmax(1)
+        r = dist.step(a.view(T, 1))[1].view(T)
+        pulls[rows, a] += 1
+        wins[rows, a] += r
+        total += r
+    return total
