@@ -73,6 +73,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     # PEARL's code's value; nav2d seed 0 gain +22.7 with it, +12.9 without (bench/results/pearl.md)
     p.add_argument("--policy-reg", type=float, default=1e-3, help="penalty on the actor's pre-tanh "
                    "mean and log-std (0: plain SAC)")
+    # PEARL's code keeps the temperature fixed (alpha 1 on 5x rewards). nav2d seed 2 with 'auto'
+    # (target entropy -2): alpha fell to 0.005, the prior-z policy parked near the start, its
+    # context held no goal information, no gain; fixed 0.05: the same; fixed 0.2 escaped it
+    # (bench/results/pearl.md)
+    p.add_argument("--alpha", type=_alpha, default="0.2", help="SAC temperature on the scaled "
+                   "reward: a constant, or 'auto' (tuned to target entropy -act_dim)")
     p.add_argument("--capacity", type=int, default=20_000, help="replay transitions kept per "
                    "training task")
     p.add_argument("--eval-every", type=int, default=20, help="held-out validation every N "
@@ -83,6 +89,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-episodes", type=int, default=3, help="episodes in sequence per held-out "
                    "task")
     add_common_args(p)
+
+
+def _alpha(text: str):
+    """``--alpha``: 'auto' -> None, else a positive float."""
+    if text == "auto":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"--alpha must be 'auto' or a positive number, got "
+                                         f"{text!r}")
+    return v
 
 
 def make_env(name: str):
@@ -106,7 +126,7 @@ class _Runner:
                            context_size=a.context_size, capacity=capacity,
                            context_capacity=H * max(a.prior_episodes, a.init_episodes),
                            reward_scale=a.reward_scale, dense_critic=a.dense_critic,
-                           policy_reg=a.policy_reg, seed=a.seed)
+                           policy_reg=a.policy_reg, fixed_alpha=a.alpha, seed=a.seed)
 
     def step(self, i: int):
         a, agent = self.args, self.agent

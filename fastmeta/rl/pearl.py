@@ -51,8 +51,9 @@ class PEARL:
             PEARL's 5).
         dense_critic: train the critic on ``dist.dense_reward(tasks, next_obs)`` instead of the
             stored reward (PEARL's code does so for sparse-reward tasks; the encoder and every
-            return reported still use the environment's sparse reward). policy_reg: see
-            fastmeta.rl.sac.
+            return reported still use the environment's sparse reward). policy_reg, fixed_alpha:
+            see fastmeta.rl.sac (fixed_alpha None: automatic temperature, target entropy
+            -act_dim).
         seed: seeds the agent's generator (z, actions and replay draws of the updates).
 
     State for exact resume: :meth:`state_dict` holds networks, optimisers, both buffers and the
@@ -64,7 +65,7 @@ class PEARL:
                  meta_batch: int = 8, batch_size: int = 64, context_size: int = 64,
                  capacity: int = 20_000, context_capacity: int = 400, gamma: float = 0.99,
                  tau: float = 0.005, reward_scale: float = 1.0, dense_critic: bool = False,
-                 policy_reg: float = 0.0, seed: int = 0):
+                 policy_reg: float = 0.0, fixed_alpha: float | None = None, seed: int = 0):
         if not isinstance(dist, TaskDistribution) or dist.discrete:
             raise TypeError(f"PEARL needs a continuous-action TaskDistribution, got {dist!r}")
         self.n_train = dist.check_tasks(train_tasks)
@@ -80,7 +81,8 @@ class PEARL:
         self.action_scale = float(getattr(dist, "max_action", 1.0))
         o, a = dist.obs_dim, dist.act_dim
         self.encoder = ContextEncoder(o, a, latent_dim, hidden)
-        self.sac = SAC(o + latent_dim, a, hidden, gamma=gamma, tau=tau, policy_reg=policy_reg)
+        self.sac = SAC(o + latent_dim, a, hidden, gamma=gamma, tau=tau, policy_reg=policy_reg,
+                       fixed_alpha=fixed_alpha)
         self.opt_q = torch.optim.Adam([*self.sac.critic.parameters(), *self.encoder.parameters()],
                                       lr=lr)
         self.opt_pi = torch.optim.Adam(self.sac.actor.parameters(), lr=lr)
@@ -190,9 +192,10 @@ class PEARL:
         self.opt_pi.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.opt_pi.step()
-        self.opt_alpha.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.opt_alpha.step()
+        if self.sac.learn_alpha:
+            self.opt_alpha.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.opt_alpha.step()
         self.sac.update_target()
         return {"q_loss": q_loss.item(), "actor_loss": actor_loss.item(),
                 "kl": kl.item() / self.meta_batch, "alpha": self.sac.alpha.item(),

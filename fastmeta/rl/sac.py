@@ -12,8 +12,11 @@ Losses, for a batch ``(x, a, r, x', not_done)``::
     a~ ~ pi(.|x):  L_pi = mean (alpha * log pi(a~|x) - min_i Q_i(x, a~))
     L_alpha = -mean log_alpha * (log pi(a~|x) + target_entropy)   (target_entropy = -act_dim)
 
-``policy_reg`` (optional, PEARL's code uses 1e-3) adds ``policy_reg * mean(m^2 + log_std^2)`` of
-the pre-tanh Gaussian N(m, std^2) to L_pi, keeping the actor out of tanh's flat tails.
+``fixed_alpha``: a constant temperature instead of the automatic one (PEARL's code has no
+automatic temperature: alpha = 1 with the reward scale setting the balance); ``L_alpha`` is then
+0 and ``log_alpha`` never moves. ``policy_reg`` (optional, PEARL's code uses 1e-3) adds
+``policy_reg * mean(m^2 + log_std^2)`` of the pre-tanh Gaussian N(m, std^2) to L_pi, keeping the
+actor out of tanh's flat tails.
 """
 
 from __future__ import annotations
@@ -96,20 +99,27 @@ class SAC(nn.Module):
         in_dim, act_dim: state and action sizes. hidden: MLP widths of actor and critics.
         gamma: discount. tau: Polyak rate of the target critics. init_alpha: initial temperature.
         target_entropy: default ``-act_dim``. policy_reg: weight of the pre-tanh mean and log-std
-        penalty in the actor loss (default 0: plain SAC).
+        penalty in the actor loss (default 0: plain SAC). fixed_alpha: a constant temperature
+        (``init_alpha`` is then ignored, no automatic tuning); None (default): automatic.
     """
 
     def __init__(self, in_dim: int, act_dim: int, hidden: tuple[int, ...] = (128, 128),
                  gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
-                 target_entropy: float | None = None, policy_reg: float = 0.0):
+                 target_entropy: float | None = None, policy_reg: float = 0.0,
+                 fixed_alpha: float | None = None):
         super().__init__()
         for what, v in (("in_dim", in_dim), ("act_dim", act_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SAC: {what} must be a positive int, got {v!r}")
-        if not (0 <= gamma <= 1 and 0 < tau <= 1 and init_alpha > 0 and policy_reg >= 0):
+        if not (0 <= gamma <= 1 and 0 < tau <= 1 and init_alpha > 0 and policy_reg >= 0
+                and (fixed_alpha is None or fixed_alpha > 0)):
             raise ValueError(f"SAC: need 0 <= gamma <= 1, 0 < tau <= 1, init_alpha > 0, policy_reg "
-                             f">= 0; got gamma={gamma}, tau={tau}, init_alpha={init_alpha}, "
-                             f"policy_reg={policy_reg}")
+                             f">= 0, fixed_alpha None or > 0; got gamma={gamma}, tau={tau}, "
+                             f"init_alpha={init_alpha}, policy_reg={policy_reg}, "
+                             f"fixed_alpha={fixed_alpha}")
+        self.learn_alpha = fixed_alpha is None
+        if not self.learn_alpha:
+            init_alpha = fixed_alpha
         self.gamma, self.tau, self.policy_reg = float(gamma), float(tau), float(policy_reg)
         self.target_entropy = float(-act_dim if target_entropy is None else target_entropy)
         self.actor = TanhGaussianActor(in_dim, act_dim, hidden)
@@ -137,15 +147,18 @@ class SAC(nn.Module):
 
     def actor_alpha_loss(self, x: Tensor, generator: torch.Generator | None = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(L_pi, L_alpha, mean log pi)``. ``x`` should carry no gradient to an encoder; the
-        critic's parameters receive gradient from ``L_pi``: zero them before the next critic
-        step."""
+        """``(L_pi, L_alpha, mean log pi)`` (``L_alpha`` = 0, no graph, with a fixed temperature).
+        ``x`` should carry no gradient to an encoder; the critic's parameters receive gradient
+        from ``L_pi``: zero them before the next critic step."""
         a, logp, mean, log_std = self.actor.sample(x, generator)
         q1, q2 = self.critic(x, a)
         actor_loss = (self.alpha * logp - torch.minimum(q1, q2)).mean()
         if self.policy_reg:
             actor_loss = actor_loss + self.policy_reg * (mean.square() + log_std.square()).mean()
-        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        if self.learn_alpha:
+            alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        else:  # a constant: no gradient reaches log_alpha
+            alpha_loss = logp.new_zeros(())
         return actor_loss, alpha_loss, logp.detach().mean()
 
     @torch.no_grad()

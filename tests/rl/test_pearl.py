@@ -88,6 +88,15 @@ def test_collect_update_and_adapt():
     assert returns.shape == (3, 3) and torch.isfinite(returns).all()
 
 
+def test_fixed_alpha_never_moves():
+    _, agent = small_agent(fixed_alpha=0.05)
+    agent.collect(torch.arange(4), 2, 0, False, True, torch.Generator().manual_seed(0))
+    for _ in range(3):
+        m = agent.update()
+    assert abs(m["alpha"] - 0.05) < 1e-8
+    assert agent.opt_alpha.state_dict()["state"] == {}  # never stepped
+
+
 def test_state_dict_round_trip_continues_identically():
     _, a = small_agent()
     g = torch.Generator().manual_seed(0)

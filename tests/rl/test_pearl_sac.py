@@ -117,6 +117,17 @@ def test_alpha_gradient_direction_and_target_update():
     assert not any(p.requires_grad for p in sac.critic_target.parameters())
 
 
+def test_fixed_alpha_is_a_constant():
+    sac = SAC(5, 2, hidden=(16, 16), init_alpha=0.3, fixed_alpha=0.05).double()
+    assert not sac.learn_alpha and abs(sac.alpha.item() - 0.05) < 1e-8
+    x = torch.randn(64, 5, dtype=torch.float64)
+    actor_loss, alpha_loss, logp = sac.actor_alpha_loss(x, torch.Generator().manual_seed(3))
+    assert alpha_loss.item() == 0.0 and not alpha_loss.requires_grad
+    q = sac.critic(x, sac.actor(x, torch.Generator().manual_seed(3))[0])
+    want = (sac.alpha * logp - torch.minimum(*q)).mean()
+    torch.testing.assert_close(actor_loss, want, rtol=1e-12, atol=1e-12)
+
+
 def test_act_shapes_range_and_determinism():
     sac = SAC(4, 3)
     x = torch.randn(2, 5, 4)
@@ -129,7 +140,8 @@ def test_act_shapes_range_and_determinism():
 @pytest.mark.parametrize("kw", [dict(in_dim=0, act_dim=2), dict(in_dim=3, act_dim=2, tau=0.0),
                                 dict(in_dim=3, act_dim=2, gamma=1.5), dict(in_dim=3, act_dim=2,
                                                                            init_alpha=-1.0),
-                                dict(in_dim=3, act_dim=2, policy_reg=-1.0)])
+                                dict(in_dim=3, act_dim=2, policy_reg=-1.0),
+                                dict(in_dim=3, act_dim=2, fixed_alpha=0.0)])
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         SAC(**kw)
