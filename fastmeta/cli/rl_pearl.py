@@ -50,6 +50,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "sampled task (they also refill its context buffer)")
     p.add_argument("--post-episodes", type=int, default=2, help="episodes with z ~ posterior per "
                    "sampled task")
+    p.add_argument("--post-context", action="store_true", help="the posterior episodes also go "
+                   "to the task's context buffer (PEARL's num_steps_posterior; its sparse point "
+                   "robot config does so), not only to the replay")
     p.add_argument("--updates", type=int, default=200, help="gradient steps per iteration")
     p.add_argument("--meta-batch", type=int, default=8, help="tasks per gradient step")
     p.add_argument("--batch-size", type=int, default=64, help="replay transitions per task per "
@@ -63,6 +66,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam step of every network and the "
                    "temperature")
     p.add_argument("--kl-weight", type=float, default=0.1)
+    p.add_argument("--gamma", type=float, default=0.99, help="discount (PEARL: 0.99; 0.9 on its "
+                   "sparse point robot)")
     # PEARL's value; at 1 the KL fell to 0.05 nats within 5 nav2d iterations (z held no task
     # information)
     p.add_argument("--reward-scale", type=float, default=5.0,
@@ -124,7 +129,9 @@ class _Runner:
         self.agent = PEARL(self.dist, tasks, latent_dim=a.latent_dim, hidden=hidden, lr=a.lr,
                            kl_weight=a.kl_weight, meta_batch=a.meta_batch, batch_size=a.batch_size,
                            context_size=a.context_size, capacity=capacity,
-                           context_capacity=H * max(a.prior_episodes, a.init_episodes),
+                           context_capacity=H * max(a.prior_episodes + a.post_episodes
+                                                    * a.post_context, a.init_episodes),
+                           gamma=a.gamma,
                            reward_scale=a.reward_scale, dense_critic=a.dense_critic,
                            policy_reg=a.policy_reg, fixed_alpha=a.alpha, seed=a.seed)
 
@@ -140,7 +147,8 @@ class _Runner:
         agent.context.clear(ids)
         prior = agent.collect(ids, a.prior_episodes, stream_seed(a.seed, _PRIOR, i), False, True,
                               gen)
-        post = agent.collect(ids, a.post_episodes, stream_seed(a.seed, _POST, i), True, False, gen)
+        post = agent.collect(ids, a.post_episodes, stream_seed(a.seed, _POST, i), True,
+                             a.post_context, gen)
         sums = {}
         for _ in range(a.updates):
             for k, v in agent.update().items():

@@ -164,10 +164,18 @@ def test_cli_resume_is_exact_including_replay_buffers(tmp_path):
         main(other + ["--iterations", "5", "--run-dir", str(resumed), "--resume"])
 
 
+def test_cli_post_context_fills_the_context_buffer(tmp_path):
+    # 1 prior + 1 posterior episode of 100 steps (nav2d); without the flag: 100 (the prior one)
+    main(TINY + ["--iterations", "1", "--run-dir", str(tmp_path), "--gamma", "0.9", "--alpha",
+                 "auto", "--post-context"])
+    ctx = load_checkpoint(tmp_path / "checkpoint.pt")["model"]["context"]
+    assert ctx["obs"].shape[1] == 200 and int(ctx["size"].max()) == 200
+
+
 @pytest.mark.parametrize("bad", [["--meta-batch", "9"], ["--updates", "0"], ["--env",
                                                                              "bandit-k5-n10"],
                                  ["--eval-episodes", "1"], ["--post-episodes", "0"],
-                                 ["--dense-critic"]])
+                                 ["--dense-critic"], ["--alpha", "0"], ["--alpha", "x"]])
 def test_cli_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit):
         main(TINY + ["--iterations", "1", "--run-dir", str(tmp_path)] + bad)
