@@ -31,6 +31,10 @@ TORCH_LIBRARY(fastmeta_cpp, m) {
       "mlp_grad_hvp_fwd(Tensor[] weights, Tensor[] biases, Tensor x, Tensor y, Tensor[] v_w, "
       "Tensor[] v_b, int activation, int loss) -> (Tensor, Tensor[], Tensor[], Tensor[], "
       "Tensor[])");
+  m.def(
+      "mlp_rop_product(Tensor[] weights, Tensor[] acts, Tensor[] deltas, Tensor[] pres, "
+      "Tensor rowscale, Tensor colscale, Tensor[] v_w, Tensor[] v_b, Tensor v_out) -> "
+      "(Tensor[], Tensor[], Tensor)");
   m.def("prototypes_fwd(Tensor support, Tensor labels, int n_way) -> (Tensor, Tensor)");
   m.def("prototypes_bwd(Tensor grad_protos, Tensor labels, Tensor counts) -> Tensor");
   m.def(
@@ -71,6 +75,7 @@ TORCH_LIBRARY_IMPL(fastmeta_cpp, CPU, m) {
   m.impl("inner_update_lr_grad", &fastmeta::cpu::inner_update_lr_grad_cpu);
   m.impl("mlp_grad_fwd", &fastmeta::cpu::mlp_grad_fwd);
   m.impl("mlp_grad_hvp_fwd", &fastmeta::cpu::mlp_grad_hvp_fwd);
+  m.impl("mlp_rop_product", &fastmeta::cpu::mlp_rop_product);
   m.impl("prototypes_fwd", &fastmeta::cpu::prototypes_fwd);
   m.impl("prototypes_bwd", &fastmeta::cpu::prototypes_bwd);
   m.impl("gaussian_product_fwd", &fastmeta::cpu::gaussian_product_fwd);

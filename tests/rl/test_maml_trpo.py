@@ -10,6 +10,7 @@ import torch
 
 from fastmeta.func import task_function, task_losses
 from fastmeta.func import task_hvp
+from fastmeta.rl import curvature
 from fastmeta.rl.curvature import categorical_fisher, gaussian_fisher, pg_hvp
 from fastmeta.rl.categorical import CategoricalMLPPolicy
 from fastmeta.rl.maml_trpo import MAMLTRPO
@@ -18,6 +19,15 @@ from fastmeta.rl.policy import GaussianMLPPolicy, gaussian_log_prob, pg_loss
 from fastmeta.rl.trpo import conjugate_gradient, flatten, line_search, trust_region_step
 
 D64 = torch.float64
+HAS_FUSED = curvature._cpp_op(torch.zeros(1)) is not None
+# the Gaussian curvature products: the fused C++ op (csrc/cpu/meta_fvp.cpp) and the bmm path
+PATHS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_FUSED, reason="no fused op")), False]
+
+
+@pytest.fixture(params=PATHS, ids=["fused", "bmm"])
+def fused(request, monkeypatch):
+    monkeypatch.setattr(curvature, "USE_CPP", request.param)
+    return request.param
 
 
 def rollout(T=3, E=2, H=5, obs_dim=3, act_dim=2, seed=0, dtype=torch.float32, discrete=False):
@@ -71,11 +81,12 @@ def per_task_fvp(policy, agent, train, valid, v, steps):
     return total
 
 
-@pytest.mark.parametrize("discrete", [False, True])
-def test_fisher_equals_kl_hessian(discrete):
+@pytest.mark.parametrize("discrete,N", [(False, 7), (False, 600), (True, 7)])
+def test_fisher_equals_kl_hessian(discrete, N, fused):
+    # N = 600: the fused op's row blocks (256) with a partial last block
     pol = make(discrete=discrete, act_dim=4 if discrete else 2)
     fn = task_function(pol)
-    T, N = 3, 7
+    T = 3
     g = torch.Generator().manual_seed(1)
     params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
     x = torch.randn(T, N, 3, generator=g, dtype=D64)
@@ -91,13 +102,14 @@ def test_fisher_equals_kl_hessian(discrete):
         torch.testing.assert_close(fast[k], r, rtol=1e-10, atol=1e-12, msg=k)
 
 
-def test_pg_hvp_and_grad_equal_autograd():
-    pol = make(hidden=(8, 7, 6))
+@pytest.mark.parametrize("hidden,obs_dim,N", [((8, 7, 6), 3, 11), ((20, 24), 17, 600)])
+def test_pg_hvp_and_grad_equal_autograd(hidden, obs_dim, N, fused):
+    pol = make(obs_dim=obs_dim, hidden=hidden)
     fn = task_function(pol)
-    T, N = 3, 11
+    T = 3
     g = torch.Generator().manual_seed(2)
     params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
-    x = torch.randn(T, N, 3, generator=g, dtype=D64)
+    x = torch.randn(T, N, obs_dim, generator=g, dtype=D64)
     y = torch.randn(T, N, 3, generator=g, dtype=D64)  # actions (2) and signed weights
     v = {k: torch.randn_like(p) for k, p in params.items()}
     op = pg_hvp(params, x, y)
@@ -108,9 +120,12 @@ def test_pg_hvp_and_grad_equal_autograd():
         torch.testing.assert_close(op.grad[k], grads[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
-@pytest.mark.parametrize("hvp,discrete", [("analytic", False), ("task_hvp", False), ("analytic", True)])
+@pytest.mark.parametrize("hvp,discrete,use_cpp", [
+    ("analytic", False, True), ("analytic", False, False), ("task_hvp", False, True),
+    ("analytic", True, True)])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_meta_fvp_equals_per_task_double_backward(steps, hvp, discrete):
+def test_meta_fvp_equals_per_task_double_backward(steps, hvp, discrete, use_cpp, monkeypatch):
+    monkeypatch.setattr(curvature, "USE_CPP", use_cpp)  # the Gaussian products: fused op / bmm
     A = 4 if discrete else 2
     pol = make(discrete=discrete, act_dim=A)
     agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=steps, cg_damping=0.0)
@@ -330,3 +345,27 @@ def test_actor_samples_from_the_per_task_policy():
     assert a.shape == (2, 5, 2) and a.dtype == torch.float32 and torch.equal(a, b)
     mu = fn(params, obs)[..., :2]
     torch.testing.assert_close(a[1], mu[1].float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="no fused op")
+def test_fused_products_float32_match_float64(monkeypatch):
+    # the float32 kernel (sgemm) against the float64 bmm path, at 64-64 widths and 2 row blocks
+    pol = make(obs_dim=5, hidden=(64, 64))
+    fn = task_function(pol)
+    T, N = 2, 300
+    g = torch.Generator().manual_seed(4)
+    params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64))
+              for k, p in fn.params().items()}
+    x = torch.randn(T, N, 5, generator=g, dtype=D64)
+    y = torch.randn(T, N, 3, generator=g, dtype=D64)
+    w = torch.rand(T, N, generator=g, dtype=D64)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    f32 = {k: t.float() for k, t in params.items()}
+    fast = [pg_hvp(f32, x.float(), y.float())({k: t.float() for k, t in v.items()}),
+            gaussian_fisher(f32, x.float(), w.float())({k: t.float() for k, t in v.items()})]
+    monkeypatch.setattr(curvature, "USE_CPP", False)
+    ref = [pg_hvp(params, x, y)(v), gaussian_fisher(params, x, w)(v)]
+    for a, b in zip(fast, ref):
+        for k in b:
+            assert a[k].dtype == torch.float32
+            assert ((a[k].double() - b[k]).norm() / b[k].norm()).item() < 1e-5, k
