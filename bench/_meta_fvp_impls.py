@@ -121,4 +121,38 @@ def step_loop(d):
             ks.append((gaussian_kl(out, olds[t][0]) * d.wv[t]).sum())
         return torch.stack(ls).mean().item(), torch.stack(ks).mean().item()
 
-    return line_search(evaluate, loss.item(), a.max_kl, a.ls_steps, a.ls_backtrack)
+    size, _, _, _ = line_search(evaluate, loss.item(), a.max_kl, a.ls_steps, a.ls_backtrack)
+    return {k: -size * step[k] for k in theta}  # the update theta_new - theta
+
+
+def adapt_loop(d):
+    """The adaptation before the validation rollouts are sampled, the per-task way: advantages
+    (the same baseline fit + GAE as MAMLTRPO.batch), then one inner step per task of the
+    unbatched policy. Returns the per-task adapted parameters."""
+    a = d.agent
+    x, y = a._inner(*a.batch(d.train))
+    theta = {k: p.detach().requires_grad_() for k, p in a.fn.params().items()}
+    out = []
+    for t in range(x.shape[0]):
+        loss = pg_loss(plain_policy(theta, x[t]), y[t])
+        g = torch.autograd.grad(loss, list(theta.values()))
+        out.append({k: (p - a.fast_lr * gk).detach() for (k, p), gk in zip(theta.items(), g)})
+    return out
+
+
+def phase_loop(d):
+    """The optimisation phase of one MAML-TRPO iteration (everything but env stepping), per task:
+    :func:`adapt_loop` then :func:`step_loop`. Returns the update of theta."""
+    adapt_loop(d)
+    return step_loop(d)
+
+
+def phase_fastmeta(d):
+    """The same phase by fastmeta: ``agent.adapt(train)`` (the parameters the validation
+    rollouts are sampled with) then ``agent.step(train, valid)``. Returns the update of theta
+    (the policy is updated in place, as the trainer does)."""
+    a = d.agent
+    before = {k: p.detach().clone() for k, p in a.fn.params().items()}
+    a.adapt(d.train)
+    a.step(d.train, d.valid)
+    return {k: p.detach() - before[k] for k, p in a.fn.params().items()}

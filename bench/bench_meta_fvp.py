@@ -21,9 +21,19 @@ throughout, as pytorch-maml-rl) and C (``MAMLTRPO.step``).
 Clock: wall time at the default thread count; the thread's CPU time (``time.thread_time``) at 1
 thread, which other processes on a shared CPU do not inflate.
 
+``--phase``: the optimisation phase of one MAML-TRPO iteration (everything but env stepping:
+the adaptation the validation rollouts are sampled with, then the whole TRPO step: baseline
+fits and GAE of both batches, inner step, outer gradient, FVP build, 10 CG iterations + the
+trust-region product, line search, update) on rollouts sampled once from the real task
+distributions at the CLI's configurations (``nav2d:20x20`` = 20 tasks x 20 episodes x 100
+steps, ``cheetah-vel:20x10`` with the CLI's action scale 10), fastmeta (``agent.adapt`` +
+``agent.step``) vs the per-task loop (per-task inner steps, double-backward FVPs), side by side,
+interleaved; the gate compares the two updates of theta.
+
 Usage::
 
     python bench/bench_meta_fvp.py [--quick] [--threads default,1] [--reps 5] [--no-save]
+    python bench/bench_meta_fvp.py --phase nav2d:20x20,cheetah-vel:20x10 --threads 1
 
 Writes the table to bench/results/meta_fvp.md (with the command) and JSON rows to
 bench/results/meta_fvp-<device>.jsonl.
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,7 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import RESULTS_DIR, add_common_args, busy_warning, env_info, parse_args  # noqa: E402
-from _meta_fvp_impls import step_loop, fvp_batched_builder, fvp_func_builder, fvp_loop_builder  # noqa: E402
+from _meta_fvp_impls import (fvp_batched_builder, fvp_func_builder, fvp_loop_builder,  # noqa: E402
+                             phase_fastmeta, phase_loop, step_loop)
+from fastmeta import rl  # noqa: E402
 from fastmeta.rl import GaussianMLPPolicy, MAMLTRPO  # noqa: E402
 from fastmeta.rl.meta_fvp import MetaFisher, adapt  # noqa: E402
 
@@ -72,6 +85,132 @@ def setup(T, N, obs_dim, act_dim, dtype):
     g = torch.Generator().manual_seed(3)
     d.v = torch.randn(sum(p.numel() for p in pol.parameters()), generator=g, dtype=torch.float64).to(dtype)
     return d
+
+
+def setup_env(env, T, E, seed=0):
+    """Rollouts sampled from ``env`` (T tasks x E episodes, the distribution's horizon) with a
+    fresh policy (train) and its per-task adapted parameters (valid), as one CLI iteration."""
+    kw = {"action_scale": 10.0} if env.startswith("cheetah") else {}
+    dist = rl.make(env, **kw)
+    torch.manual_seed(seed)
+    pol = GaussianMLPPolicy(dist.obs_dim, dist.act_dim)
+    agent = MAMLTRPO(pol)
+    gen = torch.Generator().manual_seed(seed)
+    tasks = dist.sample_tasks(T, seed)
+    t0 = time.perf_counter()
+    train = rl.sample(dist, agent.actor(None, gen), tasks, E, seed + 1)
+    valid = rl.sample(dist, agent.actor(agent.adapt(train), gen), tasks, E, seed + 2)
+    sample_s = time.perf_counter() - t0
+    x, y = agent._inner(*agent.batch(train))
+    xv, av, advv, wv = agent.batch(valid)
+    return SimpleNamespace(pol=pol, agent=agent, train=train, valid=valid, x=x, y=y, xv=xv, av=av,
+                           advv=advv, wv=wv, sample_s=sample_s, obs_dim=dist.obs_dim,
+                           act_dim=dist.act_dim, steps=int(train.mask.sum() + valid.mask.sum()))
+
+
+def run_phase(env, T, E, reps, one_thread):
+    """Median phase times (ms) of fastmeta and the per-task loop, interleaved, on one set of
+    rollouts; the gate: relative difference of the two updates of theta."""
+    d = setup_env(env, T, E)
+    sd = {k: v.clone() for k, v in d.pol.state_dict().items()}
+    tick = clock(one_thread)
+    times = {"A loop": [], "C fastmeta": []}
+    for r in range(reps + 1):  # the first repetition warms up (not timed)
+        for name, fn in (("A loop", phase_loop), ("C fastmeta", phase_fastmeta)):
+            t0 = tick()
+            fn(d)
+            dt = (tick() - t0) * 1e3
+            d.pol.load_state_dict(sd)
+            if r:
+                times[name].append(dt)
+    # the gate, in float64 (float32 rounding is amplified by CG: the two float32 updates differ
+    # by up to ~1e-1 where their float64 updates agree to ~1e-10)
+    d.pol.double()
+    d.x, d.y = d.agent._inner(*d.agent.batch(d.train))
+    d.xv, d.av, d.advv, d.wv = d.agent.batch(d.valid)
+    ua, uc = (torch.cat([u.reshape(-1) for u in fn(d).values()])
+              for fn in (phase_loop, phase_fastmeta))
+    err = ((ua - uc).norm() / ua.norm().clamp_min(1e-30)).item()
+    med = {n: statistics.median(t) for n, t in times.items()}
+    return dict(env=env, T=T, E=E, N=int(d.train.mask.shape[1] * d.train.mask.shape[2]),
+                obs_dim=d.obs_dim, act_dim=d.act_dim, sample_s=d.sample_s, env_steps=d.steps,
+                A_ms=med["A loop"], C_ms=med["C fastmeta"],
+                A_p20=_q(times["A loop"], 0.2), A_p80=_q(times["A loop"], 0.8),
+                C_p20=_q(times["C fastmeta"], 0.2), C_p80=_q(times["C fastmeta"], 0.8),
+                update_err=err, update_norm=ua.norm().item())
+
+
+def _phase_line(r):
+    ok = "" if r["update_err"] < 1e-6 else " DIFFERENT"
+    return (f"| {r['env']} | {r['T']} x {r['E']} ({r['N']}/task) | {r['obs_dim']}/{r['act_dim']} | "
+            f"{r['A_ms']:.0f} ({r['A_p20']:.0f}-{r['A_p80']:.0f}) | {r['C_ms']:.0f} "
+            f"({r['C_p20']:.0f}-{r['C_p80']:.0f}) | **{r['A_ms'] / r['C_ms']:.2f}x** | "
+            f"{r['update_err']:.1e}{ok} | {r['sample_s']:.1f} s |")
+
+
+def main_phase(args, argv):
+    cases = []
+    for item in args.phase.split(","):
+        env, te = item.split(":")
+        T, E = (int(v) for v in te.split("x"))
+        cases.append((env, T, E))
+    reps = args.reps or 3
+    default_threads = torch.get_num_threads()
+    warn = busy_warning()
+    if warn:
+        print(warn)
+    info = env_info(torch.device("cpu"))
+    lines, records = [], []
+    for th in (args.thread_list or "1").split(","):
+        n_threads = default_threads if th == "default" else int(th)
+        torch.set_num_threads(n_threads)
+        one = n_threads == 1
+        lines.append(f"\n### {n_threads} thread(s), clock: {'thread CPU time' if one else 'wall'}, "
+                     f"1-min load {_load()} at start\n")
+        lines.append("| env | tasks x episodes | obs/act | A per-task loop ms (p20-p80) | "
+                     "C fastmeta ms | C vs A | update rel diff | sampling (wall) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for env, T, E in cases:
+            r = run_phase(env, T, E, reps, one)
+            r["threads"] = n_threads
+            records.append(r)
+            lines.append(_phase_line(r))
+            print(lines[-1], flush=True)
+    if args.no_save:
+        return
+    cmd = "python bench/bench_meta_fvp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = RESULTS_DIR / "meta_fvp_phase.md"
+    head = (f"\nCommand: `{cmd}`\n\nMachine: {info['device']}, torch {info['torch']}, git "
+            f"{info['git_sha'][:10]}, {info['cpu_count']} CPUs. {warn}\n")
+    if not (args.append and md.exists()):
+        head = PHASE_HEADER + head
+    with open(md, "a" if args.append and md.exists() else "w") as f:
+        f.write(head + "\n".join(lines) + "\n")
+    with open(RESULTS_DIR / f"meta_fvp_phase-{info['device_slug']}.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps({**r, **info}, default=str) + "\n")
+    print(f"wrote {md}")
+
+
+PHASE_HEADER = (
+    "# The optimisation phase of a MAML-TRPO iteration (bench/bench_meta_fvp.py --phase)\n\n"
+    "Everything of one meta-iteration but env stepping, on the same rollouts (sampled once from "
+    "the task distribution with a fresh 64-64 tanh policy and its adapted parameters, seeded), "
+    "float32: the adaptation the validation rollouts are sampled with, then the whole TRPO step "
+    "(baseline fits + GAE of both batches, inner step, outer gradient, FVP build, 10 CG "
+    "iterations + the trust-region product, line search, update). A: the per-task loop of "
+    "pytorch-maml-rl (per-task inner steps of an unbatched functional policy, a create_graph KL "
+    "per task, a double backward per FVP, per-task line-search re-adaptation; advantages from "
+    "the same batched baseline/GAE code). C: fastmeta's `MAMLTRPO.adapt` + `MAMLTRPO.step`. "
+    "Medians over interleaved repetitions (after one warm-up each). `update rel diff`: "
+    "||dtheta_A - dtheta_C|| / ||dtheta_A|| (the gate: the same step).\n")
+
+
+def _load():
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
 
 
 def fvp_fastmeta_builder(d):
@@ -157,10 +296,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-step", action="store_true", help="skip the whole-TRPO-step timing")
     ap.add_argument("--append", action="store_true", help="append to meta_fvp.md instead of replacing it")
-    ap.add_argument("--threads", default=None,
+    ap.add_argument("--phase", default=None, help="time the optimisation phase of one iteration "
+                    "on sampled rollouts instead: comma list env:TxE (e.g. "
+                    "nav2d:20x20,cheetah-vel:20x10)")
+    ap.add_argument("--threads", default=None, dest="thread_list",  # not _common's int --threads
                     help="comma list: 'default' and/or integers (default: default,1; --quick: 1)")
     add_common_args(ap, "no-save")
     args = parse_args(ap, argv)
+    if args.phase:
+        return main_phase(args, argv)
     Ts = [int(t) for t in (args.tasks or ("10,20" if args.quick else "10,20,40")).split(",")]
     Ns = [int(n) for n in (args.samples or ("200" if args.quick else "200,2000")).split(",")]
     dims = [tuple(int(v) for v in d.split("x")) for d in (args.dims or ("2x2" if args.quick else "2x2,17x6")).split(",")]
@@ -170,7 +314,7 @@ def main(argv=None):
     if warn:
         print(warn)
     lines, records = [], []
-    for th in (args.threads or ("1" if args.quick else "default,1")).split(","):
+    for th in (args.thread_list or ("1" if args.quick else "default,1")).split(","):
         n_threads = default_threads if th == "default" else int(th)
         torch.set_num_threads(n_threads)
         one = n_threads == 1
