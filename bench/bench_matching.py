@@ -13,13 +13,20 @@ inputs requiring grad) and forward+backward ("fwd+bwd": gradients w.r.t. query a
   ``nll_loss``;
 * ``compile`` (c): ``torch.compile`` of ``eager`` (compiled and warmed up before timing).
 
+Shapes: ``5w5s``, ``20w5s`` (32 episodes), ``large``, and the set ``one-episode`` (issue 13:
+the head called once per episode, B=1, D=64, 5-way and 20-way, 1 and 5 shots).
+
+Timing on a CPU at ``--threads 1`` (``--interleaved auto``): interleaved rounds, thread CPU
+time (``bench_proto.run_interleaved``); elsewhere ``_common.run_case``.
+
 Every implementation returns ``(loss, acc)`` and is first checked against a float64 oracle
 (``fastmeta.ops.matching_loss_ref`` in float64: loss, accuracy, both gradients); a wrong one is
 reported, not timed. Timing, peak-memory and GB/s rules: ``bench/_common.py``.
 
 Script::
 
-    python bench/bench_matching.py [--shapes 5w5s,20w5s,large] [--quick] [--device cpu|cuda]
+    python bench/bench_matching.py [--shapes 5w5s,20w5s,large,one-episode] [--quick]
+        [--interleaved auto|on|off] [--rounds 15] [--calls 200] [--device cpu|cuda]
         [--dtypes float32] [--no-compile] [--backends cpp,triton] [--passes fwd,fwd+bwd]
         [--budget SECONDS] [--threads N] [--results-dir DIR] [--no-save]
 
@@ -53,7 +60,14 @@ SHAPES = {
     "20w5s": dict(B=32, Q=300, S=100, N=20, D=64),
     # large support set
     "large": dict(B=1, Q=4096, S=4096, N=1000, D=256),
+    # one episode per call (issue 13), D=64 (Conv4 on Omniglot): 5-way 1-shot and 5-shot with 15
+    # queries per class, 20-way 1-shot and 5-shot with 5 queries per class
+    "one-5w1s": dict(B=1, Q=75, S=5, N=5, D=64),
+    "one-5w5s": dict(B=1, Q=75, S=25, N=5, D=64),
+    "one-20w1s": dict(B=1, Q=100, S=20, N=20, D=64),
+    "one-20w5s": dict(B=1, Q=100, S=100, N=20, D=64),
 }
+SHAPE_SETS = {"one-episode": ["one-5w1s", "one-5w5s", "one-20w1s", "one-20w5s"]}
 BASELINES = ["eager", "sdpa", "compile"]
 
 try:
@@ -169,12 +183,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--backends", default=None)
     ap.add_argument("--passes", default=",".join(C.PASSES))
+    ap.add_argument("--interleaved", choices=("auto", "on", "off"), default="auto",
+                    help="interleaved rounds, thread CPU time (auto: on for a CPU at 1 thread)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per row")
+    ap.add_argument("--calls", type=int, default=200,
+                    help="calls per implementation per interleaved round (fewer for ms-long calls)")
     C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
     args = C.parse_args(ap, argv)
 
     t_start = time.perf_counter()
     device = args.device
-    shapes = C.comma_list(args.shapes)
+    shapes = [x for s in C.comma_list(args.shapes) for x in SHAPE_SETS.get(s, [s])]
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
@@ -187,6 +206,8 @@ def main(argv=None) -> int:
     budget = args.budget if args.budget is not None else (
         (0.1 if args.quick else 0.2) if device.type == "cuda" else (0.3 if args.quick else 1.0))
 
+    interleaved = args.interleaved == "on" or (
+        args.interleaved == "auto" and device.type == "cpu" and torch.get_num_threads() == 1)
     C.print_banner("matching_loss benchmark", device)
     if fm is None:
         print(f"fastmeta.ops does not import ({FM_ERROR}); no oracle, nothing to run")
@@ -202,12 +223,18 @@ def main(argv=None) -> int:
         for shape in shapes:
             case = make_case(shape, device, dtype)
             impls = make_impls(shape, device, dtype, compile_=not args.no_compile, backends=backends)
-            results = C.run_case(case, impls, passes, budget_s=budget, log=log)
+            if interleaved:
+                from bench_proto import run_interleaved
+
+                results = run_interleaved(case, impls, passes, rounds=args.rounds,
+                                          min_calls=args.calls, log=log)
+            else:
+                results = C.run_case(case, impls, passes, budget_s=budget, log=log)
             C.print_table(results, BASELINES)
             all_results.extend(results)
             if not args.no_save:
                 saved_to = C.save_rows(results, STEM, results_dir=args.results_dir,
-                                       extra=dict(quick=args.quick))
+                                       extra=dict(quick=args.quick, interleaved=interleaved))
     C.print_summary(all_results, t_start, saved_to)
     return 0
 

@@ -12,7 +12,21 @@ inputs requiring grad) and forward+backward ("fwd+bwd": gradients w.r.t. query a
 * ``compile``: ``torch.compile`` of ``cdist`` (compiled and warmed up before timing; a compile
   failure is reported in its row);
 * cosine metric (shape ``episode-cosine``): fastmeta vs ``norm+bmm`` (``F.normalize`` both,
-  ``bmm``, scale, cross_entropy) and ``compile`` of it.
+  ``bmm``, scale, cross_entropy) and ``compile`` of it;
+* ``cdist+acc``, ``mm+acc``, ``norm+bmm+acc``: those baselines returning ``(loss, acc)`` with
+  the accuracy computed as the public ProtoNet repositories do (jakesnell/prototypical-networks,
+  orobix/prototypical-networks-pytorch: the highest-scoring class == label, float, mean), the
+  same work as fastmeta's ``(loss, acc)``; the loss-only baselines do less work than fastmeta.
+
+Shapes: ``episode`` (32 mini-ImageNet episodes, D=1600), ``omniglot`` (32 20-way episodes,
+D=64), ``many-way``, ``episode-cosine``, and the set ``one-episode`` (issue 13: the head called
+once per episode, B=1, Q=25..100, N=5..20, D=64, plus B=4 and a cosine one, and 32 5-way
+episodes at D=64).
+
+Timing on a CPU at ``--threads 1`` (``--interleaved auto``): interleaved rounds, each running
+every implementation in turn for a batch of (up to ``--calls``, default 200) calls, thread CPU
+time, median over ``--rounds`` (default 15) rounds (:func:`run_interleaved`); elsewhere
+``_common.run_case`` (each implementation timed in one block).
 
 Every implementation is first checked against a float64 oracle (loss, accuracy where
 returned, both gradients) on fresh inputs; a wrong one is reported, not timed. Timing, memory
@@ -22,8 +36,8 @@ the memory-bandwidth floor and the compute floor.
 
 Script::
 
-    python bench/bench_proto.py [--shapes episode,many-way,omniglot,episode-cosine]
-        [--quick] [--device cuda|cpu] [--dtypes float32,bfloat16] [--no-compile]
+    python bench/bench_proto.py [--shapes episode,many-way,omniglot,episode-cosine,one-episode]
+        [--interleaved auto|on|off] [--rounds 15] [--calls 200] [--quick] [--device cuda|cpu] [--dtypes float32,bfloat16] [--no-compile]
         [--compile-dtypes float32] [--backends cpp,triton] [--time-limit SECONDS]
         [--budget SECONDS] [--passes fwd,fwd+bwd] [--threads N] [--results-dir DIR] [--no-save]
 
@@ -66,10 +80,31 @@ SHAPES = {
     "many-way": dict(B=1, Q=2048, N=1000, D=512, metric="sqeuclidean", scale=1.0),
     "omniglot": dict(B=32, Q=100, N=20, D=64, metric="sqeuclidean", scale=1.0),
     "episode-cosine": dict(B=32, Q=75, N=5, D=1600, metric="cosine", scale=10.0),
+    # one episode per call (issue 13), as a per-episode training loop calls the head: 5-way with
+    # 5 and 15 queries per class, 20-way with 5, four 5-way episodes, and cosine (D=64, Conv4 on
+    # Omniglot); plus 32 episodes at D=64 with N=5 (between these and omniglot)
+    "one-5w15q": dict(B=1, Q=75, N=5, D=64, metric="sqeuclidean", scale=1.0),
+    "one-5w5q": dict(B=1, Q=25, N=5, D=64, metric="sqeuclidean", scale=1.0),
+    "one-20w5q": dict(B=1, Q=100, N=20, D=64, metric="sqeuclidean", scale=1.0),
+    "four-5w15q": dict(B=4, Q=75, N=5, D=64, metric="sqeuclidean", scale=1.0),
+    "one-5w15q-cosine": dict(B=1, Q=75, N=5, D=64, metric="cosine", scale=10.0),
+    "batch-5w15q-d64": dict(B=32, Q=75, N=5, D=64, metric="sqeuclidean", scale=1.0),
 }
+# fastmeta.ops.prototypes (support [B, N*K, D] in class order, labels [B, N*K]) at one episode
+PROTOTYPE_SHAPES = {
+    "protos-5w1s": dict(B=1, N=5, K=1, D=64),
+    "protos-5w5s": dict(B=1, N=5, K=5, D=64),
+    "protos-20w5s": dict(B=1, N=20, K=5, D=64),
+    "protos-32x5w5s-d1600": dict(B=32, N=5, K=5, D=1600),
+}
+PROTOTYPE_BASELINES = ["onehot-bmm", "index_add", "view-mean"]
 SHAPE_ALIASES = {"cosine": "episode-cosine", "manyway": "many-way", "many_way": "many-way"}
-EUCLID_BASELINES = ["naive", "cdist", "mm", "compile"]
-COSINE_BASELINES = ["norm+bmm", "compile"]
+# shape sets: --shapes one-episode runs all of them
+SHAPE_SETS = {"one-episode": ["one-5w15q", "one-5w5q", "one-20w5q", "four-5w15q",
+                              "one-5w15q-cosine", "batch-5w15q-d64"],
+              "prototypes": list(PROTOTYPE_SHAPES)}
+EUCLID_BASELINES = ["naive", "cdist", "mm", "cdist+acc", "mm+acc", "compile"]
+COSINE_BASELINES = ["norm+bmm", "norm+bmm+acc", "compile"]
 
 try:
     import fastmeta.ops as fm
@@ -126,6 +161,37 @@ def make_mm(scale):
         return F.cross_entropy(_scaled(-dists, scale).flatten(0, 1), labels.flatten())
 
     return mm
+
+
+def with_accuracy(logits_fn):
+    """``(loss, acc)`` as the public ProtoNet code computes them (jakesnell/prototypical-networks
+    and orobix/prototypical-networks-pytorch: the loss, then the accuracy as the class of largest
+    score compared with the label, as float, averaged): the same work as fastmeta's
+    ``(loss, acc)``."""
+    def run(x, y, labels):
+        logits = logits_fn(x, y)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        acc = (logits.detach().argmax(-1) == labels).float().mean()
+        return loss, acc
+
+    return run
+
+
+def make_cdist_acc(scale):
+    return with_accuracy(lambda x, y: _scaled(-(torch.cdist(x, y) ** 2), scale))
+
+
+def make_mm_acc(scale):
+    def logits(x, y):
+        d = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * torch.bmm(x, y.mT)
+        return _scaled(-d, scale)
+
+    return with_accuracy(logits)
+
+
+def make_norm_bmm_acc(scale):
+    return with_accuracy(lambda x, y: scale * torch.bmm(F.normalize(x, dim=-1, eps=EPS),
+                                                        F.normalize(y, dim=-1, eps=EPS).mT))
 
 
 def make_norm_bmm(scale):
@@ -197,6 +263,61 @@ def make_case(shape: str, device: torch.device, dtype: torch.dtype) -> C.Case:
     )
 
 
+def make_prototypes_case(shape: str, device: torch.device, dtype: torch.dtype) -> C.Case:
+    p = PROTOTYPE_SHAPES[shape]
+    B, N, K, D = p["B"], p["N"], p["K"], p["D"]
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    def make_inputs(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        support = torch.randn(B, N * K, D, generator=g).to(device, dtype)
+        labels = torch.arange(N).repeat_interleave(K).expand(B, N * K).contiguous().to(device)
+        return support, labels
+
+    def reference(support, labels):
+        onehot = F.one_hot(labels, N).to(support.dtype)
+        return torch.bmm(onehot.mT, support) / onehot.sum(1)[..., None]
+
+    in_bytes = B * N * K * D * elt + B * N * K * 8
+    return C.Case(
+        op="prototypes", name=shape, params=dict(B=B, N=N, K=K, D=D), dtype=dtype, device=device,
+        make_inputs=make_inputs, reference=reference, grad_argnums=(0,),
+        min_bytes={"fwd": in_bytes + B * N * D * elt,
+                   "fwd+bwd": in_bytes + 2 * B * N * D * elt + B * N * K * D * elt},
+        flops={"fwd": B * N * K * D, "fwd+bwd": 2 * B * N * K * D},
+    )
+
+
+def make_prototypes_impls(shape: str, device: torch.device, dtype: torch.dtype) -> list[C.Impl]:
+    """fastmeta.ops.prototypes (any label order) vs what ProtoNet code does: the one-hot
+    matmul (any order), index_add_ of the rows by label then a division by the counts (any
+    order), and ``support.view(B, N, K, D).mean(2)`` (public ProtoNet repositories: the support
+    set must be sorted by class with K examples each; less work, no labels read)."""
+    p = PROTOTYPE_SHAPES[shape]
+    B, N, K, D = p["B"], p["N"], p["K"], p["D"]
+    impls = []
+    if fm is None:
+        impls.append(C.Impl("fastmeta", None, skip=f"fastmeta.ops does not import: {FM_ERROR}"))
+    else:
+        impls.append(C.Impl("fastmeta[auto]", lambda s, y: fm.prototypes(s, y, N)))
+        impls.append(C.Impl("fastmeta[cpp]", lambda s, y: fm.prototypes(s, y, N, backend="cpp")))
+
+    def onehot_bmm(s, y):
+        onehot = F.one_hot(y, N).to(s.dtype)
+        return torch.bmm(onehot.mT, s) / onehot.sum(1)[..., None]
+
+    def index_add(s, y):
+        flat = (y + N * torch.arange(B, device=y.device)[:, None]).flatten()
+        sums = s.new_zeros(B * N, D).index_add(0, flat, s.flatten(0, 1))
+        counts = torch.bincount(flat, minlength=B * N).to(s.dtype)
+        return (sums / counts[:, None]).view(B, N, D)
+
+    impls.append(C.Impl("onehot-bmm", onehot_bmm, baseline=True))
+    impls.append(C.Impl("index_add", index_add, baseline=True))
+    impls.append(C.Impl("view-mean", lambda s, y: s.view(B, N, K, D).mean(2), baseline=True))
+    return impls
+
+
 def fastmeta_backends(
     device: torch.device, dtype: torch.dtype, only: list[str] | None
 ) -> tuple[list[str], dict]:
@@ -243,6 +364,7 @@ def make_impls(shape: str, device: torch.device, dtype: torch.dtype, *, quick: b
 
     if metric == "cosine":
         impls.append(C.Impl("norm+bmm", make_norm_bmm(scale), baseline=True))
+        impls.append(C.Impl("norm+bmm+acc", make_norm_bmm_acc(scale), baseline=True))
         eager_for_compile = make_norm_bmm(scale)
     else:
         B, Q, N, D = p["B"], p["Q"], p["N"], p["D"]
@@ -256,6 +378,8 @@ def make_impls(shape: str, device: torch.device, dtype: torch.dtype, *, quick: b
                             est_bytes=lambda case: 4 * B * Q * N * D * elt))
         impls.append(C.Impl("cdist", make_cdist(scale), baseline=True))
         impls.append(C.Impl("mm", make_mm(scale), baseline=True))
+        impls.append(C.Impl("cdist+acc", make_cdist_acc(scale), baseline=True))
+        impls.append(C.Impl("mm+acc", make_mm_acc(scale), baseline=True))
         eager_for_compile = make_cdist(scale)
     if compile_:
         impls.append(C.Impl("compile", make_compiled(eager_for_compile), baseline=True))
@@ -285,6 +409,81 @@ def cross_check_reference(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# interleaved timing (small per-call times on a shared CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_interleaved(case: C.Case, impls: list[C.Impl], passes: list[str], *, rounds: int = 15,
+                    min_calls: int = 200, round_s: float = 0.5, measure_memory: bool = True,
+                    log=print, deadline: float | None = None) -> list[C.Result]:
+    """:func:`_common.run_case` with interleaved timing: every implementation is checked
+    against the float64 oracle first (a wrong one is not timed), then, per pass, ``rounds``
+    rounds each run every implementation in turn for a batch of calls and record the mean per
+    call of that batch; the row's median/p20/p80 are over the rounds. A batch is ``min_calls``
+    calls, fewer only where that would take more than ``round_s`` seconds (calls of several
+    ms). So a slow or busy stretch of the shared machine hits every implementation alike.
+
+    Clock: the calling thread's CPU time (``time.thread_time``) at 1 thread (``at::parallel_for``
+    runs inline then: all of the op's work, none of other processes'), wall time otherwise."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    results: list[C.Result] = []
+    try:
+        chk_inputs, ref_pack, cot = C.reference_outputs(case, seed=1000)
+    except Exception as exc:  # noqa: BLE001
+        return [C.Result(case, p, i.name, i.baseline, "failed", f"reference failed: {exc}")
+                for i in impls for p in passes]
+    inputs = case.make_inputs(0)
+    good, errs = [], {}
+    for impl in impls:
+        if impl.skip or (deadline is not None and time.perf_counter() > deadline):
+            why = impl.skip or "time limit reached"
+            results.extend(C.Result(case, p, impl.name, impl.baseline, "skipped", why) for p in passes)
+            continue
+        log(f"... {case.name} {C.dtype_name(case.dtype)} {impl.name}: checking")
+        try:
+            err, where = C.check_impl(case, impl, chk_inputs, ref_pack, cot)
+        except Exception as exc:  # noqa: BLE001
+            results.extend(C.Result(case, p, impl.name, impl.baseline, "failed", C._first_line(exc))
+                           for p in passes)
+            continue
+        if math.isnan(err) or err > case.tolerance():
+            results.extend(C.Result(case, p, impl.name, impl.baseline, "WRONG",
+                                    f"rel err {err:.3g} in {where}; not timed", err=err)
+                           for p in passes)
+            continue
+        good.append(impl)
+        errs[impl.name] = err
+    if measure_memory:
+        C.warm_profiler()
+    for p in passes:
+        steps = {i.name: C.make_step(case, i, inputs, p, cot) for i in good}
+        calls = {}
+        for name, step in steps.items():  # warm-up, and the batch size from its time
+            t0 = clock()
+            for _ in range(10):
+                step()
+            per_call = max((clock() - t0) / 10, 1e-7)
+            calls[name] = max(1, min(min_calls, int(round_s / per_call)))
+        times = {name: [] for name in steps}
+        log(f"... {case.name} {C.dtype_name(case.dtype)} {p}: {rounds} interleaved rounds")
+        for _ in range(rounds):
+            for name, step in steps.items():
+                n = calls[name]
+                t0 = clock()
+                for _ in range(n):
+                    step()
+                times[name].append((clock() - t0) / n * 1e3)
+        for impl in good:
+            t = C.summarize_ms(times[impl.name])
+            peak = C.peak_memory_bytes(steps[impl.name], device=case.device) if measure_memory else None
+            results.append(C.Result(case, p, impl.name, impl.baseline, "ok", "", t["median_ms"],
+                                    t["p20_ms"], t["p80_ms"], t["n"] * calls[impl.name], peak,
+                                    errs[impl.name]))
+    C.fill_speedups(results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # script mode
 # ---------------------------------------------------------------------------------------------
 
@@ -292,9 +491,13 @@ def cross_check_reference(device: torch.device) -> str:
 def _parse_shapes(text: str) -> list[str]:
     out = []
     for s in C.comma_list(text):
+        if s in SHAPE_SETS:
+            out.extend(SHAPE_SETS[s])
+            continue
         s = SHAPE_ALIASES.get(s, s)
-        if s not in SHAPES:
-            raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+        if s not in SHAPES and s not in PROTOTYPE_SHAPES:
+            raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)} "
+                             f"or the sets {', '.join(SHAPE_SETS)}")
         out.append(s)
     return out
 
@@ -302,7 +505,9 @@ def _parse_shapes(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"comma list of {', '.join([*SHAPES, *PROTOTYPE_SHAPES])} or the sets "
+                         f"{', '.join(SHAPE_SETS)}")
     ap.add_argument("--dtypes", default=None,
                     help="comma list (default float32 on CPU; float32,float16,bfloat16 on CUDA)")
     ap.add_argument("--quick", action="store_true",
@@ -312,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the compile baseline only for these dtypes (10-30 s per compile)")
     ap.add_argument("--backends", default=None, help="only these fastmeta backends (comma list)")
     ap.add_argument("--passes", default=",".join(C.PASSES), help="fwd,fwd+bwd")
+    ap.add_argument("--interleaved", choices=("auto", "on", "off"), default="auto",
+                    help="interleaved rounds, thread CPU time (auto: on for a CPU at 1 thread)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per row")
+    ap.add_argument("--calls", type=int, default=200,
+                    help="calls per implementation per interleaved round (fewer for ms-long calls)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop starting new cases after this many seconds (rows say 'skipped')")
     C.add_common_args(ap, "device", "threads", "budget", "results-dir", "no-save")
@@ -337,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         budget = 0.15 if args.quick else 1.0
 
+    interleaved = args.interleaved == "on" or (
+        args.interleaved == "auto" and device.type == "cpu" and torch.get_num_threads() == 1)
     C.print_banner("proto_loss benchmark", device)
     if fm is None:
         print(f"fastmeta.ops does not import ({FM_ERROR}); timing the baselines only", flush=True)
@@ -354,8 +566,10 @@ def main(argv: list[str] | None = None) -> int:
             print(cross_check_reference(device), flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"oracle cross-check failed: {type(exc).__name__}: {exc}", flush=True)
-    print(f"passes: {passes}; budget {budget} s per row; "
-          f"dtypes {[C.dtype_name(d) for d in dtypes]}", flush=True)
+    timing = (f"interleaved: {args.rounds} rounds of up to {args.calls} calls per row, "
+              f"{'thread CPU time' if torch.get_num_threads() == 1 else 'wall time'}"
+              if interleaved else f"budget {budget} s per row")
+    print(f"passes: {passes}; {timing}; dtypes {[C.dtype_name(d) for d in dtypes]}", flush=True)
 
     all_results: list[C.Result] = []
     ceilings: dict = {}
@@ -365,25 +579,36 @@ def main(argv: list[str] | None = None) -> int:
     # headline numbers come first.
     for dtype in dtypes:
         for shape in shapes:
-            case = make_case(shape, device, dtype)
-            impls = make_impls(shape, device, dtype, quick=args.quick, backends=backends,
-                               compile_=(not args.no_compile and dtype in compile_dtypes))
+            if shape in PROTOTYPE_SHAPES:
+                case = make_prototypes_case(shape, device, dtype)
+                impls = make_prototypes_impls(shape, device, dtype)
+            else:
+                case = make_case(shape, device, dtype)
+                impls = make_impls(shape, device, dtype, quick=args.quick, backends=backends,
+                                   compile_=(not args.no_compile and dtype in compile_dtypes))
             if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
                 results = [C.Result(case, p, i.name, i.baseline, "skipped", "--time-limit reached")
                            for i in impls for p in passes]
             else:
                 deadline = t_start + args.time_limit if args.time_limit is not None else None
                 t_case = time.perf_counter()
-                results = C.run_case(case, impls, passes, budget_s=budget, log=log,
-                                     deadline=deadline)
+                if interleaved:
+                    results = run_interleaved(case, impls, passes, rounds=args.rounds,
+                                              min_calls=args.calls, log=log, deadline=deadline)
+                else:
+                    results = C.run_case(case, impls, passes, budget_s=budget, log=log,
+                                         deadline=deadline)
                 dt = time.perf_counter() - t_case
                 log(f"... {shape} {C.dtype_name(dtype)} done in {dt:.1f} s")
-            base = EUCLID_BASELINES if case.params["metric"] == "sqeuclidean" else COSINE_BASELINES
+            if case.op == "prototypes":
+                base = PROTOTYPE_BASELINES
+            else:
+                base = EUCLID_BASELINES if case.params["metric"] == "sqeuclidean" else COSINE_BASELINES
             C.print_table(results, base)
             all_results.extend(results)
             if not args.no_save:
                 saved_to = C.save_rows(results, STEM, results_dir=args.results_dir,
-                                       extra=dict(quick=args.quick))
+                                       extra=dict(quick=args.quick, interleaved=interleaved))
             if shape == "many-way" and any(r.ok for r in results):
                 try:
                     key = C.dtype_name(dtype)

@@ -12,6 +12,11 @@
 
 #include "cpu/ops.h"
 
+namespace fastmeta {
+// csrc/cpu/heads_fused.cpp: one-call proto_loss / matching_loss / prototypes (pybind11).
+void bind_heads(pybind11::module_& m);
+}  // namespace fastmeta
+
 #ifndef FASTMETA_TORCH_VERSION
 #define FASTMETA_TORCH_VERSION "unknown"
 #endif
@@ -138,4 +143,5 @@ PYBIND11_MODULE(_C, mod) {
       "fastmeta C++ extension. Importing it registers torch.ops.fastmeta_cpp.* (CPU kernels).";
   mod.def("build_info", &build_info,
           "Dict describing how the extension was built (compiler, OpenMP, CUDA, torch version).");
+  fastmeta::bind_heads(mod);
 }

@@ -5,12 +5,51 @@ layers)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from fastmeta import _ext
 from fastmeta.ops import checks
 
 EPS = 1e-8  # cosine: x / max(||x||, EPS), as F.normalize; zero vectors get zero similarity
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}  # codes of the fused entry points
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_fused_cache: dict = {}
+
+
+def fused_entry(name: str):
+    """``fastmeta._C.<name>`` (a one-call head loss, csrc/cpu/heads_fused.cpp) or None when the
+    extension is not built or predates it."""
+    fn = _fused_cache.get(name, False)
+    if fn is False:
+        mod = _ext.load()
+        fn = _fused_cache[name] = getattr(mod, name, None) if mod is not None else None
+    return fn
+
+
+def eager_cpu(x: torch.Tensor, other: torch.Tensor, scale) -> bool:
+    """True when a head loss may take its one-call C++ entry point: ``x`` and ``other`` plain
+    (no subclass) non-empty 3-D float32/float64 CPU tensors of one dtype, a python-number ``scale``,
+    no backend forced through ``FASTMETA_BACKEND``, and nothing tracing or transforming the call
+    (torch.compile, functorch transforms such as vmap, torch function or dispatch modes). O(1),
+    no tensor ops: everything else (shapes, labels, their range, devices) is checked by the C++
+    side, and a call it rejects is re-run through the full checks, which say what is wrong."""
+    return (
+        type(x) in _PLAIN and type(other) in _PLAIN
+        and x.dim() == 3 and other.dim() == 3
+        and x.dtype in _FUSED_DTYPES and other.dtype == x.dtype
+        and x.is_cpu and x.numel() > 0 and other.numel() > 0
+        and (type(scale) is float or type(scale) is int)
+        and not os.environ.get("FASTMETA_BACKEND")
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._len_torch_dispatch_stack()
+    )
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

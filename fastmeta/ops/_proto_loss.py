@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import EPS, acc_dtype, learnable, nll_accuracy
+from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, eager_cpu, fused_entry, learnable, nll_accuracy
 
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
@@ -36,6 +36,29 @@ def _cpp_slower(query, protos=None, metric: str = "sqeuclidean", **_) -> str:
         return (f"composite ATen is faster for sqeuclidean at D={d}, N={n} (the kernel wins at "
                 f"D >= {_CPP_MIN_D} with N <= {_CPP_MAX_N}); force backend='cpp' to use it")
     return ""
+
+
+# The one-call C++ entry point (fastmeta._C.proto_loss_fused: the kernel, the reduction, the
+# accuracy and a C++ autograd node in one call, no custom-op dispatch) serves eager CPU calls with
+# N <= 8 prototypes (the kernel's hand-written loops, faster than the ATen forms at every B, Q, D
+# measured) or at most this much work B*Q*N*D (one episode: fixed per-call costs dominate, and
+# the composite path pays one ATen call per step). Other calls take the registered backends (the
+# kernel again through the one-call entry when automatic selection picks cpp). Measured:
+# bench/results/heads.md.
+_FUSED_MAX_N = 8
+_FUSED_MAX_WORK = 1 << 18
+
+
+def _fused_call(query, protos, labels, code, scale, reduction):
+    """(loss, acc) from the one-call entry point, or None when it cannot take the call (no
+    extension; inputs it rejects, which the full checks then explain)."""
+    fused = fused_entry("proto_loss_fused")
+    if fused is None or code is None or type(reduction) is not str or reduction not in REDUCTIONS:
+        return None
+    try:
+        return fused(query, protos, labels, code, float(scale), EPS, REDUCTIONS[reduction])
+    except (RuntimeError, TypeError):
+        return None
 
 
 # proto_logits keeps the kernel at every shape (its composite form is the reference, slower in
@@ -262,7 +285,13 @@ def proto_loss(
         scale: logit temperature (float, or a scalar tensor that may require grad).
         reduction: ``"mean"`` (over all B*Q queries), ``"sum"`` or ``"none"``.
         backend: force ``"triton"``, ``"cpp"``, ``"composite"`` or ``"reference"`` (default:
-            the fastest for the device and shape, ``fastmeta.backends()``).
+            the fastest for the device and shape, ``fastmeta.backends()``). Automatic
+            selection in eager mode on CPU float32/float64 tensors with a float ``scale`` runs
+            the ``cpp`` kernel through one C++ call (``fastmeta._C.proto_loss_fused``: kernel,
+            reduction, accuracy and a C++ autograd node) when N <= 8, when the call is small
+            (B*Q*N*D <= 2**18, e.g. one episode) or when it picks ``cpp``: no custom-op
+            dispatch, no Python autograd node; its backward is twice differentiable (under
+            ``create_graph=True`` it differentiates the reference formula).
 
     Returns:
         ``(loss, acc)``: ``loss`` a scalar (``[B, Q]`` for ``reduction="none"``) in the
@@ -281,6 +310,13 @@ def proto_loss(
         loss = F.cross_entropy(logits.flatten(0, 1), query_labels.flatten(), reduction=reduction)
         acc = (logits.argmax(-1) == query_labels).float().mean()
     """
+    if backend is None and eager_cpu(query, protos, scale) and type(metric) is str:
+        # one call: shapes, label dtype and range, devices and scale checked in C++
+        n = protos.shape[1]
+        if n <= _FUSED_MAX_N or query.shape[0] * query.shape[1] * n * query.shape[2] <= _FUSED_MAX_WORK:
+            out = _fused_call(query, protos, query_labels, METRICS.get(metric), scale, reduction)
+            if out is not None:
+                return out
     code = _check_pair(query, protos, metric, 1.0)
     reduction = checks.reduction_value(reduction)
     labels = checks.label_tensor("query_labels", query_labels, query.shape[:2], "[B, Q]")
@@ -295,6 +331,10 @@ def proto_loss(
         return _proto_loss_composite(query, protos, labels, metric, scale, reduction)
     if name == "reference":
         return proto_loss_ref(query, protos, labels, metric, scale, reduction)
+    if name == "cpp" and backend is None and eager_cpu(query, protos, scale):
+        out = _fused_call(query, protos, labels, code, scale, reduction)
+        if out is not None:
+            return out
     rows, _lse, pred = _loss_fwd(query, protos, labels.contiguous(), code, scale, EPS, name)
     correct = (pred == labels).to(query.dtype)
     if reduction == "none":

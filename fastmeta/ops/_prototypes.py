@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
+from fastmeta.ops._loss import eager_cpu, fused_entry
 
 _STEM = "prototypes"
 registry.register(
@@ -92,7 +93,10 @@ def prototypes(
             episode must have at least one example.
         n_way: N, the number of classes per episode.
         backend: force ``"triton"``, ``"cpp"`` or ``"reference"`` (default: the first that
-            fits, see ``fastmeta.backends()``; ``FASTMETA_BACKEND`` also forces one).
+            fits, see ``fastmeta.backends()``; ``FASTMETA_BACKEND`` also forces one). In eager
+            mode on CPU float32/float64 tensors the default runs the ``cpp`` kernel through one
+            C++ call (``fastmeta._C.prototypes_fused``, a C++ autograd node, twice
+            differentiable; no custom-op dispatch).
 
     Returns:
         ``[B, N, D]`` prototypes, differentiable w.r.t. ``support``.
@@ -114,6 +118,16 @@ def prototypes(
         onehot = F.one_hot(support_labels, n_way).to(support.dtype)       # [B,S,N]
         protos = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
     """
+    if backend is None and type(n_way) is int and eager_cpu(support, support, 1.0):
+        # one call (fastmeta._C.prototypes_fused: the cpp kernel and a C++ autograd node, no
+        # custom-op dispatch; label dtype, shape, range and every class's presence checked in
+        # C++). A call it rejects goes through the checks below, which say what is wrong.
+        fused = fused_entry("prototypes_fused")
+        if fused is not None:
+            try:
+                return fused(support, support_labels, n_way)
+            except (RuntimeError, TypeError):
+                pass
     checks.float_tensor("support", support, 3, "[B, S, D]")
     n_way = checks.n_way_value(n_way)
     labels = checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")

@@ -358,3 +358,76 @@ def test_large_scales_match_oracle(backend, dtype, scale):
     assert all(torch.isfinite(t).all() for t in fast[:3])
     assert_matches_oracle(fast, same, oracle, [(0, "log-probs"), (1, "grad query"), (2, "grad support")],
                           dtype, atol=1e-4 * scale, rtol64=1e-9, atol64=1e-9)
+
+
+# ---- the one-call C++ entry point (automatic selection, eager, CPU) -------------------------
+
+needs_fused = pytest.mark.skipif(
+    not ON_CPU or matching_mod.fused_entry("matching_loss_fused") is None,
+    reason="the one-call entry point serves CPU tensors of a built fastmeta._C",
+)
+
+
+def _is_fused(loss):
+    return loss.grad_fn is not None and "MatchingLoss" in loss.grad_fn.name()
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 75, 25, 5, 64), (1, 100, 100, 20, 64), (2, 5, 7, 3, 6)], ids=case_id)
+def test_one_call_path_matches_float64_oracle(dtype, shape):
+    query, support, slabels, qlabels = make(*shape, dtype)
+    b, q, s, n, d = shape
+    qq = query.detach().clone().requires_grad_()
+    assert _is_fused(matching_loss(qq, support, slabels, n, qlabels, 10.0)[0])  # automatic selection
+    weights = torch.rand(b, q, device=DEVICE, dtype=torch.float64)
+    kw = dict(scale=10.0)
+    fast = loss_and_grads(matching_loss, query, support, slabels, n, qlabels, weights, **kw)
+    oracle = loss_and_grads(matching_loss_ref, query.double(), support.double(), slabels, n, qlabels, weights, **kw)
+    same = loss_and_grads(matching_loss_ref, query, support, slabels, n, qlabels, weights, **kw)
+    assert_matches_oracle(fast, same, oracle, [(0, "loss"), (2, "grad query"), (3, "grad support")],
+                          dtype, atol=1e-5)
+    torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
+    for reduction in ("mean", "sum"):  # reduced loss and accuracy, and their gradients
+        args = (slabels, n, qlabels, 10.0, reduction)
+        fast = reduced_and_grads(matching_loss, query, support, *args)
+        assert _is_fused(fast[0]) and not fast[1].requires_grad
+        assert fast[0].shape == fast[1].shape == () and fast[1].dtype == dtype
+        oracle = reduced_and_grads(matching_loss_ref, query.double(), support.double(), *args)
+        same = reduced_and_grads(matching_loss_ref, query, support, *args)
+        assert_matches_oracle(fast, same, oracle, [(0, reduction), (2, "grad query"), (3, "grad support")],
+                              dtype, atol=1e-5)
+        torch.testing.assert_close(fast[1], oracle[1].to(dtype), atol=0, rtol=0)
+
+
+def reduced_and_grads(fn, query, support, *args):
+    q = query.detach().clone().requires_grad_()
+    s = support.detach().clone().requires_grad_()
+    loss, acc = fn(q, s, *args)
+    return (loss, acc, *torch.autograd.grad(loss, (q, s)))
+
+
+@needs_fused
+def test_one_call_path_twice_differentiable():
+    query, support, slabels, qlabels = make(1, 3, 5, 2, 4, torch.float64)
+    q, s = query.requires_grad_(), support.requires_grad_()
+    assert _is_fused(matching_loss(q, s, slabels, 2, qlabels)[0])
+    for reduction in ("mean", "none"):
+        torch.autograd.gradgradcheck(
+            lambda a, b: matching_loss(a, b, slabels, 2, qlabels, 2.0, reduction)[0], (q, s))
+
+
+@needs_fused
+@pytest.mark.parametrize("where,bad,match", [
+    ("support", 0, "class 2 of episode 0 has no support example"),
+    ("support", 5, r"support_labels must lie in \[0, 4\].*found label 5"),
+    ("query", -100, "query_labels.*found label -100"),
+])
+def test_one_call_path_bad_labels_raise_clearly(where, bad, match):
+    query, support, slabels, qlabels = make(1, 25, 25, 5, 64, torch.float32)
+    if where == "support":
+        slabels[slabels == 2] = bad  # class 2 gone (0) or renamed out of range (5)
+    else:
+        qlabels[0, 0] = bad
+    with pytest.raises(ValueError, match=match):
+        matching_loss(query, support, slabels, 5, qlabels)

@@ -296,3 +296,92 @@ def test_forced_backend_that_cannot_run_lists_reasons(backend):
     q, p, y = make(1, 2, 2, 2, torch.float16, device="cpu")
     with pytest.raises(BackendError, match="backend 'cpp' cannot run this call: dtype float16 not supported"):
         proto_loss(q, p, y, backend=backend)
+
+
+# ---- the one-call C++ entry point (automatic selection, eager, CPU) -------------------------
+
+needs_fused = pytest.mark.skipif(
+    not ON_CPU or proto_loss_mod.fused_entry("proto_loss_fused") is None,
+    reason="the one-call entry point serves CPU tensors of a built fastmeta._C",
+)
+# one episode (5-way 15 queries, 20-way 5 queries), many episodes with N <= 8, odd sizes
+FUSED_SHAPES = [(1, 75, 5, 64), (1, 100, 20, 64), (9, 7, 3, 130), (2, 5, 3, 7)]
+
+
+def _is_fused(loss):
+    return loss.grad_fn is not None and "ProtoLoss" in loss.grad_fn.name()
+
+
+@needs_fused
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=case_id)
+def test_one_call_path_matches_float64_oracle(metric, dtype, shape):
+    query, protos, labels = make(*shape, dtype)
+    weights = torch.rand(shape[0], shape[1], device=DEVICE, dtype=torch.float64)
+    q = query.detach().clone().requires_grad_()
+    assert _is_fused(proto_loss(q, protos, labels, metric, 0.7)[0])  # automatic selection
+    fast = loss_and_grads(proto_loss, query, protos, labels, weights, metric=metric, scale=0.7)
+    oracle = loss_and_grads(proto_loss_ref, query.double(), protos.double(), labels, weights, metric=metric, scale=0.7)
+    same = loss_and_grads(proto_loss_ref, query, protos, labels, weights, metric=metric, scale=0.7)
+    assert_matches_oracle(fast, same, oracle, [(0, "loss"), (2, "grad query"), (3, "grad protos")],
+                          dtype, atol=1e-5)
+    torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
+    for reduction in ("mean", "sum"):  # reduced loss and accuracy, and their gradients
+        kw = dict(metric=metric, scale=0.7, reduction=reduction)
+        fast = reduced_and_grads(proto_loss, query, protos, labels, **kw)
+        assert _is_fused(fast[0]) and not fast[1].requires_grad
+        assert fast[0].shape == fast[1].shape == () and fast[1].dtype == dtype
+        oracle = reduced_and_grads(proto_loss_ref, query.double(), protos.double(), labels, **kw)
+        same = reduced_and_grads(proto_loss_ref, query, protos, labels, **kw)
+        assert_matches_oracle(fast, same, oracle, [(0, reduction), (2, "grad query"), (3, "grad protos")],
+                              dtype, atol=1e-5)
+        torch.testing.assert_close(fast[1], oracle[1].to(dtype), atol=0, rtol=0)
+
+
+def reduced_and_grads(fn, query, protos, labels, **kw):
+    q = query.detach().clone().requires_grad_()
+    p = protos.detach().clone().requires_grad_()
+    loss, acc = fn(q, p, labels, **kw)
+    return (loss, acc, *torch.autograd.grad(loss, (q, p)))
+
+
+@needs_fused
+@pytest.mark.parametrize("metric", METRICS)
+def test_one_call_path_twice_differentiable(metric):
+    # create_graph=True (Proto-MAML) recomputes with differentiable ATen in the C++ backward
+    query, protos, labels = make(1, 4, 3, 5, torch.float64)
+    q, p = query.requires_grad_(), protos.requires_grad_()
+    assert _is_fused(proto_loss(q, p, labels, metric)[0])
+    for reduction in ("mean", "none"):
+        torch.autograd.gradgradcheck(lambda a, b: proto_loss(a, b, labels, metric, 1.3, reduction)[0], (q, p))
+    only_p = lambda b: proto_loss(query.detach(), b, labels, metric)[0]  # noqa: E731
+    torch.autograd.gradgradcheck(only_p, (p,))
+
+
+@needs_fused
+def test_one_call_path_inputs_without_grad_and_inference_mode():
+    query, protos, labels = make(1, 25, 5, 64, torch.float64)
+    ref = proto_loss_ref(query, protos, labels)
+    p = protos.clone().requires_grad_()
+    loss, acc = proto_loss(query, p, labels)
+    (gp,) = torch.autograd.grad(loss, p)
+    (gp_ref,) = torch.autograd.grad(proto_loss_ref(query, p, labels)[0], p)
+    assert_close64(gp, gp_ref)
+    with torch.inference_mode():
+        loss, acc = proto_loss(query, protos, labels)
+    assert_close64(loss, ref[0])
+    assert_close64(acc, ref[1])
+
+
+@needs_fused
+@pytest.mark.parametrize("bad,match", [(5, r"query_labels must lie in \[0, 4\].*found label 5"),
+                                       (-1, "query_labels.*found label -1"),
+                                       (-100, "query_labels.*found label -100")])
+def test_one_call_path_bad_labels_raise_clearly(bad, match):
+    # the C++ side rejects the call; the full Python checks then say what is wrong (-100 is
+    # cross_entropy's ignore_index: never silently ignored)
+    query, protos, labels = make(1, 25, 5, 64, torch.float32)
+    labels[0, 3] = bad
+    with pytest.raises(ValueError, match=match):
+        proto_loss(query, protos, labels)

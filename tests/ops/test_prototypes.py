@@ -125,3 +125,44 @@ def test_bad_inputs_raise_clearly(change, exc, match):
     change(args)
     with pytest.raises(exc, match=match):
         prototypes(**args)
+
+
+# ---- the one-call C++ entry point (automatic selection, eager, CPU) -------------------------
+
+needs_fused = pytest.mark.skipif(
+    not ON_CPU or prototypes_mod.fused_entry("prototypes_fused") is None,
+    reason="the one-call entry point serves CPU tensors of a built fastmeta._C",
+)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 25, 5, 64), (1, 100, 20, 64), (3, 7, 3, 5)], ids=case_id)
+def test_one_call_path_matches_float64_oracle(dtype, shape):
+    b, s, n, d = shape
+    support, labels = make(b, s, n, d, dtype)
+    out = prototypes(support.clone().requires_grad_(), labels, n)
+    assert out.grad_fn is not None and "Prototypes" in out.grad_fn.name()  # automatic selection
+    weights = torch.randn(b, n, d, dtype=torch.float64, device=DEVICE)
+    fast = run(prototypes, support, labels, n, weights)
+    oracle = run(prototypes_ref, support.double(), labels, n, weights)
+    same = run(prototypes_ref, support, labels, n, weights)
+    assert_matches_oracle(fast, same, oracle, [(0, "protos"), (1, "grad support")], dtype, atol=1e-6)
+
+
+@needs_fused
+def test_one_call_path_twice_differentiable():
+    support, labels = make(2, 7, 3, 4)
+    x = support.requires_grad_()
+    assert "Prototypes" in prototypes(x, labels, 3).grad_fn.name()
+    torch.autograd.gradgradcheck(lambda a: prototypes(a, labels, 3) ** 2, (x,))
+
+
+@needs_fused
+@pytest.mark.parametrize("bad,match", [(0, "class 2 of episode 0 has no support example"),
+                                       (3, r"support_labels must lie in \[0, 2\].*found label 3")])
+def test_one_call_path_bad_labels_raise_clearly(bad, match):
+    support, labels = make(1, 9, 3, 4)
+    labels[labels == 2] = bad
+    with pytest.raises(ValueError, match=match):
+        prototypes(support, labels, 3)
