@@ -17,6 +17,11 @@ namespace fastmeta {
 void bind_heads(pybind11::module_& m);
 }  // namespace fastmeta
 
+namespace fastmeta {
+// csrc/cpu/task_bn.cpp: the fused batch-norm double backward of the task-batched layers.
+void bind_task_bn(pybind11::module_& m);
+}  // namespace fastmeta
+
 #ifndef FASTMETA_TORCH_VERSION
 #define FASTMETA_TORCH_VERSION "unknown"
 #endif
@@ -144,4 +149,5 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("build_info", &build_info,
           "Dict describing how the extension was built (compiler, OpenMP, CUDA, torch version).");
   fastmeta::bind_heads(mod);
+  fastmeta::bind_task_bn(mod);
 }

@@ -8,9 +8,12 @@ on fresh pages, and every 4 KB page is zero-filled by the kernel on first touch 
 faults measured per meta-step: ``bench/results/design_notes.md``, ``bench/results/dropin.md``).
 
 :func:`tune` keeps freed memory in the heap: ``M_MMAP_MAX = 0`` (large blocks come from the
-heap too) and ``M_TRIM_THRESHOLD = 1 GiB`` (less than that free at the heap's top stays
-mapped). The price: the process keeps up to its peak heap resident instead of returning it
-between steps (what PyTorch's CUDA caching allocator does on a GPU). It is called at the first
+heap too) and no automatic trimming of the heap's top (``M_TRIM_THRESHOLD`` = the largest
+size; ``malloc_trim(0)`` still returns it on request). The price: the process keeps its peak
+heap resident instead of returning it between steps (what PyTorch's CUDA caching allocator
+does on a GPU). A finite threshold is not enough: a MiniImagenetCNN meta-step frees more than
+the 1 GiB used before at once, and each step then faulted its pages in again (measured:
+``bench/results/design_notes.md``). It is called at the first
 task-batched call on a CPU tensor (:func:`tune_for`, called by :class:`fastmeta.nn.TaskModule`
 and the traced path), and does
 nothing when the environment sets ``FASTMETA_MALLOC_TUNING=0``, when the C library is not
@@ -26,7 +29,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-TRIM_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = -1  # mallopt's int; glibc reads it as size_t: SIZE_MAX, never trim
 
 _state = {"done": False, "applied": False}
 

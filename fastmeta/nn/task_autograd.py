@@ -8,9 +8,13 @@ under torch.func transforms and forward-mode AD where a Function has no rule).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from fastmeta import _ext
 
 __all__ = [
     "BatchNormTrainBackwardFunction",
@@ -183,51 +187,99 @@ class BatchNormTrainBackwardFunction(torch.autograd.Function):
         g, x, w, mean, r = ctx.saved_tensors
         if ggx is not None:
             ggx = like_format(ggx, x)
-        C = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        M = x.numel() // C
-        A = g.sum(dims) / M
-        B = r * ((g * x).sum(dims) / M - A * mean)
-        rw = r if w is None else r * w
-        zero = torch.zeros_like(r)
-        o0, o1, o3 = zero, zero, zero  # dS/dg = o0 + o1 x + o3 ggx
-        k0, k1, k2, k3 = zero, zero, zero, zero  # dS/dx = k0 + k1 x + k2 g + k3 ggx
-        gW = None
+        need = ctx.needs_input_grad
+        kernel = _bn_kernel(g, x, ggx)
+        if kernel is not None:
+            gg_out, gI, gW = kernel(g, x, ggx, mean, r, w, ggw, ggb, need[0], need[1],
+                                    need[2] and w is not None)
+            return gg_out, gI, gW, None, None, None
+        return bn_train_double_backward_reference(g, x, w, mean, r, ggx, ggw, ggb, need)
+
+
+def _bn_kernel(g, x, ggx):
+    """``fastmeta._C.bn_train_double_backward`` (csrc/cpu/task_bn.cpp: the same closed form in
+    two passes over the activations) when it applies: the extension is built, plain float32/
+    float64 CPU tensors, ``g``/``ggx`` in ``x``'s layout, contiguous or 4-D channels_last, and
+    ``FASTMETA_BN_KERNEL`` is not ``0``. Otherwise None (the composite formulation runs)."""
+    fn = _kernel_entry("bn_train_double_backward")
+    if fn is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if not 2 <= x.dim() <= 5 or type(x) is not torch.Tensor or type(g) is not torch.Tensor:
+        return None
+    if not (x.is_contiguous()
+            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    for t in (g, ggx):
+        if t is not None and (t.dtype != x.dtype or t.stride() != x.stride() or t.shape != x.shape):
+            return None
+    return fn
+
+
+_BN_KERNEL: dict = {}
+
+
+def _kernel_entry(name):
+    """``fastmeta._C.<name>`` (csrc/cpu/task_bn.cpp) or None: extension not built or older, or
+    ``FASTMETA_BN_KERNEL=0`` (the composite ATen formulations then run)."""
+    fn = _BN_KERNEL.get(name, False)
+    if fn is False:
+        mod = _ext.load()
+        fn = getattr(mod, name, None) if mod is not None else None
+        if os.environ.get("FASTMETA_BN_KERNEL", "1") == "0":
+            fn = None
+        _BN_KERNEL[name] = fn
+    return fn
+
+
+def bn_train_double_backward_reference(g, x, w, mean, r, ggx, ggw, ggb, need):
+    """The double backward of :class:`BatchNormTrainBackwardFunction` with ATen ops (the
+    reference of the C++ kernel, and the path without it): ``(dS/dg, dS/dx, dS/dw, None, None,
+    None)`` for the upstream gradients ``ggx, ggw, ggb`` and ``need`` = needs_input_grad."""
+    C = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    M = x.numel() // C
+    A = g.sum(dims) / M
+    B = r * ((g * x).sum(dims) / M - A * mean)
+    rw = r if w is None else r * w
+    zero = torch.zeros_like(r)
+    o0, o1, o3 = zero, zero, zero  # dS/dg = o0 + o1 x + o3 ggx
+    k0, k1, k2, k3 = zero, zero, zero, zero  # dS/dx = k0 + k1 x + k2 g + k3 ggx
+    gW = None
+    if ggx is not None:
+        m = ggx.sum(dims) / M
+        Bq = r * ((ggx * x).sum(dims) / M - m * mean)
+        mgg = (ggx * g).sum(dims) / M
+        o3 = rw
+        o1 = -rw * Bq * r
+        o0 = rw * (Bq * r * mean - m)
+        c = r * rw
+        kx = c * (3 * B * Bq - mgg + A * m)  # coefficient of xh
+        k1 = kx * r
+        k0 = c * (A * Bq + B * m) - kx * r * mean
+        k2 = -c * Bq
+        k3 = -c * B
+        if w is not None and need[2]:
+            gW = r * M * (mgg - A * m - B * Bq)
+    if ggw is not None and w is not None:
+        gr = ggw * r
+        o1 = o1 + gr
+        o0 = o0 - gr * mean
+        k2 = k2 + gr
+        k1 = k1 - gr * B * r
+        k0 = k0 - gr * A + gr * B * r * mean
+    if ggb is not None and w is not None:
+        o0 = o0 + ggb
+    shp = [1, C] + [1] * (x.dim() - 2)
+    gg_out = gI = None
+    if need[0]:
+        gg_out = torch.addcmul(o0.view(shp), x, o1.view(shp))
         if ggx is not None:
-            m = ggx.sum(dims) / M
-            Bq = r * ((ggx * x).sum(dims) / M - m * mean)
-            mgg = (ggx * g).sum(dims) / M
-            o3 = rw
-            o1 = -rw * Bq * r
-            o0 = rw * (Bq * r * mean - m)
-            c = r * rw
-            kx = c * (3 * B * Bq - mgg + A * m)  # coefficient of xh
-            k1 = kx * r
-            k0 = c * (A * Bq + B * m) - kx * r * mean
-            k2 = -c * Bq
-            k3 = -c * B
-            if w is not None and ctx.needs_input_grad[2]:
-                gW = r * M * (mgg - A * m - B * Bq)
-        if ggw is not None and w is not None:
-            gr = ggw * r
-            o1 = o1 + gr
-            o0 = o0 - gr * mean
-            k2 = k2 + gr
-            k1 = k1 - gr * B * r
-            k0 = k0 - gr * A + gr * B * r * mean
-        if ggb is not None and w is not None:
-            o0 = o0 + ggb
-        shp = [1, C] + [1] * (x.dim() - 2)
-        gg_out = gI = None
-        if ctx.needs_input_grad[0]:
-            gg_out = torch.addcmul(o0.view(shp), x, o1.view(shp))
-            if ggx is not None:
-                gg_out = gg_out.addcmul_(ggx, o3.view(shp))
-        if ctx.needs_input_grad[1]:
-            gI = torch.addcmul(k0.view(shp), x, k1.view(shp)).addcmul_(g, k2.view(shp))
-            if ggx is not None:
-                gI = gI.addcmul_(ggx, k3.view(shp))
-        return gg_out, gI, gW, None, None, None
+            gg_out = gg_out.addcmul_(ggx, o3.view(shp))
+    if need[1]:
+        gI = torch.addcmul(k0.view(shp), x, k1.view(shp)).addcmul_(g, k2.view(shp))
+        if ggx is not None:
+            gI = gI.addcmul_(ggx, k3.view(shp))
+    return gg_out, gI, gW, None, None, None
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
