@@ -41,7 +41,7 @@ from torch import Tensor
 
 from fastmeta import distributed
 from fastmeta.func import task_function
-from fastmeta.rl.meta_fvp import MetaFisher, adapt
+from fastmeta.rl.meta_fvp import MetaFisher, adapt, adapt_analytic
 from fastmeta.rl.categorical import CategoricalMLPPolicy
 from fastmeta.rl.policy import GaussianMLPPolicy
 from fastmeta.rl.returns import check_padded, discounted_returns, gae, linear_baseline, normalize
@@ -166,8 +166,8 @@ class MAMLTRPO:
 
     # ---- the meta-step ------------------------------------------------------------------------
 
-    def _surrogate(self, phi, xv, av, advv, wv, logp_old, out_old):
-        out = self.fn(phi, xv)
+    def _surrogate(self, phi, xv, av, advv, wv, logp_old, out_old, out=None):
+        out = self.fn(phi, xv) if out is None else out
         ratio = torch.exp(self.policy.log_prob(out, av) - logp_old)
         loss = -(ratio * advv * wv).sum(1).mean()
         kl = (self.policy.kl(out, out_old) * wv).sum(1).mean()
@@ -197,15 +197,20 @@ class MAMLTRPO:
                              f"they must match")
         theta = self.theta()
         T = xv.shape[0]
-        iters = adapt(self.policy, self.fn.expand(T, theta), x, y, self.fast_lr, self.inner_steps)
-        with torch.no_grad():
-            out_old = self.fn(iters[-1], xv)
-            logp_old = self.policy.log_prob(out_old, av)
+        start = self.fn.expand(T, theta)
+        if self.hvp == "analytic":  # the inner steps from the operators MetaFisher reuses
+            iters, hvps = adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)
+        else:
+            iters, hvps = adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps), None
         with torch.enable_grad():
             phi = {k: v.detach().requires_grad_() for k, v in iters[-1].items()}
-            loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old)
+            out = self.fn(phi, xv)  # at phi_old: the old policy is this output, detached
+            out_old = out.detach()
+            logp_old = self.policy.log_prob(out_old, av)
+            loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old, out)
             g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
-        mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping, self.hvp)
+        mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping, self.hvp,
+                        hvps=hvps)
         g = flatten({k: t.sum(0) for k, t in mf.vjp(dict(zip(self.fn.names, g_phi))).items()})
         distributed.all_reduce_mean_([g])
         loss_before = distributed.mean_over_ranks(loss.item()).item()

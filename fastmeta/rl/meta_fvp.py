@@ -74,6 +74,25 @@ def adapt(policy, params: dict[str, Tensor], x: Tensor, y: Tensor, lr: float, st
     return out
 
 
+def adapt_analytic(policy, params: dict[str, Tensor], x, y, lr: float, steps: int = 1):
+    """:func:`adapt` (detached) from the policy's analytic inner-Hessian operators:
+    ``(iterates, hvps)`` with ``hvps[i] = policy.hvp(iterates[i], x_i, y_i)`` whose ``.grad``
+    made step i, so :class:`MetaFisher` needs no second forward/backward over the train data.
+    ``(adapt(...), None)`` for a policy without them (categorical)."""
+    xs, ys = per_step(x, steps, "x"), per_step(y, steps, "y")
+    cur = {k: t.detach() for k, t in params.items()}
+    out, ops = [cur], []
+    for i in range(steps):
+        op = policy.hvp(cur, xs[i], ys[i])
+        if op is None:
+            return adapt(policy, params, xs, ys, lr, steps), None
+        names = list(cur)
+        cur = inner_update({k: cur[k] for k in names}, [op.grad[k] for k in names], lr)
+        out.append(cur)
+        ops.append(op)
+    return out, ops
+
+
 class MetaFisher:
     """``F_meta`` at ``theta_old`` as a product operator, built once per TRPO step.
 
@@ -89,13 +108,15 @@ class MetaFisher:
         damping: added as ``damping * v`` (Tikhonov), as TRPO implementations do.
         hvp: ``"analytic"`` or ``"task_hvp"`` (see the module docstring); a policy without an
             analytic inner Hessian (categorical) always uses task_hvp.
+        hvps: the inner-Hessian operators :func:`adapt_analytic` built at ``iterates[:-1]``
+            (optional; reused instead of building them again).
 
     ``fvp(v)``: ``v`` a flat vector over the policy's parameters (``fn.names`` order) ->
     ``F_meta v + damping v``. ``vjp(u)``: per-task ``{name: [T, *shape]}`` -> ``J_t^T u_t``.
     """
 
     def __init__(self, policy, iterates, x, y, lr: float, x_valid: Tensor, weights: Tensor,
-                 damping: float = 0.0, hvp: str = "analytic"):
+                 damping: float = 0.0, hvp: str = "analytic", hvps=None):
         if hvp not in ("analytic", "task_hvp"):
             raise ValueError(f"hvp must be 'analytic' or 'task_hvp', got {hvp!r}")
         self.fn = task_function(policy)
@@ -107,8 +128,11 @@ class MetaFisher:
         self.T = x_valid.shape[0]
         self.hvp = hvp
         self.loss = policy.loss
-        self.hvps = ([policy.hvp(it, xi, yi) for it, xi, yi in zip(iterates[:-1], self.x, self.y)]
-                     if hvp == "analytic" else None)
+        if hvps is not None and hvp == "analytic":  # built by adapt_analytic at these iterates
+            self.hvps = list(hvps)
+        else:
+            self.hvps = ([policy.hvp(it, xi, yi) for it, xi, yi in zip(iterates[:-1], self.x, self.y)]
+                         if hvp == "analytic" else None)
         if self.hvps is not None and any(h is None for h in self.hvps):
             self.hvps = None  # no analytic inner Hessian for this policy: task_hvp serves
         self.fisher = policy.fisher(iterates[-1], x_valid, weights)

@@ -369,3 +369,19 @@ def test_fused_products_float32_match_float64(monkeypatch):
         for k in b:
             assert a[k].dtype == torch.float32
             assert ((a[k].double() - b[k]).norm() / b[k].norm()).item() < 1e-5, k
+
+
+def test_adapt_analytic_equals_adapt(fused):
+    # the step's iterates from the analytic operators' gradients == autograd's adapt (2 steps)
+    from fastmeta.rl.meta_fvp import adapt_analytic
+    pol = make()
+    agent = MAMLTRPO(pol, fast_lr=0.3, inner_steps=2)
+    xs, ys = agent._train_data([rollout(seed=1), rollout(seed=6)], 2)
+    fn = task_function(pol)
+    start = fn.expand(xs[0].shape[0], {k: t.detach() for k, t in fn.params().items()})
+    ref = adapt(pol, start, xs, ys, agent.fast_lr, 2)
+    got, ops = adapt_analytic(pol, start, xs, ys, agent.fast_lr, 2)
+    assert len(ops) == 2
+    for a, b in zip(got, ref):
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=k)
