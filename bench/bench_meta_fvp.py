@@ -203,7 +203,9 @@ PHASE_HEADER = (
     "per task, a double backward per FVP, per-task line-search re-adaptation; advantages from "
     "the same batched baseline/GAE code). C: fastmeta's `MAMLTRPO.adapt` + `MAMLTRPO.step`. "
     "Medians over interleaved repetitions (after one warm-up each). `update rel diff`: "
-    "||dtheta_A - dtheta_C|| / ||dtheta_A|| (the gate: the same step).\n")
+    "||dtheta_A - dtheta_C|| / ||dtheta_A|| of one phase of each in float64 on the same "
+    "rollouts (the gate: the same step; over 1e-6 is marked DIFFERENT; in float32 CG's "
+    "rounding alone moves the two updates apart by up to 1e-1).\n")
 
 
 def _load():
