@@ -167,7 +167,8 @@ class PEARL:
     # ---- learning -----------------------------------------------------------------------------
 
     def update(self) -> dict[str, float]:
-        """One gradient step of critic + encoder, actor and temperature on ``meta_batch`` tasks."""
+        """One gradient step of critic + encoder, actor and (if automatic) temperature on
+        ``meta_batch`` tasks."""
         g = self.generator
         ids = torch.randperm(self.n_train, generator=g)[: self.meta_batch]
         c = self.context.sample(ids, self.context_size, g)

@@ -1,6 +1,7 @@
 """Soft actor-critic (Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications"):
 twin Q-networks with Polyak-averaged targets, a tanh-squashed Gaussian actor and an
-automatically tuned temperature -- the off-policy learner inside PEARL (Rakelly et al. 2019).
+automatically tuned (or fixed) temperature -- the off-policy learner inside PEARL (Rakelly et
+al. 2019).
 
 Inputs are "states" ``x [N, in_dim]``: for PEARL the observation concatenated with the latent
 context z. Actions live in ``[-1, 1]^act_dim`` (the agent scales them to the environment).
