@@ -80,10 +80,14 @@ def test_kernel_float32(name):
 
 @pytest.mark.parametrize("name", ["NC", "NCHW", "NHWC"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_batch_norm_train_through_kernel_matches_pytorch(name, affine, monkeypatch):
-    """batch_norm_train (forward, backward, double backward through the kernel) vs
-    F.batch_norm's own double backward; gradgradcheck; the kernel was really called."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "composite"])
+def test_batch_norm_train_through_kernel_matches_pytorch(name, affine, kernel, monkeypatch):
+    """batch_norm_train (forward, backward, double backward through the kernel, or through the
+    composite formulation as without the extension) vs F.batch_norm's own double backward;
+    gradgradcheck; the kernel was really called (or not)."""
     calls = []
+    if not kernel:
+        monkeypatch.setattr(TA, "_BN_KERNEL", {"bn_train_double_backward": None})
     real = TA._bn_kernel
 
     def spy(*a):
@@ -110,7 +114,7 @@ def test_batch_norm_train_through_kernel_matches_pytorch(name, affine, monkeypat
     ref = second(lambda xx, ww, bb: F.batch_norm(xx, None, None, ww, bb, True, 0.0, 1e-5))
     for a, r_ in zip(got, ref):
         torch.testing.assert_close(a, r_, rtol=1e-10, atol=1e-12)
-    assert calls and all(calls)
+    assert calls and all(c == kernel for c in calls)
     ins = tuple(t for t in (x, w, b) if t is not None)
 
     def flat(*ts):
