@@ -163,7 +163,10 @@ class BatchNormTrainBackwardFunction(torch.autograd.Function):
     """Batch-norm backward (training mode) whose own backward -- the double backward that
     second-order MAML runs -- is closed form: every output is ``k0 + k1*x + k2*g + k3*ggx``
     with per-channel k's from five reductions, instead of PyTorch's generic
-    ``batchnorm_double_backward`` (measured: ``bench/results/design_notes.md``). Once differentiable (third order raises).
+    ``batchnorm_double_backward`` (measured: ``bench/results/design_notes.md``). Once
+    differentiable (third order raises). On the CPU the closed form runs as one C++ kernel
+    (``fastmeta._C.bn_train_double_backward``: two passes over the activations) when the
+    extension is built, else as the ATen ops of :func:`bn_train_double_backward_reference`.
 
     With xh = (x - mean) * r, A = mean(g), B = mean(g * xh), the backward is
     gx = w r (g - A - xh B), gw = sum(g xh), gb = sum(g); differentiating
