@@ -385,3 +385,43 @@ def test_one_call_path_bad_labels_raise_clearly(bad, match):
     labels[0, 3] = bad
     with pytest.raises(ValueError, match=match):
         proto_loss(query, protos, labels)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_composite_with_one_pass_cross_entropy_matches_float64_oracle(dtype):
+    # N > 8 and B*Q*N*D above the one-call limit: automatic selection takes the composite
+    # logits (one baddbmm) and fastmeta._C.logits_ce_fused (cross-entropy + accuracy, one pass)
+    query, protos, labels = make(4, 100, 20, 64, dtype, magnitude=0.2)
+    q = query.detach().clone().requires_grad_()
+    assert "LogitsCE" in proto_loss(q, protos, labels)[0].grad_fn.name()
+    weights = torch.rand(4, 100, device=DEVICE, dtype=torch.float64)
+    fast = loss_and_grads(proto_loss, query, protos, labels, weights)
+    oracle = loss_and_grads(proto_loss_ref, query.double(), protos.double(), labels, weights)
+    same = loss_and_grads(proto_loss_ref, query, protos, labels, weights)
+    assert_matches_oracle(fast, same, oracle, [(0, "loss"), (2, "grad query"), (3, "grad protos")],
+                          dtype, atol=1e-5)
+    torch.testing.assert_close(fast[1].double(), oracle[1], atol=0, rtol=0)
+    for reduction in ("mean", "sum"):
+        fast = reduced_and_grads(proto_loss, query, protos, labels, reduction=reduction)
+        assert "LogitsCE" in fast[0].grad_fn.name()
+        oracle = reduced_and_grads(proto_loss_ref, query.double(), protos.double(), labels, reduction=reduction)
+        same = reduced_and_grads(proto_loss_ref, query, protos, labels, reduction=reduction)
+        assert_matches_oracle(fast, same, oracle, [(0, reduction), (2, "grad query"), (3, "grad protos")],
+                              dtype, atol=1e-5)
+        torch.testing.assert_close(fast[1], oracle[1].to(dtype), atol=0, rtol=0)
+
+
+@needs_fused
+def test_one_pass_cross_entropy_twice_differentiable_and_first_maximum():
+    ce = proto_loss_mod.fused_entry("logits_ce_fused")
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3))
+    for reduction in (0, 2):
+        torch.autograd.gradgradcheck(lambda x: ce(x, labels, reduction)[0], (logits,))
+    # ties: the first maximum is the prediction, as argmax
+    tied = torch.zeros(1, 2, 3, dtype=torch.float64)
+    acc = ce(tied, torch.tensor([[0, 1]]), 2)[1]
+    assert acc.tolist() == [[1.0, 0.0]]
+    with pytest.raises(RuntimeError, match="label 4 outside"):
+        ce(logits, labels * 0 + 4, 0)
