@@ -249,116 +249,6 @@ std::tuple<at::Tensor, at::Tensor> matching_loss_fused(const at::Tensor& query,
   return {out[0], out[1]};
 }
 
-// ---- cross-entropy + accuracy of given logits -----------------------------------------------
-// For proto_loss's composite path (the logits from one BLAS baddbmm, N > 8): ATen's
-// cross_entropy plus an accuracy from max/argmax over a short last dimension cost more than the
-// GEMM at Omniglot sizes (the argmax alone ~1.5x the cross-entropy at [3200, 20]); one pass per
-// row gives the loss, the log-sum-exp for backward and the first maximum.
-
-template <typename T>
-void ce_rows(const T* l, const int64_t* y, int64_t R, int64_t N, T* loss, T* lse, int64_t* pred) {
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = l + r * N;
-      T m = row[0];
-      int64_t arg = 0;
-      for (int64_t n = 1; n < N; ++n) {
-        if (row[n] > m || (std::isnan(row[n]) && !std::isnan(m))) {
-          m = row[n];
-          arg = n;
-        }
-      }
-      double sum = 0;
-      for (int64_t n = 0; n < N; ++n) sum += std::exp(static_cast<double>(row[n] - m));
-      const T z = m + static_cast<T>(std::log(sum));
-      lse[r] = z;
-      loss[r] = z - row[y[r]];
-      pred[r] = arg;
-    }
-  });
-}
-
-template <typename T>
-void ce_rows_bwd(const T* l, const int64_t* y, const T* lse, const T* g, int64_t R, int64_t N,
-                 T* out) {
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = l + r * N;
-      T* o = out + r * N;
-      const T gr = g[r], z = lse[r];
-      for (int64_t n = 0; n < N; ++n) o[n] = gr * std::exp(row[n] - z);
-      o[y[r]] -= gr;
-    }
-  });
-}
-
-struct LogitsCE : public torch::autograd::Function<LogitsCE> {
-  static variable_list forward(AutogradContext* ctx, const Variable& logits,
-                               const Variable& labels, int64_t reduction) {
-    TORCH_CHECK(logits.dim() == 3 && labels.dim() == 2 && labels.size(0) == logits.size(0) &&
-                    labels.size(1) == logits.size(1) && labels.scalar_type() == at::kLong,
-                "fastmeta_cpp::logits_ce_fused: logits [B,Q,N] and int64 labels [B,Q] expected");
-    const at::ScalarType st = logits.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble,
-                "fastmeta_cpp::logits_ce_fused: float32/float64 logits expected");
-    const at::Tensor l = logits.detach().contiguous();
-    const at::Tensor y = labels.contiguous();
-    const int64_t R = y.numel(), N = l.size(2);
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < R; ++r) {
-      TORCH_CHECK(yp[r] >= 0 && yp[r] < N, "fastmeta_cpp::logits_ce_fused: label ", yp[r],
-                  " outside [0, ", N, ")");
-    }
-    at::Tensor rows = at::empty(y.sizes(), l.options());
-    at::Tensor lse = at::empty(y.sizes(), l.options());
-    at::Tensor pred = at::empty(y.sizes(), y.options());
-    AT_DISPATCH_FLOATING_TYPES(st, "logits_ce_fused", [&] {
-      ce_rows<scalar_t>(l.const_data_ptr<scalar_t>(), yp, R, N, rows.mutable_data_ptr<scalar_t>(),
-                        lse.mutable_data_ptr<scalar_t>(), pred.mutable_data_ptr<int64_t>());
-    });
-    auto [loss, acc] = reduce_rows(rows, pred, y, reduction, st);
-    ctx->save_for_backward({logits, y, lse});
-    ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({acc});
-    return {loss, acc};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Variable &logits = saved[0], &y = saved[1], &lse = saved[2];
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    variable_list out(3);
-    if (!grads[0].defined()) return out;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen
-      at::Tensor rows = at::cross_entropy_loss(logits.flatten(0, 1), y.flatten(), {},
-                                               at::Reduction::None)
-                            .view(y.sizes());
-      out[0] = double_backward(rows, logits, Variable(), grads[0], reduction, 2)[0];
-      return out;
-    }
-    const at::Tensor l = logits.detach().contiguous();
-    at::Tensor g = row_grad(grads[0], reduction, y.size(0), y.size(1), l.scalar_type());
-    at::Tensor gl = at::empty(l.sizes(), l.options());
-    AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "logits_ce_fused_bwd", [&] {
-      ce_rows_bwd<scalar_t>(l.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(),
-                            lse.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                            y.numel(), l.size(2), gl.mutable_data_ptr<scalar_t>());
-    });
-    out[0] = gl;
-    return out;
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor> logits_ce_fused(const at::Tensor& logits,
-                                                   const at::Tensor& labels, int64_t reduction) {
-  TORCH_CHECK(reduction >= kMean && reduction <= kNone,
-              "fastmeta_cpp::logits_ce_fused: reduction must be 0, 1 or 2, got ", reduction);
-  variable_list out = LogitsCE::apply(logits, labels, reduction);
-  return {out[0], out[1]};
-}
-
 // ---- prototypes -----------------------------------------------------------------------------
 
 struct Prototypes : public torch::autograd::Function<Prototypes> {
@@ -404,9 +294,6 @@ void bind_heads(pybind11::module_& m) {
   m.def("matching_loss_fused", &cpu::matching_loss_fused,
         "matching_loss (loss, acc) in one call: query, support, support_labels, query_labels, "
         "n_way, scale, eps, reduction (0 mean, 1 sum, 2 none). CPU, float32/float64.");
-  m.def("logits_ce_fused", &cpu::logits_ce_fused,
-        "(cross-entropy, accuracy) of logits [B,Q,N] against int64 labels [B,Q] in one call: "
-        "reduction (0 mean, 1 sum, 2 none). CPU, float32/float64.");
   m.def("prototypes_fused", &cpu::prototypes_fused,
         "prototypes in one call: support, labels, n_way (every class present). CPU, "
         "float32/float64.");

@@ -328,16 +328,6 @@ def proto_loss(
     scale = checks.scalar("scale", scale)
     name = registry.select("proto_loss", [query, protos], backend, metric=metric)
     if name == "composite":
-        if metric == "sqeuclidean" and backend is None and eager_cpu(query, protos, scale):
-            # the logits from one BLAS baddbmm, then cross-entropy and accuracy in one C++ pass
-            # (fastmeta._C.logits_ce_fused): ATen's max/argmax over a short last dimension cost
-            # more than the cross-entropy itself at Omniglot sizes
-            ce = fused_entry("logits_ce_fused")
-            if ce is not None:
-                pp = (protos * protos).sum(-1).unsqueeze(1)  # [B,1,N]
-                logits = torch.baddbmm(pp, query, protos.transpose(1, 2), beta=-scale,
-                                       alpha=2.0 * scale)
-                return ce(logits, labels, REDUCTIONS[reduction])
         return _proto_loss_composite(query, protos, labels, metric, scale, reduction)
     if name == "reference":
         return proto_loss_ref(query, protos, labels, metric, scale, reduction)
