@@ -13,11 +13,10 @@
 #include "cpu/ops.h"
 
 namespace fastmeta {
-// csrc/cpu/heads_fused.cpp: one-call proto_loss / matching_loss / prototypes (pybind11).
+// pybind11 entry points that bypass the dispatcher (eager CPU fast paths, each with its
+// registered-op or ATen formulation as the reference and fallback):
+// csrc/cpu/heads_fused.cpp: one-call proto_loss / matching_loss / prototypes.
 void bind_heads(pybind11::module_& m);
-}  // namespace fastmeta
-
-namespace fastmeta {
 // csrc/cpu/task_bn.cpp: the fused batch-norm double backward of the task-batched layers.
 void bind_task_bn(pybind11::module_& m);
 }  // namespace fastmeta
