@@ -19,6 +19,15 @@ pytestmark = pytest.mark.skipif(
     _ext.load() is None or not hasattr(_ext.load(), "bn_train_double_backward"),
     reason="fastmeta._C (with bn_train_double_backward) not built")
 
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    """The kernel is opt-in (FASTMETA_BN_KERNEL=1, see task_autograd._kernel_entry)."""
+    monkeypatch.setenv("FASTMETA_BN_KERNEL", "1")
+    monkeypatch.setattr(TA, "_BN_KERNEL", {})
+
+
 SHAPES = {"NC": (7, 3), "NCL": (4, 3, 5), "NCHW": (3, 3, 4, 5), "NHWC": (3, 3, 4, 5),
           "NCDHW": (2, 3, 2, 3, 2)}
 

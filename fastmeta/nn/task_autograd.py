@@ -166,7 +166,8 @@ class BatchNormTrainBackwardFunction(torch.autograd.Function):
     ``batchnorm_double_backward`` (measured: ``bench/results/design_notes.md``). Once
     differentiable (third order raises). On the CPU the closed form runs as one C++ kernel
     (``fastmeta._C.bn_train_double_backward``: two passes over the activations) when the
-    extension is built, else as the ATen ops of :func:`bn_train_double_backward_reference`.
+    extension is built and ``FASTMETA_BN_KERNEL=1`` (opt-in, see :func:`_kernel_entry`), else
+    as the ATen ops of :func:`bn_train_double_backward_reference`.
 
     With xh = (x - mean) * r, A = mean(g), B = mean(g * xh), the backward is
     gx = w r (g - A - xh B), gw = sum(g xh), gb = sum(g); differentiating
@@ -203,7 +204,8 @@ def _bn_kernel(g, x, ggx):
     """``fastmeta._C.bn_train_double_backward`` (csrc/cpu/task_bn.cpp: the same closed form in
     two passes over the activations) when it applies: the extension is built, plain float32/
     float64 CPU tensors, ``g``/``ggx`` in ``x``'s layout, contiguous or 4-D channels_last, and
-    ``FASTMETA_BN_KERNEL`` is not ``0``. Otherwise None (the composite formulation runs)."""
+    ``FASTMETA_BN_KERNEL=1`` (opt-in, see :func:`_kernel_entry`). Otherwise None (the
+    composite formulation runs)."""
     fn = _kernel_entry("bn_train_double_backward")
     if fn is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
@@ -223,12 +225,17 @@ _BN_KERNEL: dict = {}
 
 def _kernel_entry(name):
     """``fastmeta._C.<name>`` (csrc/cpu/task_bn.cpp) or None: extension not built or older, or
-    ``FASTMETA_BN_KERNEL=0`` (the composite ATen formulations then run)."""
+    ``FASTMETA_BN_KERNEL`` is not ``1`` (the composite ATen formulations then run). Opt-in
+    for now: with the kernel, ``train maml`` on 2 ranks x 2 tasks drifted from 1 process x 4
+    tasks after 4 Adam steps (51% of the parameters within 1e-6, 98-99% with the composite;
+    tests/test_distributed.py), although one meta-gradient of 4 tasks vs 2 + 2 agrees better
+    with it (6.9e-8 vs 7.6e-7 of the largest entry, float32) and the kernel's outputs are
+    bitwise independent of the number of tasks in every layout tried. Not understood yet."""
     fn = _BN_KERNEL.get(name, False)
     if fn is False:
         mod = _ext.load()
         fn = getattr(mod, name, None) if mod is not None else None
-        if os.environ.get("FASTMETA_BN_KERNEL", "1") == "0":
+        if os.environ.get("FASTMETA_BN_KERNEL", "0") != "1":
             fn = None
         _BN_KERNEL[name] = fn
     return fn
