@@ -72,6 +72,20 @@ def load() -> ModuleType | None:
         return module
 
 
+_entries: dict = {}
+
+
+def entry(name: str):
+    """``fastmeta._C.<name>`` (a pybind11 entry point such as ``proto_loss_fused`` or
+    ``bn_train_double_backward``), or None when the extension is not built or predates it.
+    Memoised."""
+    fn = _entries.get(name, False)
+    if fn is False:
+        mod = load()
+        fn = _entries[name] = getattr(mod, name, None) if mod is not None else None
+    return fn
+
+
 def available() -> bool:
     """True when ``fastmeta._C`` is importable (its ops are then registered)."""
     return load() is not None

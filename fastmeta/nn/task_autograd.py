@@ -233,11 +233,8 @@ def _kernel_entry(name):
     bitwise independent of the number of tasks in every layout tried. Not understood yet."""
     fn = _BN_KERNEL.get(name, False)
     if fn is False:
-        mod = _ext.load()
-        fn = getattr(mod, name, None) if mod is not None else None
-        if os.environ.get("FASTMETA_BN_KERNEL", "0") != "1":
-            fn = None
-        _BN_KERNEL[name] = fn
+        opted_in = os.environ.get("FASTMETA_BN_KERNEL", "0") == "1"
+        fn = _BN_KERNEL[name] = _ext.entry(name) if opted_in else None
     return fn
 
 

@@ -18,17 +18,19 @@ REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}  # codes of the fused entry points
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_fused_cache: dict = {}
 
 
-def fused_entry(name: str):
-    """``fastmeta._C.<name>`` (a one-call head loss, csrc/cpu/heads_fused.cpp) or None when the
-    extension is not built or predates it."""
-    fn = _fused_cache.get(name, False)
-    if fn is False:
-        mod = _ext.load()
-        fn = _fused_cache[name] = getattr(mod, name, None) if mod is not None else None
-    return fn
+def call_fused(name: str, *args):
+    """``fastmeta._C.<name>(*args)`` -- a one-call head op (csrc/cpu/heads_fused.cpp: kernel,
+    reduction, accuracy and a C++ autograd node) -- or None when the extension lacks it or the
+    C++ side rejects the inputs; the caller's full checks then say what is wrong."""
+    fn = _ext.entry(name)
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except (RuntimeError, TypeError):
+        return None
 
 
 def eager_cpu(x: torch.Tensor, other: torch.Tensor, scale) -> bool:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, eager_cpu, fused_entry, learnable, nll_accuracy
+from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, call_fused, eager_cpu, learnable, nll_accuracy
 
 _STEM = "matching"
 
@@ -171,14 +171,10 @@ def _fused_call(query, support, support_labels, n_way, query_labels, scale, redu
     dispatch; it checks shapes, labels, their ranges, the classes' presence, devices and scale),
     or None when it cannot take the call (no extension; inputs it rejects, which the full checks
     then explain). Faster than the registered op at every shape (one episode: 2-4x)."""
-    fused = fused_entry("matching_loss_fused")
-    if fused is None or reduction not in REDUCTIONS or type(n_way) is not int:
+    if reduction not in REDUCTIONS or type(n_way) is not int:
         return None
-    try:
-        return fused(query, support, support_labels, query_labels, n_way, float(scale), EPS,
-                     REDUCTIONS[reduction])
-    except (RuntimeError, TypeError):
-        return None
+    return call_fused("matching_loss_fused", query, support, support_labels, query_labels, n_way,
+                      float(scale), EPS, REDUCTIONS[reduction])
 
 
 def _check_inputs(query, support, support_labels, n_way):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, eager_cpu, fused_entry, learnable, nll_accuracy
+from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, call_fused, eager_cpu, learnable, nll_accuracy
 
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
@@ -52,13 +52,10 @@ _FUSED_MAX_WORK = 1 << 18
 def _fused_call(query, protos, labels, code, scale, reduction):
     """(loss, acc) from the one-call entry point, or None when it cannot take the call (no
     extension; inputs it rejects, which the full checks then explain)."""
-    fused = fused_entry("proto_loss_fused")
-    if fused is None or code is None or type(reduction) is not str or reduction not in REDUCTIONS:
+    if code is None or type(reduction) is not str or reduction not in REDUCTIONS:
         return None
-    try:
-        return fused(query, protos, labels, code, float(scale), EPS, REDUCTIONS[reduction])
-    except (RuntimeError, TypeError):
-        return None
+    return call_fused("proto_loss_fused", query, protos, labels, code, float(scale), EPS,
+                      REDUCTIONS[reduction])
 
 
 # proto_logits keeps the kernel at every shape (its composite form is the reference, slower in

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import eager_cpu, fused_entry
+from fastmeta.ops._loss import call_fused, eager_cpu
 
 _STEM = "prototypes"
 registry.register(
@@ -122,12 +122,9 @@ def prototypes(
         # one call (fastmeta._C.prototypes_fused: the cpp kernel and a C++ autograd node, no
         # custom-op dispatch; label dtype, shape, range and every class's presence checked in
         # C++). A call it rejects goes through the checks below, which say what is wrong.
-        fused = fused_entry("prototypes_fused")
-        if fused is not None:
-            try:
-                return fused(support, support_labels, n_way)
-            except (RuntimeError, TypeError):
-                pass
+        out = call_fused("prototypes_fused", support, support_labels, n_way)
+        if out is not None:
+            return out
     checks.float_tensor("support", support, 3, "[B, S, D]")
     n_way = checks.n_way_value(n_way)
     labels = checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, assert_matches_oracle, case_id
 
+from fastmeta import _ext
 import fastmeta.ops._matching as matching_mod
 from fastmeta.ops import BackendError, matching_attention, matching_attention_ref, matching_loss, matching_loss_ref
 
@@ -363,7 +364,7 @@ def test_large_scales_match_oracle(backend, dtype, scale):
 # ---- the one-call C++ entry point (automatic selection, eager, CPU) -------------------------
 
 needs_fused = pytest.mark.skipif(
-    not ON_CPU or matching_mod.fused_entry("matching_loss_fused") is None,
+    not ON_CPU or _ext.entry("matching_loss_fused") is None,
     reason="the one-call entry point serves CPU tensors of a built fastmeta._C",
 )
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_close_measured, assert_matches_oracle, case_id
 
+from fastmeta import _ext
 import fastmeta.ops._proto_loss as proto_loss_mod
 from fastmeta.ops import BackendError, proto_logits, proto_logits_ref, proto_loss, proto_loss_ref
 
@@ -301,7 +302,7 @@ def test_forced_backend_that_cannot_run_lists_reasons(backend):
 # ---- the one-call C++ entry point (automatic selection, eager, CPU) -------------------------
 
 needs_fused = pytest.mark.skipif(
-    not ON_CPU or proto_loss_mod.fused_entry("proto_loss_fused") is None,
+    not ON_CPU or _ext.entry("proto_loss_fused") is None,
     reason="the one-call entry point serves CPU tensors of a built fastmeta._C",
 )
 # one episode (5-way 15 queries, 20-way 5 queries), many episodes with N <= 8, odd sizes

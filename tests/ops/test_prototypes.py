@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import ALL_BACKENDS, DEVICE, FAST_BACKENDS, ON_CPU, assert_close64, assert_matches_oracle, case_id
 
+from fastmeta import _ext
 import fastmeta.ops._prototypes as prototypes_mod
 from fastmeta.ops import prototypes, prototypes_ref
 
@@ -130,7 +131,7 @@ def test_bad_inputs_raise_clearly(change, exc, match):
 # ---- the one-call C++ entry point (automatic selection, eager, CPU) -------------------------
 
 needs_fused = pytest.mark.skipif(
-    not ON_CPU or prototypes_mod.fused_entry("prototypes_fused") is None,
+    not ON_CPU or _ext.entry("prototypes_fused") is None,
     reason="the one-call entry point serves CPU tensors of a built fastmeta._C",
 )
 
