@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.episodes} episode(s): return {ret.mean:.3f} +- {ret.ci95:.3f} (random policy "
           f"{rand.mean:.3f} +- {rand.ci95:.3f}"
           + ("".join(f", {g} {out[f'{g}_trial_return']:.3f}" for g in ("greedy", "greedy_beta"))
-             if greedy else "") + "); per "
-          f"episode " + ", ".join(f"{e.mean:.2f}" for e in eps))
+             if greedy else "") + "); per episode "
+          + ", ".join(f"{e.mean:.2f}" for e in eps))
     print(f"run folder: {run_dir} (checkpoint.pt, metrics.csv, learning_curve.png, results.json)")
     return out
