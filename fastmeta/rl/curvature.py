@@ -187,6 +187,20 @@ def _backward(net: _Net, g, out):
         g = torch.bmm(g, net.wcm[i], out=net.gbufs[i - 1]).mul_(net.slopes[i - 1])
 
 
+def _pg_terms(mu: Tensor, e: Tensor, x: Tensor, y: Tensor):
+    """The inner loss ``pg_loss``'s derivatives in the policy's output, shared by both product
+    paths: ``(q, r, h_ls, grad_log_std)`` for the mean ``mu [T, N, A]``, ``e = exp(-2 log_std)``
+    as ``[T, 1, A]``, ``x [T, N, obs_dim]`` and ``y [T, N, A + 1]`` (actions, weights): ``q
+    [T, N, 1]`` the weights / N, ``r = dL/dmu``, ``h_ls`` the diagonal of d^2 L / d log_std^2
+    and ``grad_log_std = dL/dlog_std`` (``[T, A]`` each)."""
+    A = e.shape[-1]
+    q = (y[..., A] / x.shape[1]).unsqueeze(-1)
+    diff = mu - y[..., :A]
+    r = q * diff * e
+    h_ls = 2.0 * (q * diff * diff * e).sum(1)
+    return q, r, h_ls, (q * (1.0 - diff * diff * e)).sum(1)
+
+
 def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
     """``hvp(v) -> {name: H_t v_t}`` for the inner loss ``pg_loss`` at per-task ``params`` on
     ``x [T, N, obs_dim]``, ``y [T, N, act_dim + 1]`` (actions, weights); also returns the
@@ -199,15 +213,11 @@ def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
     L = len(layers)
     with torch.no_grad():
         A = p["log_std"].shape[-1]
-        mu = net.out
         e = torch.exp(-2.0 * p["log_std"]).unsqueeze(1)          # [T, 1, A]
-        q = (y[..., A] / x.shape[1]).unsqueeze(-1)                # [T, N, 1]
-        diff = mu - y[..., :A]
-        r = q * diff * e                                          # dL/dmu
+        q, r, h_ls, grad_ls = _pg_terms(net.out, e, x, y)
         qe = q * e
-        h_ls = 2.0 * (q * diff * diff * e).sum(1)                 # d^2 L / d log_std^2 (diagonal)
         # backward signals: pre-slope cotangents e_l and their slope-curvature factors
-        grad = {"log_std": (q * (1.0 - diff * diff * e)).sum(1)}
+        grad = {"log_std": grad_ls}
         deltas, curv = [None] * L, [None] * L
         d = r
         for i in range(L - 1, -1, -1):
@@ -262,13 +272,8 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
             wsum = weights.sum(1, keepdim=True)
             rowscale, deltas, pres, grad = weights.contiguous(), [], [], None
         else:
-            A = e.shape[-1]
-            q = y[..., A] / x.shape[1]                                # [T, N]
-            diff = mu - y[..., :A]
-            qd = q.unsqueeze(-1) * diff
-            r = qd * e.unsqueeze(1)                                   # dL/dmu
-            h_ls = 2.0 * (qd * diff * e.unsqueeze(1)).sum(1)
-            grad = {"log_std": (q.unsqueeze(-1) * (1.0 - diff * diff * e.unsqueeze(1))).sum(1)}
+            q, r, h_ls, grad_ls = _pg_terms(mu, e.unsqueeze(1), x, y)
+            grad = {"log_std": grad_ls}
             deltas, pres = [None] * L, [x.new_empty(0)] * L
             d = r
             for i in range(L - 1, -1, -1):
@@ -278,7 +283,7 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
                 if i:
                     pres[i] = torch.bmm(d, ws[i])
                     d = pres[i] * (1.0 - acts[i] * acts[i])
-            rowscale = q.contiguous()
+            rowscale = q.squeeze(-1).contiguous()
 
     def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
