@@ -32,6 +32,19 @@ class LearnerSpec:
     global_labels: bool = False
 
 
+def _task_chunk(text: str):
+    """``--task-chunk``: ``auto``, ``all`` (None) or a number of tasks >= 1."""
+    if text in ("auto", "all"):
+        return None if text == "all" else text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'all' or a number of tasks >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'all' or a number of tasks >= 1, got {text!r}")
+    return n
+
+
 def _protonet(args, in_channels):
     return ProtoNet(build_backbone(args.backbone, in_channels), metric=args.metric)
 
@@ -237,8 +250,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="inner learning rate (MetaSGD: its initial value; default 0.4 on images, 0.01 on sinusoid, "
                         "imaml on sinusoid 0.05)")
     g.add_argument("--first-order", action="store_true", help="first-order MAML (no second-order terms)")
-    g.add_argument("--task-chunk", type=int, default=None,
-                   help="adapt this many tasks at a time (bounded memory, same gradients)")
+    g.add_argument("--task-chunk", type=_task_chunk, default="auto",
+                   help="adapt this many tasks at a time (bounded memory, same gradients); 'all': every task "
+                        "at once; 'auto' (default): MAML chunks large models on the CPU")
     g.add_argument("--hidden", type=int, default=64, help="channels of MAML's Conv4 (the paper: 64)")
     g.add_argument("--lam", type=float, default=None,
                    help="imaml: proximal regularisation lambda (default 2; sinusoid 0.5)")

@@ -22,7 +22,7 @@ the tensor-level ``fastmeta.ops``, never the layers above.
 from fastmeta.func._losses import task_losses
 from fastmeta.func._task_function import MLPSpec, TaskFunction, explain, task_function
 from fastmeta.func._task_hvp import task_hvp, task_hvp_ref
-from fastmeta.func._inner_loop import inner_loop
+from fastmeta.func._inner_loop import auto_task_chunk, inner_loop
 
-__all__ = ["MLPSpec", "TaskFunction", "explain", "inner_loop", "task_function", "task_hvp", "task_hvp_ref",
+__all__ = ["MLPSpec", "TaskFunction", "auto_task_chunk", "explain", "inner_loop", "task_function", "task_hvp", "task_hvp_ref",
            "task_losses"]

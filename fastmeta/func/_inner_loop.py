@@ -34,6 +34,7 @@ This is a model-level op (it runs the module), so it is a ``torch.autograd.Funct
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +250,76 @@ def keep_budget_bytes() -> int:
     return int(mb * 2**20)
 
 
+def _keep_graphs(support_x, backend, first_order, x_grad, recompute, diff_inputs) -> tuple[bool, int | None]:
+    """``(keep, budget)``: whether the forward keeps its steps' double-backward graphs, and
+    the byte budget they may hold (None: any) -- the ``recompute`` rule of :func:`inner_loop`."""
+    budget = None
+    if recompute is None:
+        recompute = support_x.device.type != "cpu"
+        budget = keep_budget_bytes()
+    keep = (not recompute and backend == "reference" and not first_order and not x_grad
+            and torch.is_grad_enabled() and any(t.requires_grad for t in diff_inputs))
+    return keep, budget
+
+
+CHUNK_STEP_MB = 128
+"""Target size (MiB) of one chunk's inner-step graph for :func:`auto_task_chunk`: on this
+repository's 2-core CPU, learn2learn's MiniImagenetCNN (28 MB of saved tensors per task and
+step at 5-way 1-shot) ran its T=32 second-order meta-step fastest in chunks of 2-8 tasks
+(55-220 MB per step; 1.4x faster than one chunk of 32 at k=1, 2x at k=5, where one chunk's
+five graphs no longer fit the keep budget): ``bench/results/dropin.md``."""
+
+_STEP_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # TaskFunction -> {key: bytes per task}
+
+
+def auto_task_chunk(model, params: dict[str, torch.Tensor], support_x: torch.Tensor, support_y: torch.Tensor,
+                    steps: int, first_order: bool = False, loss_fn=F.cross_entropy) -> int | None:
+    """Tasks per chunk for a task-chunked meta-loss on this inner loop, or None (all at once).
+
+    A number only where :func:`inner_loop` (``recompute=None``) keeps its steps' graphs: CPU
+    tensors, second order, the double-backward HVP strategy, gradients enabled. Then the
+    chunk is the largest (balanced) number of tasks whose step graph holds at most
+    :data:`CHUNK_STEP_MB` and whose ``steps`` graphs fit the keep budget
+    (:func:`keep_budget_bytes`), so that no step is recomputed and each step's tensors stay
+    small; None when all ``T`` tasks fit. The graph size of one task is measured once per
+    model, training mode and per-task data shape/dtype/loss (one task's support forward and
+    gradient with its graph, run with the module's buffers and the RNG restored afterwards)
+    and cached with the model's :class:`~fastmeta.func.TaskFunction`.
+
+    The chunked meta-loss (``MAML.meta_loss(task_chunk=c)``) gives the same loss and
+    gradients as one chunk up to float rounding (the sum over tasks is taken per chunk).
+    """
+    fn = _hvp.task_fn(model)
+    T = support_x.shape[0]
+    steps = checks.steps_value(steps)
+    names = tuple(fn.names)
+    if T <= 1 or steps == 0 or not names or support_x.requires_grad:
+        return None
+    backend = registry.select(_hvp.HVP_OP, [params[names[0]], support_x], None, fn=fn, loss_fn=loss_fn)
+    keep, budget = _keep_graphs(support_x, backend, bool(first_order), False, None, [params[k] for k in names])
+    if not keep:
+        return None
+    module = fn.module
+    key = (tuple(support_x.shape[1:]), support_x.dtype, tuple(support_y.shape[1:]), support_y.dtype,
+           loss_fn, module.training)
+    cache = _STEP_BYTES.setdefault(fn, {})
+    if key not in cache:
+        state = _module_state(fn)
+        with torch.random.fork_rng(devices=_rng_devices(support_x), enabled=True):
+            one = {k: params[k][:1].detach() for k in names}
+            *_, nbytes = _hvp.grad_graph(fn, one, support_x[:1].detach(), support_y[:1].detach(), loss_fn)
+        _restore(state)
+        cache[key] = max(int(nbytes), 1)
+    per_task = cache[key]
+    most = int(CHUNK_STEP_MB * 2**20) // per_task
+    if budget is not None:
+        most = min(most, budget // (steps * per_task))
+    if most >= T:
+        return None
+    n_chunks = -(-T // max(most, 1))
+    return -(-T // n_chunks)
+
+
 def inner_loop(
     model,
     params: dict[str, torch.Tensor],
@@ -356,13 +427,8 @@ def inner_loop(
         backend = registry.select(_hvp.HVP_OP, tensors, hvp_backend, fn=fn, loss_fn=loss_fn)
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"recompute must be True, False or None, got {recompute!r}")
-    budget = None
-    if recompute is None:
-        recompute = support_x.device.type != "cpu"
-        budget = keep_budget_bytes()
-    keep = (not recompute and backend == "reference" and not first_order and not x_grad
-            and torch.is_grad_enabled()
-            and any(t.requires_grad for t in [*(params[k] for k in names), *lr_tensors]))
+    keep, budget = _keep_graphs(support_x, backend, first_order, x_grad, recompute,
+                                [*(params[k] for k in names), *lr_tensors])
     plan = _Plan(fn, support_x.detach(), support_y.detach(), steps, first_order, loss_fn, backend, spec,
                  len(lr_tensors), x_grad, keep, budget)
     out = _InnerLoop.apply(plan, *[params[k] for k in names], *lr_tensors, *([support_x] if x_grad else []))

@@ -16,11 +16,13 @@ Tensor = torch.Tensor
 # ---- validation -----------------------------------------------------------------------------
 
 
-def check_chunk(task_chunk) -> int | None:
-    if task_chunk is None:
-        return None
+def check_chunk(task_chunk) -> int | str | None:
+    """``task_chunk`` of a meta-loss: an int >= 1 (tasks per chunk), None (all tasks at once) or
+    ``"auto"`` (the learner's choice; all at once where it has none)."""
+    if task_chunk is None or task_chunk == "auto":
+        return task_chunk
     if isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1:
-        raise ValueError(f"task_chunk must be None or an int >= 1 (tasks per chunk), got {task_chunk!r}")
+        raise ValueError(f"task_chunk must be 'auto', None or an int >= 1 (tasks per chunk), got {task_chunk!r}")
     return task_chunk
 
 
@@ -161,9 +163,10 @@ class _ChunkedMetaLoss(torch.autograd.Function):
 def run_meta_loss(tasks_fn, data: Sequence[Tensor], params: Sequence[Tensor], task_chunk: int | None,
                    metric_name: str) -> MetaLossResult:
     """``tasks_fn(*data_slice) -> (task_loss [t] differentiable, task_metric [t])`` over all
-    tasks at once, or ``task_chunk`` tasks at a time (see :class:`_ChunkedMetaLoss`)."""
+    tasks at once (``task_chunk`` None or ``"auto"``), or ``task_chunk`` tasks at a time (see
+    :class:`_ChunkedMetaLoss`)."""
     T = data[0].shape[0]
-    if task_chunk is None or task_chunk >= T:
+    if task_chunk is None or task_chunk == "auto" or task_chunk >= T:
         loss_t, metric_t = tasks_fn(*data)
         return MetaLossResult(loss_t.mean(), metric_t.mean(), loss_t.detach(), metric_t, metric_name)
     spans = [(a, min(a + task_chunk, T)) for a in range(0, T, task_chunk)]

@@ -28,11 +28,11 @@ class EpisodicLearner(FewShotLearner):
         steps: inner steps during meta-training; test_steps: at evaluation (default: steps).
         loss_fn: ``F.cross_entropy`` (classification, metric: accuracy) or ``F.mse_loss``
             (regression, metric: MSE).
-        task_chunk: passed to ``meta_loss``.
+        task_chunk: passed to ``meta_loss`` (``"auto"``, None or tasks per chunk).
     """
 
     def __init__(self, meta: nn.Module, steps: int = 1, test_steps: int | None = None,
-                 loss_fn: Callable = F.cross_entropy, task_chunk: int | None = None):
+                 loss_fn: Callable = F.cross_entropy, task_chunk: int | str | None = "auto"):
         super().__init__()
         self.meta = meta
         self.steps = checks.steps_value(steps)

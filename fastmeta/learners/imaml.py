@@ -273,7 +273,8 @@ class iMAML(nn.Module):  # noqa: N801 - the paper's name
             steps: inner steps ``k >= 1`` (``None``: ``self.steps``).
             loss_fn: per-example loss (anything :func:`fastmeta.func.task_losses` accepts);
                 each task's loss is its mean over its examples.
-            task_chunk: adapt this many tasks at a time (same gradient, bounded memory).
+            task_chunk: adapt this many tasks at a time (same gradient, bounded memory);
+                None or ``"auto"``: all tasks at once.
 
         Returns:
             ``loss`` (value: mean query loss at ``phi``; gradient: the implicit

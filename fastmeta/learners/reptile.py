@@ -135,7 +135,8 @@ class Reptile(nn.Module):
             steps: inner steps ``k >= 1`` (``None``: ``self.steps``).
             loss_fn: per-example loss (``F.cross_entropy``, ``F.mse_loss``, ...; anything
                 :func:`fastmeta.func.task_losses` accepts); each task's loss is its mean.
-            task_chunk: adapt this many tasks at a time (same gradient, bounded memory).
+            task_chunk: adapt this many tasks at a time (same gradient, bounded memory);
+                None or ``"auto"``: all tasks at once.
 
         Returns:
             ``loss`` (value: mean query loss of the adapted parameters; gradient: theta -
