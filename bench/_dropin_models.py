@@ -1,6 +1,7 @@
 """learn2learn's vision models, written the way learn2learn defines them (custom ``forward``s,
 ``Lambda``/``Flatten`` helpers, BatchNorm with running statistics, OmniglotCNN's body registered
-twice), and its clone/adapt training loop (:func:`clone_adapt_loss`), for bench_dropin.py and
+twice), a functional ``Learner`` in the style of the standalone MAML-PyTorch repository, and
+learn2learn's clone/adapt training loop (:func:`clone_adapt_loss`), for bench_dropin.py and
 tests (test_fx_batched, test_tied_modules, test_dropin). Sizes
 (and whether BatchNorm tracks running statistics) are arguments so tests can run them small
 and on every task-batched path; the defaults are learn2learn's.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -149,6 +151,82 @@ def mini_embedding(hidden: int, image_size: int, layers: int = 4) -> int:
     return hidden * s * s
 
 
+class Learner(nn.Module):
+    """The MAML-PyTorch ``Learner`` pattern: a list of ``(name, args)`` layers run by a
+    functional forward over ``vars`` (its own ``ParameterList``, or a list of fast weights),
+    BatchNorm running statistics as ``requires_grad=False`` Parameters in ``vars_bn``, and
+    ``parameters()`` overridden to return ``vars`` only. Layers: ``conv2d [out, in, kh, kw,
+    stride, padding]``, ``linear [out, in]``, ``bn [C]``, ``relu [inplace]``, ``max_pool2d
+    [kernel, stride, padding]``, ``flatten []``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vars = nn.ParameterList()
+        self.vars_bn = nn.ParameterList()
+        for name, a in config:
+            if name in ("conv2d", "linear"):
+                w = nn.Parameter(torch.ones(*(a[:4] if name == "conv2d" else a)))
+                nn.init.kaiming_normal_(w)
+                self.vars.append(w)
+                self.vars.append(nn.Parameter(torch.zeros(a[0])))
+            elif name == "bn":
+                self.vars.append(nn.Parameter(torch.ones(a[0])))
+                self.vars.append(nn.Parameter(torch.zeros(a[0])))
+                self.vars_bn.extend([nn.Parameter(torch.zeros(a[0]), requires_grad=False),
+                                     nn.Parameter(torch.ones(a[0]), requires_grad=False)])
+
+    def forward(self, x, vars=None, bn_training=True):
+        if vars is None:
+            vars = self.vars
+        idx = bn_idx = 0
+        for name, a in self.config:
+            if name == "conv2d":
+                x = F.conv2d(x, vars[idx], vars[idx + 1], stride=a[4], padding=a[5])
+                idx += 2
+            elif name == "linear":
+                x = F.linear(x, vars[idx], vars[idx + 1])
+                idx += 2
+            elif name == "bn":
+                x = F.batch_norm(x, self.vars_bn[bn_idx], self.vars_bn[bn_idx + 1], weight=vars[idx],
+                                 bias=vars[idx + 1], training=bn_training)
+                idx += 2
+                bn_idx += 2
+            elif name == "flatten":
+                x = x.view(x.size(0), -1)
+            elif name == "relu":
+                x = F.relu(x, inplace=a[0])
+            elif name == "max_pool2d":
+                x = F.max_pool2d(x, a[0], a[1], a[2])
+        return x
+
+    def parameters(self):
+        return self.vars
+
+
+def learner_config(dataset: str, n_way: int, hidden: int | None = None) -> list:
+    """MAML-PyTorch's layer lists: ``"miniimagenet"`` (84x84x3: four 3x3 convs of 32 channels
+    without padding, each ReLU -> BatchNorm -> max-pool, a linear head on 32x5x5) and
+    ``"omniglot"`` (28x28x1: four stride-2 convs of 64 channels, ReLU -> BatchNorm, linear on 64).
+    ``hidden`` changes the channel count (small test sizes)."""
+    if dataset == "miniimagenet":
+        c = hidden or 32
+        cfg, cin = [], 3
+        for i in range(4):
+            cfg += [("conv2d", [c, cin, 3, 3, 1, 0]), ("relu", [True]), ("bn", [c]),
+                    ("max_pool2d", [2, 2 if i < 3 else 1, 0])]
+            cin = c
+        return cfg + [("flatten", []), ("linear", [n_way, c * 5 * 5])]
+    if dataset == "omniglot":
+        c = hidden or 64
+        cfg, cin = [], 1
+        for k, st in ((3, 2), (3, 2), (3, 2), (2, 1)):
+            cfg += [("conv2d", [c, cin, k, k, st, 0]), ("relu", [True]), ("bn", [c])]
+            cin = c
+        return cfg + [("flatten", []), ("linear", [n_way, c])]
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
 def clone_adapt_loss(meta, data, steps):
     """Mean query loss of learn2learn's training loop (maml_omniglot.py / maml_miniimagenet.py):
     per task ``clone()``, ``steps`` x ``adapt()`` on the support set, cross-entropy on the query
@@ -163,4 +241,5 @@ def clone_adapt_loss(meta, data, steps):
     return total / sx.shape[0]
 
 
-__all__ = ["ConvBase", "Flatten", "Lambda", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "clone_adapt_loss", "mini_embedding"]
+__all__ = ["ConvBase", "Flatten", "Lambda", "Learner", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "clone_adapt_loss",
+           "learner_config", "mini_embedding"]

@@ -1,5 +1,5 @@
-"""learn2learn's vision models UNMODIFIED: ``fastmeta.MAML(model).meta_loss`` vs the
-learn2learn-style per-task ``clone()``/``adapt()`` loop (through ``fastmeta.MAML.clone/adapt``,
+"""learn2learn's vision models and a MAML-PyTorch-style functional ``Learner``, UNMODIFIED:
+``fastmeta.MAML(model).meta_loss`` vs the learn2learn-style per-task ``clone()``/``adapt()`` loop (through ``fastmeta.MAML.clone/adapt``,
 which runs at learn2learn's speed), second-order MAML, one meta-step (forward + backward).
 
 Method: float64 gate first (meta-gradients of both against each other, relative error
@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
-from _dropin_models import MiniImagenetCNN, OmniglotCNN, OmniglotFC, clone_adapt_loss, mini_embedding
+from _dropin_models import (Learner, MiniImagenetCNN, OmniglotCNN, OmniglotFC, clone_adapt_loss, learner_config,
+                            mini_embedding)
 
 import fastmeta
 from fastmeta.func import auto_task_chunk, task_function
@@ -45,6 +46,10 @@ def make_model(name: str, small: bool):
         if small:
             return MiniImagenetCNN(5, 8, 4, 3, embedding_size=mini_embedding(8, 16)), (3, 16, 16)
         return MiniImagenetCNN(5, 32, 4, 3), (3, 84, 84)  # learn2learn's maml_miniimagenet: hidden 32
+    if name == "Learner-miniimagenet":  # MAML-PyTorch's functional Learner, its mini-ImageNet layers
+        return Learner(learner_config("miniimagenet", 5, 8 if small else None)), (3, 84, 84)
+    if name == "Learner-omniglot":
+        return Learner(learner_config("omniglot", 5, 8 if small else None)), (1, 28, 28)
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -120,7 +125,8 @@ def time_pair(name, steps, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="OmniglotFC,OmniglotCNN,OmniglotCNN-untied,MiniImagenetCNN")
+    p.add_argument("--models", default="OmniglotFC,OmniglotCNN,OmniglotCNN-untied,MiniImagenetCNN,"
+                                        "Learner-omniglot,Learner-miniimagenet")
     p.add_argument("--steps", default="1,5")
     p.add_argument("--threads", default="1", help="comma list; 0 = torch's default")
     p.add_argument("--T", type=int, default=32)

@@ -19,7 +19,7 @@ from torch import nn
 import fastmeta
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-from _dropin_models import clone_adapt_loss  # noqa: E402
+from _dropin_models import Learner, clone_adapt_loss  # noqa: E402
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -34,52 +34,15 @@ CONFIG = [
 ]
 
 
-class Learner(nn.Module):
-    """The MAML-PyTorch ``Learner`` pattern: a functional forward over ``vars`` (or a list of
-    fast weights), BatchNorm running statistics as ``requires_grad=False`` Parameters in
-    ``vars_bn``, and ``parameters()`` returning ``vars`` only."""
-
-    def __init__(self, config=CONFIG):
-        super().__init__()
-        self.config = config
-        self.vars = nn.ParameterList()
-        self.vars_bn = nn.ParameterList()
-        for name, a in config:
-            if name in ("conv2d", "linear"):
-                w = nn.Parameter(torch.ones(*(a[:4] if name == "conv2d" else a)))
-                nn.init.kaiming_normal_(w)
-                self.vars.append(w)
-                self.vars.append(nn.Parameter(0.1 * torch.randn(a[0])))
-            elif name == "bn":
-                self.vars.append(nn.Parameter(1 + 0.1 * torch.randn(a[0])))
-                self.vars.append(nn.Parameter(torch.zeros(a[0])))
-                self.vars_bn.extend([nn.Parameter(torch.zeros(a[0]), requires_grad=False),
-                                     nn.Parameter(torch.ones(a[0]), requires_grad=False)])
-
-    def forward(self, x, vars=None, bn_training=True):
-        if vars is None:
-            vars = self.vars
-        idx = bn_idx = 0
-        for name, a in self.config:
-            if name == "conv2d":
-                x = F.conv2d(x, vars[idx], vars[idx + 1], stride=a[4], padding=a[5])
-                idx += 2
-            elif name == "linear":
-                x = F.linear(x, vars[idx], vars[idx + 1])
-                idx += 2
-            elif name == "bn":
-                x = F.batch_norm(x, self.vars_bn[bn_idx], self.vars_bn[bn_idx + 1], weight=vars[idx],
-                                 bias=vars[idx + 1], training=bn_training)
-                idx += 2
-                bn_idx += 2
-            elif name == "flatten":
-                x = x.view(x.size(0), -1)
-            elif name == "relu":
-                x = F.relu(x, inplace=a[0])
-        return x
-
-    def parameters(self):
-        return self.vars
+def make_learner(cls=Learner):
+    """The Learner at test size, its biases and BatchNorm affine parameters perturbed off their
+    initial 0 / 1 (so every term of the meta-gradient is exercised)."""
+    net = cls(CONFIG)
+    with torch.no_grad():
+        for p in net.vars:
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return net
 
 
 def batch(T=3, n=3, Q=2, seed=0):
@@ -105,7 +68,7 @@ def maml_pytorch_loss(net, data, steps, lr, lrs=None):
 @pytest.mark.parametrize("steps", [1, 2])
 def test_learner_clone_adapt_matches_its_own_loop(steps):
     torch.manual_seed(0)
-    net = Learner().to(DT)
+    net = make_learner().to(DT)
     stats = [s.detach().clone() for s in net.vars_bn]
     wrt = list(net.parameters())
     assert len(wrt) == 10 and len(list(net.named_parameters())) == 14
@@ -121,7 +84,7 @@ def test_learner_clone_adapt_matches_its_own_loop(steps):
 
 def test_learner_metasgd_rates_follow_parameters():
     torch.manual_seed(1)
-    net = Learner().to(DT)
+    net = make_learner().to(DT)
     msgd = fastmeta.MetaSGD(net, lr=0.1)
     assert sorted(msgd.lrs.keys()) == sorted(f"vars-{i}" for i in range(10))  # none for vars_bn
     with torch.no_grad():
@@ -137,25 +100,77 @@ def test_learner_metasgd_rates_follow_parameters():
 
 
 def test_learner_meta_loss_matches_and_backward_keeps_statistics():
+    """The Learner's functional forward (F.conv2d / F.batch_norm / F.linear on its own
+    ParameterList) takes the traced task-batched path; its training-mode batch norm uses each
+    task's batch statistics and leaves the running statistics (vars_bn) alone."""
     torch.manual_seed(2)
-    net = Learner().to(DT)
+    net = make_learner().to(DT)
     maml = fastmeta.MAML(net, lr=0.2)
     data = batch(seed=2)
     wrt = list(net.parameters())
-    with pytest.warns(UserWarning, match="vmap failed"):  # running statistics updated in place
-        res = maml.meta_loss(*data, steps=2)
-    assert maml.task_function().path == "loop"
-    after_forward = [s.detach().clone() for s in net.vars_bn]
+    stats = [s.detach().clone() for s in net.vars_bn]
+    res = maml.meta_loss(*data, steps=2)
+    assert maml.task_function().path == "traced"
+    mapping = "\n".join(maml.task_function().mapping)
+    assert "conv2d(weight=vars.0, bias=vars.1) -> TaskConv2d" in mapping
+    assert "running_mean=vars_bn.0" in mapping and "linear(weight=vars.8, bias=vars.9) -> TaskLinear" in mapping
     g_fast = torch.autograd.grad(res.loss, wrt)
-    # the backward recomputes the inner steps: the statistics must not move a second time
-    for s, s0 in zip(net.vars_bn, after_forward):
+    for s, s0 in zip(net.vars_bn, stats):  # neither the forward nor the backward moved them
         assert torch.equal(s, s0)
-    g_ref = torch.autograd.grad(maml_pytorch_loss(net, data, 2, 0.2), wrt)
-    torch.testing.assert_close(res.loss, maml_pytorch_loss(net, data, 2, 0.2), **TOL)
+    ref = maml_pytorch_loss(net, data, 2, 0.2)
+    g_ref = torch.autograd.grad(ref, wrt)
+    torch.testing.assert_close(res.loss, ref, **TOL)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, **TOL)
     for p in net.parameters():
         assert isinstance(p, nn.Parameter) and p.is_leaf
+
+
+def test_learner_eval_mode_batch_norm_uses_running_statistics():
+    """bn_training=False (MAML-PyTorch's evaluation forward) normalises with vars_bn, per task
+    as the model does on its own."""
+
+    class EvalLearner(Learner):
+        def forward(self, x, vars=None, bn_training=False):
+            return super().forward(x, vars, bn_training)
+
+    torch.manual_seed(3)
+    net = make_learner(EvalLearner).to(DT)
+    with torch.no_grad():
+        for s in net.vars_bn:
+            s.uniform_(0.5, 1.5)
+    fn = fastmeta.func.task_function(net)
+    assert fn.path == "traced"
+    x = torch.randn(3, 4, 1, 8, 8, dtype=DT)
+    want = torch.stack([net(x[t]) for t in range(3)])
+    torch.testing.assert_close(fn(None, x), want, **TOL)
+
+
+def test_functional_forward_refusals():
+    """A parameter used other than as a functional layer's weight, or a weight computed in the
+    forward, keeps the model off the traced path with a reason."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return F.linear(x, self.w) * self.scale
+
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return F.linear(x, 2 * self.w)
+
+    for cls, why in ((Scaled, "reads scale directly"), (Computed, "reads w directly")):
+        fn = fastmeta.func.task_function(cls())
+        assert fn.path != "traced" and why in fn.reason, fn.reason
+
 
 
 class Frozen(nn.Module):

@@ -14,13 +14,20 @@ tasks at once:
   internal layout to each other directly; it is folded into ``[T*N, ...]`` only where a graph
   operation reads it.
 
+* functional layers whose weights are the module's own Parameters -- ``F.conv2d(x, self.w, self.b,
+  stride, padding, dilation, groups)``, ``F.linear(x, w, b)``, ``F.batch_norm(x, running_mean,
+  running_var, weight, bias, training, momentum, eps)``, as in the MAML-PyTorch ``Learner``
+  that indexes its own ``ParameterList`` -- run as the same task-batched layers (a functional
+  batch norm with ``training=True`` uses each task's batch statistics and, like the task
+  layers, does not update the running statistics it is given).
+
 Operations are accepted only when they act on each example separately (elementwise ops, view/
 reshape that keep the first dimension, reductions and indexing over dimensions >= 1, ...):
 anything that could mix the examples of different tasks in one batch (a reduction over all
-dimensions, ``.item()``, a functional batch norm), a parameter or buffer used directly in the
-forward (a ``get_attr`` node: ``F.linear(x, self.weight)``), a leaf without a task-batched
-layer are refused with a reason, and the caller (:class:`fastmeta.func.TaskFunction`) falls
-back to ``torch.func.vmap``. Tied weights are served: every use of a Parameter reachable under
+dimensions, ``.item()``), a parameter or buffer used directly in the forward other than as a
+functional layer's weight (a ``get_attr`` node: ``x * self.scale``), a leaf without a
+task-batched layer are refused with a reason, and the caller
+(:class:`fastmeta.func.TaskFunction`) falls back to ``torch.func.vmap``. Tied weights are served: every use of a Parameter reachable under
 several names reads the per-task tensor of its first name in ``named_parameters()``.
 
 The trace is taken once (at planning time), with every forward argument after the first bound
@@ -39,7 +46,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fastmeta import _malloc
-from fastmeta.nn.task import TaskModule, UnsupportedModuleError
+from fastmeta.nn.task import TaskModule, UnsupportedModuleError, _TaskBatchNorm
 from fastmeta.nn.task_layout import TN, to_tn
 from fastmeta.nn.task_models import to_task_batched
 
@@ -49,6 +56,7 @@ _TUPLE = "batch tuple"  # tuple of such tensors (x.max(dim=1))
 _SIZE = "size"  # x.size() / x.shape of a batch tensor (entry 0 is T*N)
 _B = "T*N"  # the int x.size(0)
 _META = "constant"  # anything else not derived from the examples (ints, dtypes, ...)
+_PARAM = "parameter"  # a parameter or buffer of the module read by the forward (get_attr)
 
 _ELEMENTWISE_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
@@ -80,7 +88,32 @@ _DIM_METHODS = {"mean": 1, "sum": 1, "amax": 1, "amin": 1, "logsumexp": 1, "soft
 _DIM_KW = {F.normalize: "dim", torch.flatten: "start_dim", "flatten": "start_dim", "norm": "dim"}
 _TUPLE_OPS = {torch.max, torch.min, "max", "min"}  # with a dim: (values, indices)
 _META_FUNCS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.floordiv,
-               torch._assert, getattr}
+               torch._assert, getattr, fx._symbolic_trace._assert_is_none}
+
+
+# functional layers taken as task layers when their weights are the module's own Parameters:
+# the signatures their fx nodes are bound with
+
+
+def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+
+
+def _linear(input, weight, bias=None): ...
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                eps=1e-5): ...
+
+
+_FUNCTIONAL = {torch.conv2d: _conv2d, F.linear: _linear, F.batch_norm: _batch_norm}
+
+
+class _AnyBatchNorm(_TaskBatchNorm):
+    """``F.batch_norm``'s task layer: per-sample ``[C]``, ``[C, L]`` or ``[C, H, W]``."""
+
+    _per_sample_dims = (1, 2, 3)
+    _shape_doc = "[T, N, C, *spatial]"
+
 
 
 def _name(target) -> str:
@@ -92,6 +125,74 @@ def _name(target) -> str:
 
 class _Refused(Exception):
     pass
+
+
+def _attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _functional_layer(node, attrs, canonical) -> tuple[TaskModule, tuple, list, str]:
+    """``(layer, keys, covered names, mapping text)`` for a functional-layer node whose weights
+    are the module's Parameters, or raise _Refused."""
+    what = f"{_name(node.target)}"
+    try:
+        bound = inspect.signature(_FUNCTIONAL[node.target]).bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        raise _Refused(f"{what}: {e}") from None
+    if not node.args:
+        raise _Refused(f"{what}: the input must be passed positionally")
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    names = {}
+
+    def tensor(key, parameter):
+        v = a[key]
+        if v is None:
+            return None
+        t = attrs.get(v) if isinstance(v, fx.Node) else None
+        if t is None or (parameter and not isinstance(t, nn.Parameter)):
+            raise _Refused(f"{what}: {key} must be {'a Parameter' if parameter else 'a tensor'} of the module "
+                           f"read in the forward (self.<name>)")
+        names[key] = v.target
+        return t
+
+    for key, v in a.items():
+        if key not in ("input", "weight", "bias", "running_mean", "running_var") and isinstance(v, fx.Node):
+            raise _Refused(f"{what}: {key} is computed in the forward; it must be a constant")
+    w, b = tensor("weight", True), tensor("bias", True)
+    if node.target is F.batch_norm:
+        rm, rv = tensor("running_mean", False), tensor("running_var", False)
+        if (w is None) != (b is None) or (rm is None) != (rv is None):
+            raise _Refused(f"{what}: give both weight and bias (or neither), both running statistics (or neither)")
+        ref = w if w is not None else rm
+        if ref is None:
+            raise _Refused(f"{what} without weights or running statistics: no channel count")
+        plain = nn.BatchNorm1d(ref.shape[0], a["eps"], a["momentum"], affine=w is not None,
+                               track_running_stats=rm is not None, device="meta")
+        plain.weight, plain.bias = w, b
+        plain._buffers.update(running_mean=rm, running_var=rv, num_batches_tracked=None)
+        layer = _AnyBatchNorm.from_module(plain)
+        layer.train(bool(a["training"]))
+    elif w is None:
+        raise _Refused(f"{what} without a weight")
+    elif node.target is torch.conv2d:
+        g = a["groups"]
+        plain = nn.Conv2d(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), a["stride"], a["padding"],
+                          a["dilation"], g, bias=b is not None, device="meta")
+        plain.weight, plain.bias = w, b
+        layer = to_task_batched(plain)
+    else:
+        plain = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        plain.weight, plain.bias = w, b
+        layer = to_task_batched(plain)
+    keys = tuple((own, canonical[id(p)]) for own, p in layer._parameters.items() if p is not None)
+    covered = [canonical[id(attrs[t])] for k, t in a.items()
+               if k in ("running_mean", "running_var") and isinstance(t, fx.Node) and id(attrs[t]) in canonical]
+    args = ", ".join(f"{k}={v}" for k, v in names.items())
+    return layer, keys, covered, f"{what}({args}) -> {type(layer).__name__}({layer.extra_repr()})"
 
 
 class NotPerExampleError(ValueError):
@@ -225,6 +326,8 @@ class TracedTaskModel:
                 env[node.out] = x.reshape(B, *x.shape[2:])
             elif st.op == "const":
                 env[node.out] = node.args[0] if node.args else None
+            elif st.op == "param":  # read by the functional layers that follow, as their weights
+                continue
             else:  # output
                 v = env[node.args[0]]
                 if isinstance(v, _Lazy):
@@ -373,6 +476,7 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
     # twice): every use reads the per-task tensor of its first name, so it is adapted once per
     # task and its gradient sums over the uses
     canonical = {id(p): n for n, p in module.named_parameters()}
+    attrs: dict = {}  # get_attr node -> the tensor it reads
     kinds: dict = {}
     steps, mapping = [], []
     covered = set()
@@ -385,8 +489,12 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
             mapping.append(f"{node.name}: input [T, N, ...] -> [T*N, ...]" if placeholders == 1
                            else f"{node.name}: bound to {node.args[0] if node.args else None!r}")
         elif node.op == "get_attr":
-            raise _Refused(f"the forward reads {node.target} directly (a parameter or buffer used outside "
-                           f"its module, e.g. F.linear(x, self.weight))")
+            t = _attr(module, node.target)
+            if not isinstance(t, torch.Tensor):
+                raise _Refused(f"the forward reads {node.target} ({type(t).__name__}), not a parameter or buffer")
+            attrs[node], kinds[node] = t, _PARAM
+            steps.append(_Step(node, "param"))
+            mapping.append(f"{node.name}: reads {node.target}")
         elif node.op == "call_module":
             leaf = module.get_submodule(node.target)
             if len(node.args) != 1 or node.kwargs or kinds.get(node.args[0]) != _BATCH:
@@ -401,7 +509,20 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
             kinds[node] = _BATCH
             mapping.append(f"{node.target}: {type(leaf).__name__} -> {type(layer).__name__}"
                            + (f"({layer.extra_repr()})" if layer.extra_repr() else ""))
+        elif (node.op == "call_function" and node.target in _FUNCTIONAL and node.args
+              and kinds.get(node.args[0]) == _BATCH):
+            layer, keys, stats, text = _functional_layer(node, attrs, canonical)
+            covered.update(full for _, full in keys)
+            covered.update(stats)
+            steps.append(_Step(node, "layer", layer, f"{node.name}.", keys))
+            kinds[node] = _BATCH
+            mapping.append(f"{node.name}: {text}")
         elif node.op in ("call_function", "call_method"):
+            read = [a.target for a in node.all_input_nodes if kinds.get(a) == _PARAM]
+            if read:
+                raise _Refused(f"the forward reads {read[0]} directly in {node.op} {_name(node.target)} (a "
+                               f"parameter or buffer used outside its module and outside F.conv2d / F.linear / "
+                               f"F.batch_norm, e.g. x * self.scale)")
             kinds[node] = _kind(node, kinds)
             steps.append(_Step(node, "call", layout_free=kinds[node] == _BATCH and node.target in _LAYOUT_FREE))
             mapping.append(f"{node.name}: {node.op} {_name(node.target)} (kept; {kinds[node]})")
