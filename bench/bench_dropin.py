@@ -82,7 +82,7 @@ def gate(name, steps, args) -> float:
     model, shape = make_model(name, args.small)
     model = model.double()
     data = episode(args.gate_tasks, args.ways, args.shots, args.query, shape, torch.float64, seed=1)
-    maml = fastmeta.MAML(model, lr=args.lr)
+    maml = fastmeta.MAML(model, lr=inner_lr(name, args))
     chunk = chunk_of(maml, data, steps)
     if chunk:
         print(f"gate {name} k={steps}: meta_loss runs {args.gate_tasks} tasks in chunks of {chunk}")
@@ -90,6 +90,12 @@ def gate(name, steps, args) -> float:
     b = clone_adapt_step(maml, data, steps)
     floor = 1e-4 * torch.cat([y.flatten() for y in b]).norm()
     return max(((x - y).norm() / torch.maximum(y.norm(), floor)).item() for x, y in zip(a, b))
+
+
+def inner_lr(name, args) -> float:
+    if args.lr is not None:
+        return args.lr
+    return 0.01 if name == "Learner-miniimagenet" else 0.4
 
 
 def chunk_of(maml, data, steps):
@@ -101,7 +107,7 @@ def chunk_of(maml, data, steps):
 def time_pair(name, steps, args):
     torch.manual_seed(0)
     model, shape = make_model(name, args.small)
-    maml = fastmeta.MAML(model, lr=args.lr)
+    maml = fastmeta.MAML(model, lr=inner_lr(name, args))
     data = episode(args.T, args.ways, args.shots, args.query, shape, torch.float32, seed=2)
     fns = {k: (lambda f=f: f(maml, data, steps)) for k, f in IMPLS.items()}
     for _ in range(args.warmup):  # warm-up (plans the task function; the heap reaches its peak)
@@ -133,7 +139,9 @@ def main(argv=None):
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--query", type=int, default=1, help="query examples per class (learn2learn's examples: shots)")
-    p.add_argument("--lr", type=float, default=0.4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="inner lr (default: 0.4 as learn2learn's examples; Learner-miniimagenet 0.01 as "
+                        "MAML-PyTorch's mini-ImageNet run, where 0.4 diverges: query loss 240 after 5 steps)")
     p.add_argument("--gate-tasks", type=int, default=3,
                    help="tasks of the float64 gate (3: MiniImagenetCNN's meta_loss then runs in chunks of 2 + 1)")
     p.add_argument("--budget", type=float, default=3.0, help="seconds of interleaved rounds per configuration")
@@ -167,7 +175,7 @@ def main(argv=None):
                              f"{l2l['median_ms']:.1f} [{l2l['p20_ms']:.1f}-{l2l['p80_ms']:.1f}]",
                              f"{speed:.2f}x", f"{cfm['median_ms']:.1f} / {cl2l['median_ms']:.1f}",
                              f"{cspeed:.2f}x", f"{err:.1e}"])
-                records.append(dict(model=name, steps=steps, n_threads=nthr, T=args.T, ways=args.ways,
+                records.append(dict(model=name, steps=steps, n_threads=nthr, T=args.T, ways=args.ways, lr=inner_lr(name, args),
                                     shots=args.shots, query=args.query, small=args.small, path=path,
                                     fastmeta=fm, clone_adapt=l2l, speedup=speed, fastmeta_cpu=cfm,
                                     clone_adapt_cpu=cl2l, cpu_speedup=cspeed, gate_rel_err=err))

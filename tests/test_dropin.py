@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (name, args) as the standalone MAML-PyTorch repository's Learner takes them (small here)
 CONFIG = [
-    ("conv2d", [4, 1, 3, 3, 2, 1]), ("bn", [4]), ("relu", [True]),
+    ("conv2d", [4, 1, 3, 3, 1, 1]), ("bn", [4]), ("relu", [True]), ("max_pool2d", [2, 2, 0]),
     ("conv2d", [4, 4, 3, 3, 2, 1]), ("bn", [4]), ("relu", [True]),
     ("flatten", []), ("linear", [3, 16]),
 ]
@@ -114,6 +114,7 @@ def test_learner_meta_loss_matches_and_backward_keeps_statistics():
     mapping = "\n".join(maml.task_function().mapping)
     assert "conv2d(weight=vars.0, bias=vars.1) -> TaskConv2d" in mapping
     assert "running_mean=vars_bn.0" in mapping and "linear(weight=vars.8, bias=vars.9) -> TaskLinear" in mapping
+    assert "max_pool2d -> TaskMaxPool2d" in mapping
     g_fast = torch.autograd.grad(res.loss, wrt)
     for s, s0 in zip(net.vars_bn, stats):  # neither the forward nor the backward moved them
         assert torch.equal(s, s0)

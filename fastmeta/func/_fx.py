@@ -19,7 +19,8 @@ tasks at once:
   running_var, weight, bias, training, momentum, eps)``, as in the MAML-PyTorch ``Learner``
   that indexes its own ``ParameterList`` -- run as the same task-batched layers (a functional
   batch norm with ``training=True`` uses each task's batch statistics and, like the task
-  layers, does not update the running statistics it is given).
+  layers, does not update the running statistics it is given); so do ``F.max_pool2d`` and
+  ``F.avg_pool2d`` (staying in the layout of the conv layers around them).
 
 Operations are accepted only when they act on each example separately (elementwise ops, view/
 reshape that keep the first dimension, reductions and indexing over dimensions >= 1, ...):
@@ -105,7 +106,17 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
                 eps=1e-5): ...
 
 
+def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False): ...
+
+
+def _avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                divisor_override=None): ...
+
+
 _FUNCTIONAL = {torch.conv2d: _conv2d, F.linear: _linear, F.batch_norm: _batch_norm}
+# functional pools run as task layers (in the conv run's own layout, no fold to [T*N, ...] and
+# back); one they cannot take (return_indices=True) stays a kept per-example operation
+_FUNCTIONAL_POOLS = {F.max_pool2d: _max_pool2d, F.avg_pool2d: _avg_pool2d}
 
 
 class _AnyBatchNorm(_TaskBatchNorm):
@@ -132,6 +143,23 @@ def _attr(module: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _functional_pool(node) -> tuple[TaskModule, str] | None:
+    """``(layer, mapping text)`` for ``F.max_pool2d`` / ``F.avg_pool2d`` on the examples with
+    constant arguments, or None (then it is kept as a per-example operation)."""
+    try:
+        bound = inspect.signature(_FUNCTIONAL_POOLS[node.target]).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    a.pop("input")
+    if any(isinstance(v, fx.Node) for v in a.values()) or a.pop("return_indices", False):
+        return None
+    plain = nn.MaxPool2d(**a) if node.target is F.max_pool2d else nn.AvgPool2d(**a)
+    layer = to_task_batched(plain)
+    return layer, f"{_name(node.target)} -> {type(layer).__name__}({layer.extra_repr()})"
 
 
 def _functional_layer(node, attrs, canonical) -> tuple[TaskModule, tuple, list, str]:
@@ -517,6 +545,11 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
             steps.append(_Step(node, "layer", layer, f"{node.name}.", keys))
             kinds[node] = _BATCH
             mapping.append(f"{node.name}: {text}")
+        elif (node.op == "call_function" and node.target in _FUNCTIONAL_POOLS and node.args
+              and kinds.get(node.args[0]) == _BATCH and (pool := _functional_pool(node)) is not None):
+            steps.append(_Step(node, "layer", pool[0], f"{node.name}.", ()))
+            kinds[node] = _BATCH
+            mapping.append(f"{node.name}: {pool[1]}")
         elif node.op in ("call_function", "call_method"):
             read = [a.target for a in node.all_input_nodes if kinds.get(a) == _PARAM]
             if read:
