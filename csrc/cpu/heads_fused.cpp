@@ -284,10 +284,72 @@ at::Tensor prototypes_fused(const at::Tensor& support, const at::Tensor& labels,
   return Prototypes::apply(support, labels.contiguous(), n_way)[0];
 }
 
+// ---- accuracy -------------------------------------------------------------------------------
+
+// correct[r] = (first index of the row's maximum == labels[r]) for logits [R, C] (rows of a
+// contiguous [..., C] tensor), as logits.max(-1).indices == labels (a NaN is the maximum; the
+// first of equal maxima wins). ATen's max over a short last dimension walks it as a strided
+// reduction: 137 us at [32, 100, 20] on one thread, against ~5 us here.
+template <typename T>
+void correct_rows(const T* x, const int64_t* y, T* out, int64_t R, int64_t C) {
+  at::parallel_for(0, R, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = x + r * C;
+      const int64_t label = y[r];
+      // the row's maximum and whether it holds a NaN, branch-free (vectorised)
+      T m = row[0];
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t j = 0; j < C; ++j) {
+        m = row[j] > m ? row[j] : m;
+        nan |= row[j] != row[j];
+      }
+      bool ok;
+      if (nan) {  // the first NaN is the maximum
+        int64_t first = 0;
+        while (!std::isnan(row[first])) ++first;
+        ok = first == label;
+      } else if (label < 0 || label >= C || !(row[label] == m)) {
+        ok = false;
+      } else {  // the label holds the maximum: correct unless an earlier class ties it
+        int earlier = 0;
+#pragma omp simd reduction(| : earlier)
+        for (int64_t j = 0; j < label; ++j) earlier |= row[j] == m;
+        ok = !earlier;
+      }
+      out[r] = ok ? T(1) : T(0);
+    }
+  });
+}
+
+at::Tensor argmax_correct(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu() && logits.layout() == at::kStrided,
+              "fastmeta_cpp::argmax_correct: CPU strided tensors only");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+              "fastmeta_cpp::argmax_correct: float32/float64 logits, got ", logits.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "fastmeta_cpp::argmax_correct: int64 labels, got ",
+              labels.scalar_type());
+  TORCH_CHECK(logits.dim() == labels.dim() + 1 && logits.size(-1) > 0 &&
+                  logits.sizes().slice(0, labels.dim()) == labels.sizes(),
+              "fastmeta_cpp::argmax_correct: logits ", logits.sizes(), " must be labels' shape ",
+              labels.sizes(), " plus a non-empty class dimension");
+  at::NoGradGuard no_grad;
+  const at::Tensor x = logits.detach().contiguous(), y = labels.contiguous();
+  at::Tensor out = at::empty(labels.sizes(), x.options());
+  const int64_t C = x.size(-1), R = y.numel();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "argmax_correct", [&] {
+    correct_rows<scalar_t>(x.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(),
+                           out.mutable_data_ptr<scalar_t>(), R, C);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 
 void bind_heads(pybind11::module_& m) {
+  m.def("argmax_correct", &cpu::argmax_correct,
+        "(logits [..., C].max(-1).indices == labels) as logits' dtype, no grad. CPU, float32/float64.");
   m.def("proto_loss_fused", &cpu::proto_loss_fused,
         "proto_loss (loss, acc) in one call: query, protos, labels, metric (0 sqeuclidean, "
         "1 cosine), scale, eps, reduction (0 mean, 1 sum, 2 none). CPU, float32/float64.");

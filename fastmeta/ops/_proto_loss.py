@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, call_fused, eager_cpu, learnable, nll_accuracy
+from fastmeta.ops._loss import EPS, REDUCTIONS, acc_dtype, argmax_correct, call_fused, eager_cpu, learnable, nll_accuracy
 
 _STEM = "proto_loss"
 METRICS = {"sqeuclidean": 0, "cosine": 1}
@@ -105,8 +105,7 @@ def _proto_loss_composite(query, protos, labels, metric, scale, reduction):
         pp = (protos * protos).sum(-1).unsqueeze(1)  # [B,1,N]
         logits = torch.baddbmm(pp, query, protos.transpose(1, 2), beta=-scale, alpha=2.0 * scale)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
-    # max().indices is the first maximum, like argmax, and faster for a short last dimension
-    correct = (logits.detach().max(-1).indices == labels).to(query.dtype)
+    correct = argmax_correct(logits, labels).to(query.dtype)
     if reduction == "none":
         return loss.view(labels.shape), correct
     return loss, correct.mean()

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import checks, registry
-from fastmeta.ops._loss import call_fused, eager_cpu
+from fastmeta import _ext
+from fastmeta.ops._loss import _FUSED_DTYPES, _PLAIN, plain_call
 
 _STEM = "prototypes"
 registry.register(
@@ -118,13 +119,18 @@ def prototypes(
         onehot = F.one_hot(support_labels, n_way).to(support.dtype)       # [B,S,N]
         protos = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
     """
-    if backend is None and type(n_way) is int and eager_cpu(support, support, 1.0):
+    if (backend is None and type(n_way) is int and type(support) in _PLAIN and support.dtype in _FUSED_DTYPES
+            and support.numel() > 0 and plain_call()):
         # one call (fastmeta._C.prototypes_fused: the cpp kernel and a C++ autograd node, no
-        # custom-op dispatch; label dtype, shape, range and every class's presence checked in
-        # C++). A call it rejects goes through the checks below, which say what is wrong.
-        out = call_fused("prototypes_fused", support, support_labels, n_way)
-        if out is not None:
-            return out
+        # custom-op dispatch; support's device and rank, the labels' dtype, shape and
+        # range and every class's presence checked in C++). A call it rejects goes through the
+        # checks below, which say what is wrong. (The lean pre-check: ~0.5 us of a ~6 us call.)
+        fused = _ext.entry("prototypes_fused")
+        if fused is not None:
+            try:
+                return fused(support, support_labels, n_way)
+            except (RuntimeError, TypeError):
+                pass
     checks.float_tensor("support", support, 3, "[B, S, D]")
     n_way = checks.n_way_value(n_way)
     labels = checks.label_tensor("support_labels", support_labels, support.shape[:2], "[B, S]")
