@@ -97,6 +97,39 @@ def test_conv2d(kw):
     check_module(plain, torch.randn(T, 2, 4, 7, 7, dtype=D))
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"kernel_size": 3, "padding": 1}, {"kernel_size": 3, "stride": 2, "groups": 2, "bias": False},
+     {"kernel_size": 2, "dilation": 2, "padding": "same"}],
+    ids=["k3p1", "s2g2nobias", "dilated_same"],
+)
+def test_conv1d(kw):
+    plain = nn.Conv1d(4, 6, **kw).to(D)
+    check_module(plain, torch.randn(T, 2, 4, 9, dtype=D))
+
+
+def test_conv1d_stack_with_batchnorm_and_a_custom_forward():
+    """Conv1d -> BatchNorm1d -> ReLU -> Conv1d in NT layout end to end, and on the traced path."""
+    plain = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Conv1d(4, 3, 3, stride=2), nn.Flatten()).to(D)
+    check_module(plain, torch.randn(T, 5, 2, 8, dtype=D))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = plain
+
+        def forward(self, x):
+            return self.body(x.view(x.size(0), 2, -1)) * 0.5
+
+    from fastmeta.func import task_function
+    net = Net()
+    fn = task_function(net)
+    assert fn.path == "traced"
+    x = torch.randn(T, 5, 16, dtype=D)
+    assert_same_derivatives(fn, lambda p, xx: loop_ref(net, p, xx), task_params(net), x)
+
+
 @pytest.mark.parametrize("shape", [(5, 4), (5, 4, 3)], ids=["NC", "NCL"])
 def test_batchnorm1d_train(shape):
     plain = nn.BatchNorm1d(4).to(D)

@@ -13,6 +13,7 @@ from fastmeta.nn.task import (
     TaskAvgPool2d,
     TaskBatchNorm1d,
     TaskBatchNorm2d,
+    TaskConv1d,
     TaskConv2d,
     TaskDropout,
     TaskFlatten,

@@ -82,6 +82,7 @@ __all__ = [
     "TaskAvgPool2d",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
+    "TaskConv1d",
     "TaskConv2d",
     "TaskDropout",
     "TaskFlatten",
@@ -238,6 +239,63 @@ class TaskConv2d(TaskModule):
             out = GroupedConvFunction.apply(h, w, b, (pair(self.stride), pair(self.padding), pair(self.dilation),
                                                self.groups * T))
         return out, NT
+
+
+class TaskConv1d(TaskModule):
+    """1-D convolution with per-task weights: ``x [T, N, C, L] -> [T, N, O, L']``.
+
+    One grouped ``F.conv1d`` (``groups = T * groups``) on the ``[N, T*C, L]`` layout.
+    ``params``: ``weight [T, O, C/groups, k]``, ``bias [T, O]``. Only ``padding_mode='zeros'``.
+
+    Equivalent PyTorch code::
+
+        torch.stack([F.conv1d(x[t], weight[t], bias[t], stride, padding, dilation, groups)
+                     for t in range(T)])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, device=None, dtype=None):
+        super().__init__()
+        self._adopt(nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              device=device, dtype=dtype))
+
+    def _adopt(self, m: nn.Conv1d) -> None:
+        self.in_channels, self.out_channels = m.in_channels, m.out_channels
+        self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
+        self.dilation, self.groups = m.dilation, m.groups
+        self.weight, self.bias = m.weight, m.bias
+
+    @classmethod
+    def from_module(cls, m: nn.Conv1d) -> TaskConv1d:
+        if m.padding_mode != "zeros":
+            raise UnsupportedModuleError(f"Conv1d with padding_mode={m.padding_mode!r} (only 'zeros' is task-batched)")
+        self = cls.__new__(cls)
+        TaskModule.__init__(self)
+        self._adopt(m)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+
+    def _task_forward(self, h, params, T, layout, prefix):
+        C = self.in_channels
+        if (layout == TN and (h.dim() != 4 or h.shape[2] != C)) or (layout == NT and (h.dim() != 3 or h.shape[1] != T * C)):
+            shown = tuple(to_tn(h, layout, T).shape)
+            raise ValueError(f"x for {prefix or 'TaskConv1d'} must have shape [T, N, {C}, L], got {shown}")
+        p = own_params(self, params, T, prefix)
+        w, wb = p["weight"]
+        b, bb = p.get("bias", (None, False))
+        cfg = (self.stride, self.padding, self.dilation)
+        if not wb and not bb:  # shared weights: one conv over the T*N examples
+            h = to_tn(h, layout, T)
+            out = F.conv1d(h.flatten(0, 1), w, b, *cfg, self.groups)
+            return out.unflatten(0, (T, h.shape[1])), TN
+        h = to_nt(h, layout, T)
+        w = batched(w, wb, T).flatten(0, 1)
+        if b is not None:
+            b = batched(b, bb, T).flatten()
+        return F.conv1d(h, w, b, *cfg, self.groups * T), NT
 
 
 class _TaskBatchNorm(TaskModule):

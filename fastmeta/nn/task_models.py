@@ -18,6 +18,7 @@ from fastmeta.nn.task import (
     TaskAvgPool2d,
     TaskBatchNorm1d,
     TaskBatchNorm2d,
+    TaskConv1d,
     TaskConv2d,
     TaskDropout,
     TaskFlatten,
@@ -138,6 +139,7 @@ def _act(name):
 
 _CONVERTERS = {
     nn.Linear: TaskLinear.from_module,
+    nn.Conv1d: TaskConv1d.from_module,
     nn.Conv2d: TaskConv2d.from_module,
     nn.BatchNorm1d: TaskBatchNorm1d.from_module,
     nn.BatchNorm2d: TaskBatchNorm2d.from_module,
@@ -200,7 +202,7 @@ def _convert(m: nn.Module, path: str) -> TaskModule:
 def to_task_batched(module: nn.Module) -> TaskModule:
     """Convert ``module`` into the task-batched layers of :mod:`fastmeta.nn.task`.
 
-    Supported: Linear, Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, GroupNorm,
+    Supported: Linear, Conv1d/Conv2d (padding_mode='zeros'), BatchNorm1d/2d, LayerNorm, GroupNorm,
     ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Identity, MaxPool2d (no return_indices), AvgPool2d, Flatten
     (start_dim >= 1), Dropout and (nested) Sequential whose forward is not overridden; task
     modules are returned as they are. The result holds the SAME Parameter and buffer objects
