@@ -166,7 +166,52 @@ class TaskLinear(TaskModule):
         return out, TN
 
 
-class TaskConv2d(TaskModule):
+class _TaskConv(TaskModule):
+    """What TaskConv1d and TaskConv2d share: the configuration of the plain conv they adopt, its
+    repr, and the input check (``_spatial`` spatial dimensions per sample)."""
+
+    _spatial = 2
+    _shape_doc = "H, W"
+    _plain = nn.Conv2d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, device=None, dtype=None):
+        super().__init__()
+        conv = self._plain(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           device=device, dtype=dtype)
+        self._copy_config(conv)
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def _copy_config(self, m) -> None:
+        self.in_channels, self.out_channels = m.in_channels, m.out_channels
+        self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
+        self.dilation, self.groups = m.dilation, m.groups
+
+    @classmethod
+    def from_module(cls, m):
+        if m.padding_mode != "zeros":
+            raise UnsupportedModuleError(f"{type(m).__name__} with padding_mode={m.padding_mode!r} (only 'zeros' "
+                                         f"is task-batched)")
+        self = cls.__new__(cls)
+        TaskModule.__init__(self)
+        self._copy_config(m)
+        self.weight, self.bias = m.weight, m.bias
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+
+    def _check_input(self, h, T, layout, prefix) -> None:
+        C, d = self.in_channels, self._spatial
+        if (layout == TN and (h.dim() != d + 3 or h.shape[2] != C)) or \
+                (layout == NT and (h.dim() != d + 2 or h.shape[1] != T * C)):
+            shown = tuple(to_tn(h, layout, T).shape)
+            raise ValueError(f"x for {prefix or type(self).__name__} must have shape [T, N, {C}, {self._shape_doc}], "
+                             f"got {shown}")
+
+
+class TaskConv2d(_TaskConv):
     """2-D convolution with per-task weights: ``x [T, N, C, H, W] -> [T, N, O, H', W']``.
 
     One grouped ``F.conv2d`` (``groups = T * groups``) on the ``[N, T*C, H, W]`` layout.
@@ -179,38 +224,9 @@ class TaskConv2d(TaskModule):
                      for t in range(T)])
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, device=None, dtype=None):
-        super().__init__()
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         device=device, dtype=dtype)
-        self._copy_config(conv)
-        self.weight, self.bias = conv.weight, conv.bias
-
-    def _copy_config(self, m: nn.Conv2d) -> None:
-        self.in_channels, self.out_channels = m.in_channels, m.out_channels
-        self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
-        self.dilation, self.groups = m.dilation, m.groups
-
-    @classmethod
-    def from_module(cls, m: nn.Conv2d) -> TaskConv2d:
-        if m.padding_mode != "zeros":
-            raise UnsupportedModuleError(f"Conv2d with padding_mode={m.padding_mode!r} (only 'zeros' is task-batched)")
-        self = cls.__new__(cls)
-        TaskModule.__init__(self)
-        self._copy_config(m)
-        self.weight, self.bias = m.weight, m.bias
-        return self
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
-
     def _task_forward(self, h, params, T, layout, prefix):
         C = self.in_channels
-        if (layout == TN and (h.dim() != 5 or h.shape[2] != C)) or (layout == NT and (h.dim() != 4 or h.shape[1] != T * C)):
-            shown = tuple(to_tn(h, layout, T).shape)
-            raise ValueError(f"x for {prefix or 'TaskConv2d'} must have shape [T, N, {C}, H, W], got {shown}")
+        self._check_input(h, T, layout, prefix)
         p = own_params(self, params, T, prefix)
         w, wb = p["weight"]
         b, bb = p.get("bias", (None, False))
@@ -241,7 +257,7 @@ class TaskConv2d(TaskModule):
         return out, NT
 
 
-class TaskConv1d(TaskModule):
+class TaskConv1d(_TaskConv):
     """1-D convolution with per-task weights: ``x [T, N, C, L] -> [T, N, O, L']``.
 
     One grouped ``F.conv1d`` (``groups = T * groups``) on the ``[N, T*C, L]`` layout.
@@ -253,36 +269,12 @@ class TaskConv1d(TaskModule):
                      for t in range(T)])
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, device=None, dtype=None):
-        super().__init__()
-        self._adopt(nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                              device=device, dtype=dtype))
-
-    def _adopt(self, m: nn.Conv1d) -> None:
-        self.in_channels, self.out_channels = m.in_channels, m.out_channels
-        self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
-        self.dilation, self.groups = m.dilation, m.groups
-        self.weight, self.bias = m.weight, m.bias
-
-    @classmethod
-    def from_module(cls, m: nn.Conv1d) -> TaskConv1d:
-        if m.padding_mode != "zeros":
-            raise UnsupportedModuleError(f"Conv1d with padding_mode={m.padding_mode!r} (only 'zeros' is task-batched)")
-        self = cls.__new__(cls)
-        TaskModule.__init__(self)
-        self._adopt(m)
-        return self
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+    _spatial = 1
+    _shape_doc = "L"
+    _plain = nn.Conv1d
 
     def _task_forward(self, h, params, T, layout, prefix):
-        C = self.in_channels
-        if (layout == TN and (h.dim() != 4 or h.shape[2] != C)) or (layout == NT and (h.dim() != 3 or h.shape[1] != T * C)):
-            shown = tuple(to_tn(h, layout, T).shape)
-            raise ValueError(f"x for {prefix or 'TaskConv1d'} must have shape [T, N, {C}, L], got {shown}")
+        self._check_input(h, T, layout, prefix)
         p = own_params(self, params, T, prefix)
         w, wb = p["weight"]
         b, bb = p.get("bias", (None, False))
