@@ -157,8 +157,11 @@ def _functional_pool(node) -> tuple[TaskModule, str] | None:
     a.pop("input")
     if any(isinstance(v, fx.Node) for v in a.values()) or a.pop("return_indices", False):
         return None
-    plain = nn.MaxPool2d(**a) if node.target is F.max_pool2d else nn.AvgPool2d(**a)
-    layer = to_task_batched(plain)
+    try:
+        plain = nn.MaxPool2d(**a) if node.target is F.max_pool2d else nn.AvgPool2d(**a)
+        layer = to_task_batched(plain)
+    except (TypeError, ValueError):  # arguments the module form does not take: keep the call
+        return None
     return layer, f"{_name(node.target)} -> {type(layer).__name__}({layer.extra_repr()})"
 
 
@@ -539,7 +542,10 @@ def _build(module: nn.Module, graph: fx.Graph) -> TracedTaskModel:
                            + (f"({layer.extra_repr()})" if layer.extra_repr() else ""))
         elif (node.op == "call_function" and node.target in _FUNCTIONAL and node.args
               and kinds.get(node.args[0]) == _BATCH):
-            layer, keys, stats, text = _functional_layer(node, attrs, canonical)
+            try:
+                layer, keys, stats, text = _functional_layer(node, attrs, canonical)
+            except (TypeError, ValueError) as e:  # arguments the module form rejects (UnsupportedModuleError too)
+                raise _Refused(f"{_name(node.target)}: {e}") from None
             covered.update(full for _, full in keys)
             covered.update(stats)
             steps.append(_Step(node, "layer", layer, f"{node.name}.", keys))

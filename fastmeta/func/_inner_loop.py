@@ -266,8 +266,8 @@ CHUNK_STEP_MB = 128
 """Target size (MiB) of one chunk's inner-step graph for :func:`auto_task_chunk`: on this
 repository's 2-core CPU, learn2learn's MiniImagenetCNN (28 MB of saved tensors per task and
 step at 5-way 1-shot) ran its T=32 second-order meta-step fastest in chunks of 2-8 tasks
-(55-220 MB per step; 1.4x faster than one chunk of 32 at k=1, 2x at k=5, where one chunk's
-five graphs no longer fit the keep budget): ``bench/results/dropin.md``."""
+(55-220 MB per step; 1.16x faster than one chunk of 32 at k=1, 1.9x at k=5, where one
+chunk's five graphs no longer fit the keep budget): ``bench/results/dropin.md``."""
 
 _STEP_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # TaskFunction -> {key: bytes per task}
 

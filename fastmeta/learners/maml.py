@@ -105,7 +105,7 @@ class _GradientLearner(nn.Module):
                 loss is differentiable once). ``"auto"`` (default): chunks where the inner
                 loop keeps its step graphs (CPU, second order) and one chunk's graphs would
                 be large (:func:`fastmeta.func.auto_task_chunk`; learn2learn's
-                MiniImagenetCNN at T=32 runs in chunks of 4, 1.4-2x faster than at once),
+                MiniImagenetCNN at T=32 runs in chunks of 4, 1.2-1.9x faster than at once),
                 else all tasks at once. None: all tasks at once.
 
         Returns:
