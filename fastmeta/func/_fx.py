@@ -168,7 +168,7 @@ def _functional_pool(node) -> tuple[TaskModule, str] | None:
 def _functional_layer(node, attrs, canonical) -> tuple[TaskModule, tuple, list, str]:
     """``(layer, keys, covered names, mapping text)`` for a functional-layer node whose weights
     are the module's Parameters, or raise _Refused."""
-    what = f"{_name(node.target)}"
+    what = _name(node.target)
     try:
         bound = inspect.signature(_FUNCTIONAL[node.target]).bind(*node.args, **node.kwargs)
     except TypeError as e:

@@ -5,7 +5,6 @@ layers)."""
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -33,21 +32,17 @@ def call_fused(name: str, *args):
         return None
 
 
-def eager_cpu(x: torch.Tensor, other: torch.Tensor | None, scale) -> bool:
-    """True when a head op may take its one-call C++ entry point: ``x`` and ``other`` (None: ``x``
-    alone) plain (no subclass) non-empty 3-D float32/float64 CPU tensors of one dtype, a
-    python-number ``scale``, no backend forced through ``FASTMETA_BACKEND``, and nothing tracing or
-    transforming the call (torch.compile, functorch transforms such as vmap, torch function or
-    dispatch modes). O(1), no tensor ops, about 0.5 us: everything else (shapes, labels, their
-    range, devices) is checked by the C++ side, and a call it rejects is re-run through the full
-    checks, which say what is wrong."""
-    if other is None:
-        other = x
+def eager_cpu(x: torch.Tensor, other: torch.Tensor, scale) -> bool:
+    """True when a head loss may take its one-call C++ entry point: ``x`` and ``other`` plain
+    (no subclass) non-empty 3-D float32/float64 CPU tensors of one dtype, a python-number
+    ``scale``, and :func:`plain_call`. O(1), no tensor ops (under 1 us): everything else
+    (shapes, labels, their range, devices) is checked by the C++ side, and a call it rejects is
+    re-run through the full checks, which say what is wrong."""
     return (
         type(x) in _PLAIN and type(other) in _PLAIN
         and x.dtype in _FUSED_DTYPES and other.dtype is x.dtype
         and x.dim() == 3 and other.dim() == 3
-        and x.is_cpu and x.numel() > 0 and (other is x or other.numel() > 0)
+        and x.is_cpu and x.numel() > 0 and other.numel() > 0
         and (type(scale) is float or type(scale) is int)
         and plain_call()
     )
@@ -58,24 +53,9 @@ def plain_call() -> bool:
     call (functorch transforms, torch function or dispatch modes, torch.compile)."""
     # is_compiling() first: under torch.compile it is a constant True and dynamo never traces
     # the other calls (which it cannot put into a graph)
-    return not (torch.compiler.is_compiling() or _backend_forced()
+    return not (torch.compiler.is_compiling() or registry.env_backend()
                 or torch._C._are_functorch_transforms_active() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._len_torch_dispatch_stack())
-
-
-try:  # FASTMETA_BACKEND as os.environ stores it: one dict lookup per call instead of os.environ.get's
-    # key encoding (0.04 us vs 0.66 us, a tenth of a one-episode prototypes call)
-    _ENV_KEY = os.environ.encodekey(registry.ENV_VAR)
-except AttributeError:  # pragma: no cover - an os.environ without encodekey
-    _ENV_KEY = None
-
-
-def _backend_forced() -> bool:
-    """True when ``FASTMETA_BACKEND`` is set (non-empty), read from ``os.environ`` as it is now."""
-    data = getattr(os.environ, "_data", None)
-    if _ENV_KEY is not None and type(data) is dict:
-        return bool(data.get(_ENV_KEY))
-    return bool(os.environ.get(registry.ENV_VAR))  # pragma: no cover
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,12 +75,9 @@ def argmax_correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     proto_loss (137 of ~500 us at 32 episodes x 100 queries x 20 classes, 1 thread)."""
     if (type(scores) in _PLAIN and scores.is_cpu and scores.dtype in _FUSED_DTYPES
             and labels.dtype == torch.long and plain_call()):
-        fn = _ext.entry("argmax_correct")
-        if fn is not None:
-            try:
-                return fn(scores, labels)
-            except (RuntimeError, TypeError):
-                pass
+        out = call_fused("argmax_correct", scores, labels)
+        if out is not None:
+            return out
     return (scores.detach().max(-1).indices == labels).to(scores.dtype)
 
 
