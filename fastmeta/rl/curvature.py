@@ -201,6 +201,25 @@ def _pg_terms(mu: Tensor, e: Tensor, x: Tensor, y: Tensor):
     return q, r, h_ls, (q * (1.0 - diff * diff * e)).sum(1)
 
 
+def _backward_signals(layers, acts, r: Tensor, weights: list[Tensor], slope, grad: dict) -> tuple[list, list]:
+    """Back-propagate the output signal ``r = dL/dmu`` through the tanh MLP: ``(deltas, pres)``
+    with ``deltas[i] = dL/dz_i`` and ``pres[i] = deltas[i] W_i`` (``= dL/da_i``, i >= 1; ``pres[0]``
+    None); each layer's weight and bias gradient goes into ``grad``. ``weights[i]`` is ``W_i`` in
+    whatever memory layout the caller multiplies fastest; ``slope(i)`` is ``tanh'`` of layer
+    ``i - 1``'s pre-activation, ``1 - a_i^2``."""
+    L = len(layers)
+    deltas, pres = [None] * L, [None] * L
+    d = r
+    for i in range(L - 1, -1, -1):
+        w, b = layers[i]
+        deltas[i] = d
+        grad[w], grad[b] = torch.bmm(d.transpose(1, 2), acts[i]), d.sum(1)
+        if i:
+            pres[i] = torch.bmm(d, weights[i])
+            d = pres[i] * slope(i)
+    return deltas, pres
+
+
 def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
     """``hvp(v) -> {name: H_t v_t}`` for the inner loss ``pg_loss`` at per-task ``params`` on
     ``x [T, N, obs_dim]``, ``y [T, N, act_dim + 1]`` (actions, weights); also returns the
@@ -218,16 +237,10 @@ def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
         qe = q * e
         # backward signals: pre-slope cotangents e_l and their slope-curvature factors
         grad = {"log_std": grad_ls}
-        deltas, curv = [None] * L, [None] * L
-        d = r
-        for i in range(L - 1, -1, -1):
-            w, b = layers[i]
-            deltas[i] = d
-            grad[w], grad[b] = torch.bmm(d.transpose(1, 2), acts[i]), d.sum(1)
-            if i:
-                pre = torch.bmm(d, wcm[i])
-                curv[i - 1] = -2.0 * pre * acts[i]                # d(slope)/d a = -2 a, times e_l
-                d = pre * slopes[i - 1]
+        deltas, pres = _backward_signals(layers, acts, r, wcm, lambda i: slopes[i - 1], grad)
+        # the slope-curvature factors: d(slope)/d a = -2 a, times e_l
+        curv = [-2.0 * pres[i + 1] * acts[i + 1] for i in range(L - 1)]
+        del pres
         # the output layer's backward (R(dL/dmu) W + dL/dmu dW) as one matmul over [rd, r]
         out_cat = torch.cat([torch.empty_like(r), r], -1) if L > 1 else None
 
@@ -262,7 +275,6 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
     fused C++ op: the build here (one forward; for the HVP one backward, keeping the backward
     signals ``deltas`` and ``pres = deltas_i W_i``), then one op call per product."""
     layers = _layers(params)
-    L = len(layers)
     with torch.no_grad():
         p = {k: t.detach().contiguous() for k, t in params.items()}
         ws = [p[w] for w, _ in layers]
@@ -274,15 +286,8 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
         else:
             q, r, h_ls, grad_ls = _pg_terms(mu, e.unsqueeze(1), x, y)
             grad = {"log_std": grad_ls}
-            deltas, pres = [None] * L, [x.new_empty(0)] * L
-            d = r
-            for i in range(L - 1, -1, -1):
-                w, b = layers[i]
-                deltas[i] = d
-                grad[w], grad[b] = torch.bmm(d.transpose(1, 2), acts[i]), d.sum(1)
-                if i:
-                    pres[i] = torch.bmm(d, ws[i])
-                    d = pres[i] * (1.0 - acts[i] * acts[i])
+            deltas, pres = _backward_signals(layers, acts, r, ws, lambda i: 1.0 - acts[i] * acts[i], grad)
+            pres[0] = x.new_empty(0)  # the op takes a tensor for every layer; layer 0's is unused
             rowscale = q.squeeze(-1).contiguous()
 
     def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
