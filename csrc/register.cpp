@@ -41,7 +41,7 @@ TORCH_LIBRARY(fastmeta_cpp, m) {
       "Tensor[] v_b, int activation, int loss) -> (Tensor, Tensor[], Tensor[], Tensor[], "
       "Tensor[])");
   m.def(
-      "mlp_rop_product(Tensor[] weights, Tensor[] acts, Tensor[] deltas, Tensor[] pres, "
+      "mlp_rop_product(Tensor[] weights, Tensor[] acts, Tensor[] pres, Tensor r, "
       "Tensor rowscale, Tensor colscale, Tensor[] v_w, Tensor[] v_b, Tensor v_out) -> "
       "(Tensor[], Tensor[], Tensor)");
   m.def("prototypes_fwd(Tensor support, Tensor labels, int n_way) -> (Tensor, Tensor)");

@@ -115,8 +115,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #define FASTMETA_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define FASTMETA_SIMD_CLONES_ENABLED 1
+// AVX2 and the baseline only: for loops that 512-bit vectors make slower (short horizontal sums)
+#define FASTMETA_SIMD_CLONES_256 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTMETA_SIMD_CLONES
+#define FASTMETA_SIMD_CLONES_256
 #define FASTMETA_SIMD_CLONES_ENABLED 0
 #endif
 

@@ -85,7 +85,7 @@ mlp_grad_hvp_fwd(at::TensorList weights, at::TensorList biases, const at::Tensor
 // meta_fvp: one curvature product (Gauss-Newton or loss HVP) of a task-batched tanh MLP from
 // cached activations, fused over row blocks (MAML-TRPO's meta-Fisher, fastmeta/rl/curvature.py).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> mlp_rop_product(
-    at::TensorList weights, at::TensorList acts, at::TensorList deltas, at::TensorList pres,
+    at::TensorList weights, at::TensorList acts, at::TensorList pres, const at::Tensor& r,
     const at::Tensor& rowscale, const at::Tensor& colscale, at::TensorList v_w,
     at::TensorList v_b, const at::Tensor& v_out);
 

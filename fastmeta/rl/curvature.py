@@ -272,8 +272,9 @@ def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
 def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | None,
                    y: Tensor | None):
     """:func:`gaussian_fisher` (``weights`` given) or :func:`pg_hvp` (``y`` given) through the
-    fused C++ op: the build here (one forward; for the HVP one backward, keeping the backward
-    signals ``deltas`` and ``pres = deltas_i W_i``), then one op call per product."""
+    fused C++ op: the build here (one forward; for the HVP one backward, keeping the output
+    signal ``r = dL/dmu`` and ``pres = deltas_i W_i``, from which the op remakes the hidden
+    deltas), then one op call per product."""
     layers = _layers(params)
     with torch.no_grad():
         p = {k: t.detach().contiguous() for k, t in params.items()}
@@ -282,11 +283,11 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
         e = torch.exp(-2.0 * p["log_std"])                         # [T, A]
         if y is None:
             wsum = weights.sum(1, keepdim=True)
-            rowscale, deltas, pres, grad = weights.contiguous(), [], [], None
+            rowscale, pres, r, grad = weights.contiguous(), [], x.new_empty(0), None
         else:
             q, r, h_ls, grad_ls = _pg_terms(mu, e.unsqueeze(1), x, y)
             grad = {"log_std": grad_ls}
-            deltas, pres = _backward_signals(layers, acts, r, ws, lambda i: 1.0 - acts[i] * acts[i], grad)
+            _, pres = _backward_signals(layers, acts, r, ws, lambda i: 1.0 - acts[i] * acts[i], grad)
             pres[0] = x.new_empty(0)  # the op takes a tensor for every layer; layer 0's is unused
             rowscale = q.squeeze(-1).contiguous()
 
@@ -295,7 +296,7 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
             vw = [v[w].contiguous() for w, _ in layers]
             vb = [v[b].contiguous() for _, b in layers]
             vls = v["log_std"]
-            ow, ob, rsum = op(ws, acts, deltas, pres, rowscale, e, vw, vb, vls.contiguous())
+            ow, ob, rsum = op(ws, acts, pres, r, rowscale, e, vw, vb, vls.contiguous())
             out = {"log_std": 2.0 * wsum * vls if y is None else h_ls * vls - 2.0 * rsum}
             for (w, b), gw, gb in zip(layers, ow, ob):
                 out[w], out[b] = gw, gb
