@@ -157,7 +157,36 @@ class MAMLTRPO:
         rollout of a list (``len(train)`` steps: the iterate the next batch is sampled with)."""
         xs, ys = self._train_data(train)
         start = self.fn.expand(xs[0].shape[0], self.theta() if theta is None else theta)
-        return adapt(self.policy, start, xs, ys, self.fast_lr, len(xs))[-1]
+        if self.hvp != "analytic":
+            return adapt(self.policy, start, xs, ys, self.fast_lr, len(xs))[-1]
+        iters, hvps = adapt_analytic(self.policy, start, xs, ys, self.fast_lr, len(xs))
+        # kept for step(train, valid): the inner-Hessian operators of these iterates are the ones
+        # its meta-Fisher needs, so a step on the same train (unchanged theta and rollouts)
+        # builds none again
+        self._adapted = (self._adaptation_key(train), xs, ys, iters, hvps) if theta is None else None
+        return iters[-1]
+
+    def _adaptation_key(self, train) -> tuple:
+        """What :meth:`adapt`'s result depends on: the rollout objects and the versions of their
+        tensors, theta's tensors and versions, and the hyperparameters of the data and the steps."""
+        rollouts = list(train) if isinstance(train, (list, tuple)) else [train]
+        data = tuple((id(r), *(getattr(r, f)._version for f in ("obs", "actions", "rewards", "mask")))
+                     for r in rollouts)
+        params = tuple((p.data_ptr(), p._version, p.dtype) for p in self.fn.params().values())
+        hyper = (isinstance(train, (list, tuple)), self.fast_lr, self.gamma, self.gae_lambda,
+                 self.baseline_reg, self.hvp)
+        return rollouts, data, params, hyper
+
+    def _cached_adaptation(self, train, steps: int):
+        """``(xs, ys, iterates, hvps)`` that :meth:`adapt` made for this ``train`` at the current
+        theta with ``steps`` inner steps, or None; the cache is used once."""
+        cached, self._adapted = getattr(self, "_adapted", None), None
+        if cached is None or len(cached[1]) != steps:
+            return None
+        (rollouts, *rest), key = cached[0], self._adaptation_key(train)
+        if len(rollouts) != len(key[0]) or any(a is not b for a, b in zip(rollouts, key[0])):
+            return None
+        return cached[1:] if tuple(rest) == key[1:] else None
 
     def actor(self, params: dict[str, Tensor] | None = None, generator: torch.Generator | None = None):
         """``callable(obs [T, E, obs_dim]) -> actions`` for the sampler (``[T, E, act_dim]`` float32,
@@ -190,7 +219,11 @@ class MAMLTRPO:
         metrics are averaged over the ranks, so every rank takes the same step (the step of the
         mean objective over all ranks' tasks).
         """
-        x, y = self._train_data(train, self.inner_steps)
+        cached = self._cached_adaptation(train, self.inner_steps)
+        if cached is not None:  # adapt(train) made them (the iterate valid was sampled with)
+            x, y, iters, hvps = cached
+        else:
+            x, y = self._train_data(train, self.inner_steps)
         xv, av, advv, wv = self.batch(valid, "valid")
         if xv.shape[0] != x[0].shape[0]:
             raise ValueError(f"train has T={x[0].shape[0]} tasks but valid has T={xv.shape[0]}; "
@@ -198,7 +231,9 @@ class MAMLTRPO:
         theta = self.theta()
         T = xv.shape[0]
         start = self.fn.expand(T, theta)
-        if self.hvp == "analytic":  # the inner steps from the operators MetaFisher reuses
+        if cached is not None:
+            pass
+        elif self.hvp == "analytic":  # the inner steps from the operators MetaFisher reuses
             iters, hvps = adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)
         else:
             iters, hvps = adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps), None
@@ -222,14 +257,15 @@ class MAMLTRPO:
             distributed.all_reduce_mean_([out])
             return out
 
-        direction = conjugate_gradient(fvp, g, self.cg_iters)
-        step, _ = trust_region_step(direction, fvp, self.max_kl)
+        # F direction from CG's residual (b - r): the trust-region scale takes no 11th product
+        direction, f_dir = conjugate_gradient(fvp, g, self.cg_iters, return_product=True)
+        step, _ = trust_region_step(direction, fvp, self.max_kl, product=f_dir)
         step = unflatten(step, theta)
 
         def evaluate(size: float) -> tuple[float, float]:
             new = {k: theta[k] - size * step[k] for k in theta}
             with torch.no_grad():
-                phi_new = adapt(self.policy, self.fn.expand(T, new), x, y, self.fast_lr, self.inner_steps)[-1]
+                phi_new = self._adapt_detached(self.fn.expand(T, new), x, y)
                 loss_new, kl = self._surrogate(phi_new, xv, av, advv, wv, logp_old, out_old)
             loss_new, kl = distributed.mean_over_ranks([loss_new.item(), kl.item()]).tolist()
             return loss_new, kl
@@ -241,6 +277,13 @@ class MAMLTRPO:
                     p.sub_(size * step[k])
         return self._metrics(train, valid, loss_before, loss_after if size > 0 else loss_before,
                              kl if size > 0 else 0.0, size, tries, g.norm().item())
+
+    def _adapt_detached(self, start, x, y) -> dict[str, Tensor]:
+        """The last inner iterate from ``start``, detached (the line search's re-adaptation): by
+        the policy's analytic gradient where it has one, else by autograd."""
+        if self.hvp == "analytic":
+            return adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)[0][-1]
+        return adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps)[-1]
 
     @staticmethod
     def _metrics(train, valid, loss_before, loss_after, kl, size, tries, grad_norm) -> dict[str, float]:

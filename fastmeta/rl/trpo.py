@@ -35,10 +35,16 @@ def unflatten(vec: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10,
-                       residual_tol: float = 1e-10) -> Tensor:
+                       residual_tol: float = 1e-10, return_product: bool = False):
     """Approximately solve ``A x = b`` for symmetric positive definite ``A`` given by
     ``fvp(v) = A v`` (Hestenes & Stiefel 1952), starting at ``x = 0``; stops after ``iters``
     products or when ``r^T r < residual_tol``. ``b`` is 1-D; returns ``x`` like ``b``.
+
+    With ``return_product``: ``(x, A x)``, where ``A x = b - r`` comes from the residual CG
+    carries. That residual is ``b`` minus the sum of ``alpha_k * fvp(p_k)``, the products already
+    made, and ``x`` is the sum of ``alpha_k * p_k``. So ``b - r`` equals ``fvp(x)`` up to rounding,
+    for any ``A`` (it does not rely on the directions staying conjugate) and without one more
+    product. :func:`trust_region_step` takes it as ``product``.
 
     Raises ValueError for a non-1-D or non-finite ``b``, ``iters < 1``, or a product that is
     not finite or shows ``A`` is not positive definite (``p^T A p <= 0``).
@@ -68,14 +74,20 @@ def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
         rr_new = torch.dot(r, r)
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return x
+    return (x, b - r) if return_product else x
 
 
-def trust_region_step(direction: Tensor, fvp: Callable[[Tensor], Tensor], max_kl: float) -> tuple[Tensor, Tensor]:
-    """``(step, F direction)``: ``direction`` scaled so that ``0.5 step^T F step = max_kl``."""
+def trust_region_step(direction: Tensor, fvp: Callable[[Tensor], Tensor], max_kl: float,
+                      product: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(step, F direction)``: ``direction`` scaled so that ``0.5 step^T F step = max_kl``.
+    ``product``: ``F direction`` when the caller has it (:func:`conjugate_gradient`'s
+    ``return_product``); otherwise one ``fvp(direction)`` makes it."""
     if not max_kl > 0:
         raise ValueError(f"max_kl must be > 0, got {max_kl!r}")
-    Fd = fvp(direction)
+    if product is not None and product.shape != direction.shape:
+        raise ValueError(f"product must have the direction's shape {tuple(direction.shape)}, "
+                         f"got {tuple(product.shape)}")
+    Fd = fvp(direction) if product is None else product
     shs = 0.5 * torch.dot(direction, Fd)
     if not torch.isfinite(shs) or shs.item() <= 0:
         raise ValueError(f"trust_region_step: direction^T F direction = {2 * shs.item():.3e} must be > 0")

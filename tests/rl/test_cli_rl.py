@@ -66,7 +66,8 @@ def test_two_inner_steps_resample_and_resume(tmp_path):
     phi1 = agent.adapt(train[:1])
     x0, y0 = agent._inner(*agent.batch(train[0]))
     ref = adapt(runner.policy, agent.fn.expand(3), x0, y0, agent.fast_lr, 1)[-1]
-    assert all(torch.equal(phi1[k], ref[k]) for k in ref)
+    for k in ref:  # the agent adapts by the analytic gradient: autograd's up to float32 rounding
+        torch.testing.assert_close(phi1[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(a, "--iterations", "2", "--eval-every", "0", "--inner-steps", "2") == 0
     assert run(b, "--iterations", "1", "--eval-every", "0", "--inner-steps", "2") == 0

@@ -81,10 +81,11 @@ def per_task_fvp(policy, agent, train, valid, v, steps):
     return total
 
 
-@pytest.mark.parametrize("discrete,N", [(False, 7), (False, 600), (True, 7)])
-def test_fisher_equals_kl_hessian(discrete, N, fused):
-    # N = 600: the fused op's row blocks (256) with a partial last block
-    pol = make(discrete=discrete, act_dim=4 if discrete else 2)
+@pytest.mark.parametrize("discrete,N,act_dim", [(False, 7, 2), (False, 600, 2), (False, 300, 10), (True, 7, 4)])
+def test_fisher_equals_kl_hessian(discrete, N, act_dim, fused):
+    # N = 600: the fused op's row blocks (256) with a partial last block; act_dim 10: the
+    # output layer through BLAS (narrower ones take the op's dot-product loop)
+    pol = make(discrete=discrete, act_dim=act_dim)
     fn = task_function(pol)
     T = 3
     g = torch.Generator().manual_seed(1)
@@ -102,15 +103,16 @@ def test_fisher_equals_kl_hessian(discrete, N, fused):
         torch.testing.assert_close(fast[k], r, rtol=1e-10, atol=1e-12, msg=k)
 
 
-@pytest.mark.parametrize("hidden,obs_dim,N", [((8, 7, 6), 3, 11), ((20, 24), 17, 600)])
-def test_pg_hvp_and_grad_equal_autograd(hidden, obs_dim, N, fused):
-    pol = make(obs_dim=obs_dim, hidden=hidden)
+@pytest.mark.parametrize("hidden,obs_dim,N,act_dim", [((8, 7, 6), 3, 11, 2), ((20, 24), 17, 600, 2),
+                                                      ((20, 24), 5, 300, 10)])
+def test_pg_hvp_and_grad_equal_autograd(hidden, obs_dim, N, act_dim, fused):
+    pol = make(obs_dim=obs_dim, hidden=hidden, act_dim=act_dim)
     fn = task_function(pol)
     T = 3
     g = torch.Generator().manual_seed(2)
     params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
     x = torch.randn(T, N, obs_dim, generator=g, dtype=D64)
-    y = torch.randn(T, N, 3, generator=g, dtype=D64)  # actions (2) and signed weights
+    y = torch.randn(T, N, act_dim + 1, generator=g, dtype=D64)  # actions and signed weights
     v = {k: torch.randn_like(p) for k, p in params.items()}
     op = pg_hvp(params, x, y)
     losses, grads, ref = task_hvp(fn, params, x, y, v, loss_fn=pg_loss, backend="reference", return_grad=True)
@@ -179,19 +181,19 @@ def test_adapt_takes_one_step_per_train_batch():
     one = agent.adapt([a])  # one step: the iterate the second batch is sampled with
     xa, ya = agent._inner(*agent.batch(a))
     ref = adapt(pol, fn.expand(3), xa, ya, 0.3, 1)[-1]
-    for k in ref:
-        torch.testing.assert_close(one[k], ref[k], rtol=0, atol=0)
+    for k in ref:  # the agent adapts by the analytic gradient: autograd's up to rounding
+        torch.testing.assert_close(one[k], ref[k], rtol=1e-12, atol=1e-14)
     xb, yb = agent._inner(*agent.batch(b))
     two = agent.adapt([a, b])
     ref2 = adapt(pol, fn.expand(3), [xa, xb], [ya, yb], 0.3, 2)[-1]
     step2 = adapt(pol, ref, xb, yb, 0.3, 1)[-1]  # the same as one more step from phi_1 on b
     for k in ref:
-        torch.testing.assert_close(two[k], ref2[k], rtol=0, atol=0)
+        torch.testing.assert_close(two[k], ref2[k], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(two[k], step2[k], rtol=1e-12, atol=1e-12)
     reuse = agent.adapt(a)  # a single rollout serves both steps
     ref3 = adapt(pol, fn.expand(3), xa, ya, 0.3, 2)[-1]
     for k in ref:
-        torch.testing.assert_close(reuse[k], ref3[k], rtol=0, atol=0)
+        torch.testing.assert_close(reuse[k], ref3[k], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="train has 1 rollouts for 2 inner steps"):
         agent.step([a], rollout(seed=2))
     with pytest.raises(ValueError, match="x has 3 per-step tensors for 2 inner steps"):
@@ -233,6 +235,30 @@ def test_conjugate_gradient_solves_spd_system():
         conjugate_gradient(lambda v: -v, b)
     with pytest.raises(ValueError, match="1-D"):
         conjugate_gradient(lambda v: v, b.view(3, 4))
+
+
+@pytest.mark.parametrize("iters", [1, 3, 10])
+def test_conjugate_gradient_product_equals_a_explicit_product(iters):
+    # A x from CG's residual, also before convergence (ill-conditioned A, few iterations), is
+    # the product trust_region_step would otherwise make, and gives the same step
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(40, 40, generator=g, dtype=D64)
+    A = M @ M.T + 1e-3 * torch.eye(40, dtype=D64)
+    b = torch.randn(40, generator=g, dtype=D64)
+    calls = []
+
+    def fvp(v):
+        calls.append(1)
+        return A @ v
+
+    x, ax = conjugate_gradient(fvp, b, iters=iters, residual_tol=1e-30, return_product=True)
+    assert len(calls) == iters
+    torch.testing.assert_close(ax, A @ x, rtol=1e-10, atol=1e-10 * float(b.norm()))
+    step, fd = trust_region_step(x, fvp, 0.01, product=ax)
+    assert len(calls) == iters and fd is ax
+    torch.testing.assert_close(step, trust_region_step(x, lambda v: A @ v, 0.01)[0], rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        trust_region_step(x, fvp, 0.01, product=ax[:3])
 
 
 def test_trust_region_and_line_search():
@@ -385,3 +411,34 @@ def test_adapt_analytic_equals_adapt(fused):
     for a, b in zip(got, ref):
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_step_reuses_the_adaptation_of_the_same_train():
+    # adapt(train) keeps its inner-Hessian operators for step(train, valid): the step is the one
+    # a fresh agent makes, and any change to theta or the rollouts, or another train, drops them
+    def agents():
+        pol = make(hidden=(16, 16))
+        return pol, MAMLTRPO(pol, fast_lr=0.1, max_kl=1e-3)
+
+    train, valid = rollout(T=4, E=3, H=10, seed=6), rollout(T=4, E=3, H=10, seed=7)
+    pol, agent = agents()
+    ref_pol, ref_agent = agents()
+    agent.adapt(train)
+    assert agent._cached_adaptation(train, 1) is not None  # used once
+    assert agent._cached_adaptation(train, 1) is None
+    agent.adapt(train)
+    m, ref = agent.step(train, valid), ref_agent.step(train, valid)
+    assert m == ref
+    for k, v in ref_pol.state_dict().items():
+        assert torch.equal(pol.state_dict()[k], v), k
+    agent.adapt(train)
+    with torch.no_grad():
+        next(pol.parameters()).add_(1e-3)  # theta changed since adapt
+    assert agent._cached_adaptation(train, 1) is None
+    agent.adapt(train)
+    train.rewards.mul_(2.0)  # the rollouts changed in place
+    assert agent._cached_adaptation(train, 1) is None
+    agent.adapt(train)
+    assert agent._cached_adaptation([train], 1) is None  # another train (a list)
+    agent.adapt(train)
+    assert agent._cached_adaptation(rollout(T=4, E=3, H=10, seed=6), 1) is None
