@@ -133,12 +133,18 @@ def _input_grads(g, x_aug, w, b, out):
     out[w], out[b] = gw[..., :-1], gw[..., -1]
 
 
-def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
+def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor, target: Tensor | None = None):
     """``fvp(v) -> {name: F_t v_t}`` at per-task ``params {name: [T, *shape]}`` on states
-    ``obs [T, N, obs_dim]`` with KL weights ``weights [T, N]`` (e.g. mask / mask sum)."""
+    ``obs [T, N, obs_dim]`` with KL weights ``weights [T, N]`` (e.g. mask / mask sum).
+
+    ``fvp.mu`` is the mean ``[T, N, act_dim]`` of the forward the operator is built on. With
+    ``target [T, N, act_dim + 1]`` (``pack(actions, w)`` as :func:`pg_hvp` takes it),
+    ``fvp.grad`` is also the per-task gradient of the loss ``pg_loss(out, target)`` at
+    ``params`` from that same forward (MAML-TRPO's outer gradient at ``phi_old``, where the
+    surrogate's ratio is 1: one backward pass, no second forward over the states)."""
     op = _cpp_op(obs)
     if op is not None:
-        return _fused_product(op, params, obs, weights, None)
+        return _fused_product(op, params, obs, weights, None, target)
     net = _net(params, obs)
     with torch.no_grad():
         c = weights.unsqueeze(-1) * torch.exp(-2.0 * net.p["log_std"]).unsqueeze(1)
@@ -151,6 +157,9 @@ def gaussian_fisher(params: dict[str, Tensor], obs: Tensor, weights: Tensor):
             _backward(net, rmu.mul_(c), out)
             return {k: out[k] for k in v}
 
+    fvp.mu = net.out
+    if target is not None:
+        fvp.grad = _pg_grad(net.layers, net.acts, net.out, net.p["log_std"], obs, target, net.wcm)
     return fvp
 
 
@@ -221,6 +230,16 @@ def _backward_signals(layers, acts, r: Tensor, weights: list[Tensor], grad: dict
     return deltas, pres
 
 
+def _pg_grad(layers, acts, mu: Tensor, log_std: Tensor, x: Tensor, y: Tensor, weights: list[Tensor]) -> dict:
+    """The per-task gradient of ``pg_loss`` (targets ``y``) from a forward's ``acts`` and ``mu``
+    (``weights``: the layers' ``W_i`` as :func:`_backward_signals` takes them)."""
+    with torch.no_grad():
+        _, r, _, grad_ls = _pg_terms(mu, torch.exp(-2.0 * log_std).unsqueeze(1), x, y)
+        grad = {"log_std": grad_ls}
+        _backward_signals(layers, acts, r, weights, grad)
+    return grad
+
+
 def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
     """``hvp(v) -> {name: H_t v_t}`` for the inner loss ``pg_loss`` at per-task ``params`` on
     ``x [T, N, obs_dim]``, ``y [T, N, act_dim + 1]`` (actions, weights); also returns the
@@ -271,11 +290,11 @@ def pg_hvp(params: dict[str, Tensor], x: Tensor, y: Tensor):
 
 
 def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | None,
-                   y: Tensor | None):
-    """:func:`gaussian_fisher` (``weights`` given) or :func:`pg_hvp` (``y`` given) through the
-    fused C++ op: the build here (one forward; for the HVP one backward, keeping the output
-    signal ``r = dL/dmu`` and ``pres = deltas_i W_i``, from which the op remakes the hidden
-    deltas), then one op call per product."""
+                   y: Tensor | None, grad_target: Tensor | None = None):
+    """:func:`gaussian_fisher` (``weights`` given; with ``grad_target`` its ``.grad``) or
+    :func:`pg_hvp` (``y`` given) through the fused C++ op: the build here (one forward; for the
+    HVP one backward, keeping the output signal ``r = dL/dmu`` and ``pres = deltas_i W_i``, from
+    which the op remakes the hidden deltas), then one op call per product."""
     layers = _layers(params)
     with torch.no_grad():
         p = {k: t.detach().contiguous() for k, t in params.items()}
@@ -285,6 +304,8 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
         if y is None:
             wsum = weights.sum(1, keepdim=True)
             rowscale, pres, r, grad = weights.contiguous(), [], x.new_empty(0), None
+            if grad_target is not None:  # gaussian_fisher's fvp.grad
+                grad = _pg_grad(layers, acts, mu, p["log_std"], x, grad_target, ws)
         else:
             q, r, h_ls, grad_ls = _pg_terms(mu, e.unsqueeze(1), x, y)
             grad = {"log_std": grad_ls}
@@ -303,6 +324,7 @@ def _fused_product(op, params: dict[str, Tensor], x: Tensor, weights: Tensor | N
                 out[w], out[b] = gw, gb
             return {k: out[k] for k in v}
 
+    product.mu = mu
     if grad is not None:
         product.grad = grad
     return product

@@ -237,15 +237,30 @@ class MAMLTRPO:
             iters, hvps = adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)
         else:
             iters, hvps = adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps), None
-        with torch.enable_grad():
-            phi = {k: v.detach().requires_grad_() for k, v in iters[-1].items()}
-            out = self.fn(phi, xv)  # at phi_old: the old policy is this output, detached
-            out_old = out.detach()
+        if self.hvp == "analytic" and not self.policy.discrete:
+            # The surrogate's gradient at phi_old, where its ratio is 1, is the gradient of the
+            # inner policy-gradient loss with weights adv * w * M / T (the mean over tasks of
+            # the per-task means over M states). The Fisher's build gives it from its own
+            # forward over the validation states, and that forward's mean is the old policy.
+            M = xv.shape[1]
+            target = self.policy.pack(av, advv * wv * (M / T))
+            mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping,
+                            self.hvp, hvps=hvps, target=target)
+            mu = mf.fisher.mu
+            out_old = torch.cat([mu, iters[-1]["log_std"].unsqueeze(1).expand_as(mu)], dim=-1)
             logp_old = self.policy.log_prob(out_old, av)
-            loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old, out)
-            g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
-        mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping, self.hvp,
-                        hvps=hvps)
+            loss, _ = self._surrogate(None, xv, av, advv, wv, logp_old, out_old, out_old)
+            g_phi = [mf.fisher.grad[k] for k in self.fn.names]
+        else:
+            with torch.enable_grad():
+                phi = {k: v.detach().requires_grad_() for k, v in iters[-1].items()}
+                out = self.fn(phi, xv)  # at phi_old: the old policy is this output, detached
+                out_old = out.detach()
+                logp_old = self.policy.log_prob(out_old, av)
+                loss, _ = self._surrogate(phi, xv, av, advv, wv, logp_old, out_old, out)
+                g_phi = torch.autograd.grad(loss, [phi[k] for k in self.fn.names])
+            mf = MetaFisher(self.policy, iters, x, y, self.fast_lr, xv, wv, self.cg_damping,
+                            self.hvp, hvps=hvps)
         g = flatten({k: t.sum(0) for k, t in mf.vjp(dict(zip(self.fn.names, g_phi))).items()})
         distributed.all_reduce_mean_([g])
         loss_before = distributed.mean_over_ranks(loss.item()).item()

@@ -110,13 +110,17 @@ class MetaFisher:
             analytic inner Hessian (categorical) always uses task_hvp.
         hvps: the inner-Hessian operators :func:`adapt_analytic` built at ``iterates[:-1]``
             (optional; reused instead of building them again).
+        target: optional ``[T, M, act_dim + 1]`` targets of the policy's inner loss on the
+            validation states (Gaussian policy only): the Fisher's build then also gives that
+            loss's per-task gradient at the adapted parameters, ``self.fisher.grad``, from its
+            own forward (``self.fisher.mu``: the mean of that forward).
 
     ``fvp(v)``: ``v`` a flat vector over the policy's parameters (``fn.names`` order) ->
     ``F_meta v + damping v``. ``vjp(u)``: per-task ``{name: [T, *shape]}`` -> ``J_t^T u_t``.
     """
 
     def __init__(self, policy, iterates, x, y, lr: float, x_valid: Tensor, weights: Tensor,
-                 damping: float = 0.0, hvp: str = "analytic", hvps=None):
+                 damping: float = 0.0, hvp: str = "analytic", hvps=None, target: Tensor | None = None):
         if hvp not in ("analytic", "task_hvp"):
             raise ValueError(f"hvp must be 'analytic' or 'task_hvp', got {hvp!r}")
         self.fn = task_function(policy)
@@ -135,7 +139,8 @@ class MetaFisher:
                          if hvp == "analytic" else None)
         if self.hvps is not None and any(h is None for h in self.hvps):
             self.hvps = None  # no analytic inner Hessian for this policy: task_hvp serves
-        self.fisher = policy.fisher(iterates[-1], x_valid, weights)
+        self.fisher = (policy.fisher(iterates[-1], x_valid, weights) if target is None else
+                       policy.fisher(iterates[-1], x_valid, weights, target))
         self.shapes = {k: tuple(iterates[0][k].shape[1:]) for k in self.names}
 
     def _step(self, i: int, v: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -93,8 +93,8 @@ class GaussianMLPPolicy(TaskModule):
         return torch.cat([actions, weights.unsqueeze(-1)], dim=-1)
 
     @staticmethod
-    def fisher(params, obs, weights):
-        return gaussian_fisher(params, obs, weights)
+    def fisher(params, obs, weights, target=None):
+        return gaussian_fisher(params, obs, weights, target)
 
     @staticmethod
     def hvp(params, x, target):
