@@ -53,13 +53,7 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
             R = (rewards[..., h] + gamma * R) * mask[..., h]; out[..., h] = R
     """
     check_padded(rewards, mask)
-    gamma = _check_gamma(gamma)
-    out = torch.empty_like(rewards)
-    run = torch.zeros_like(rewards[..., 0])
-    for h in range(rewards.shape[-1] - 1, -1, -1):
-        run = (rewards[..., h] + gamma * run) * mask[..., h]
-        out[..., h] = run
-    return out
+    return _discounted_sum(rewards, mask, _check_gamma(gamma))
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Tensor:
@@ -77,10 +71,32 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     v = values * mask
     v_next = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
     delta = (rewards + gamma * v_next - v) * mask
-    out = torch.empty_like(rewards)
-    run = torch.zeros_like(rewards[..., 0])
-    for h in range(rewards.shape[-1] - 1, -1, -1):
-        run = (delta[..., h] + gamma * lam * run) * mask[..., h]
+    return _discounted_sum(delta, mask, gamma * lam)
+
+
+#: Longest horizon for which :func:`_discounted_sum` takes the [H, H] discount matrix.
+MATMUL_MAX_H = 1024
+
+
+def _discounted_sum(x: Tensor, mask: Tensor, c: float) -> Tensor:
+    """``out_h = (x_h + c * out_{h+1}) * mask_h`` backwards over the last dim (``out_H = 0``).
+
+    When every row's mask is 1s then 0s (episodes that end, padded after: the sampler's layout)
+    and ``H <= MATMUL_MAX_H``, this is ``out = (x * mask) @ G * mask`` with
+    ``G[k, h] = c^(k - h)`` for ``k >= h``: one matmul instead of H small steps (the loop costs
+    ~1 ms per call at H = 100 in MAML-TRPO's step). Other masks take the loop."""
+    H = x.shape[-1]
+    prefix = bool(((mask == 0) | (mask == 1)).all()) and bool((mask[..., 1:] <= mask[..., :-1]).all())
+    if prefix and H <= MATMUL_MAX_H:
+        idx = torch.arange(H, device=x.device)
+        lag = (idx.view(H, 1) - idx.view(1, H)).to(x.dtype)  # k - h
+        G = torch.where(lag >= 0, torch.pow(torch.tensor(c, dtype=x.dtype, device=x.device), lag.clamp_min(0)),
+                        torch.zeros((), dtype=x.dtype, device=x.device))
+        return ((x * mask) @ G) * mask
+    out = torch.empty_like(x)
+    run = torch.zeros_like(x[..., 0])
+    for h in range(H - 1, -1, -1):
+        run = (x[..., h] + c * run) * mask[..., h]
         out[..., h] = run
     return out
 

@@ -61,6 +61,28 @@ def test_discounted_returns_and_gae_lambda_one():
     torch.testing.assert_close(gae(rewards, values, mask, 0.9, 1.0), (R - values) * mask, rtol=1e-12, atol=1e-12)
 
 
+def test_discounted_sum_matmul_and_loop_agree(monkeypatch):
+    # prefix masks (episodes ending early) take the [H, H] matmul; a mask with a hole (or a
+    # horizon over MATMUL_MAX_H) takes the per-step recursion, which restarts after the hole
+    from fastmeta.rl import returns as ret
+
+    _, rewards, values, mask = data(H=30, seed=5)
+    fast_r, fast_g = discounted_returns(rewards, mask, 0.97), gae(rewards, values, mask, 0.97, 0.9)
+    monkeypatch.setattr(ret, "MATMUL_MAX_H", 0)
+    torch.testing.assert_close(fast_r, discounted_returns(rewards, mask, 0.97), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast_g, gae(rewards, values, mask, 0.97, 0.9), rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    holed = mask.clone()
+    holed[0, 0, 1] = 0.0
+    R = discounted_returns(rewards, holed, 0.9)
+    ref, run = torch.zeros_like(rewards[0, 0]), 0.0
+    for h in reversed(range(rewards.shape[-1])):
+        run = (rewards[0, 0, h].item() + 0.9 * run) * holed[0, 0, h].item()
+        ref[h] = run
+    torch.testing.assert_close(R[0, 0], ref, rtol=1e-12, atol=1e-12)
+    assert R[0, 0, 1] == 0 and R[0, 0, 0] == rewards[0, 0, 0]
+
+
 @pytest.mark.parametrize("reg", [0.0, 1e-3])
 def test_linear_baseline_equals_least_squares(reg):
     obs, rewards, _, mask = data(E=6, H=12, seed=2)
