@@ -25,8 +25,25 @@
 #include <cstdint>
 #include <limits>
 
+// MKL's per-thread thread count (weak: null where torch has no MKL). See MklOneThread.
+extern "C" int MKL_Set_Num_Threads_Local(int nth) __attribute__((weak));
+
 namespace fastmeta {
 namespace cpu {
+
+// MKL on one thread for this scope, restored on exit. For BLAS calls (sgemm_, at::mm) inside
+// at::parallel_for: torch.set_num_threads(n) turns MKL's dynamic adjustment off, and MKL then
+// starts n threads of its own inside each thread of the region (oversubscribed; measured 8%
+// slower for mlp_rop_product at 2 threads). Without MKL it does nothing.
+struct MklOneThread {
+  int saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : -1;
+  MklOneThread() = default;
+  MklOneThread(const MklOneThread&) = delete;
+  MklOneThread& operator=(const MklOneThread&) = delete;
+  ~MklOneThread() {
+    if (saved >= 0) MKL_Set_Num_Threads_Local(saved);
+  }
+};
 
 enum Metric : int64_t { kSqEuclidean = 0, kCosine = 1 };
 

@@ -217,6 +217,7 @@ void run(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& acts,
   for (int64_t i = 0; i < L; ++i) wmax = std::max({wmax, din[i], dout[i]});
 
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    const MklOneThread mkl_one;  // each task's block GEMMs on this thread (common.h)
     // scratch: Ra_i for i = 1..L-1, the layer output z, the backward signal rd, its product
     // re with the weights, and the current delta (HVP: d_i for i < L-1, from pres and acts)
     std::vector<std::vector<scalar_t>> ra(L);
