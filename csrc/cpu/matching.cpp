@@ -196,6 +196,7 @@ void fwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, T* lo
   const Plan pl = plan(B, Q, S, sizeof(T));
   at::parallel_for(0, B * pl.chunks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
+    const MklOneThread mkl_one;  // its GEMMs on this thread (common.h)
     at::Tensor ws = at::empty({pl.tile, S}, qn.options());
     at::Tensor cm_t = at::empty({pl.tile, N}, qn.options());
     at::Tensor cs_t = at::empty({pl.tile, N}, qn.options());
@@ -264,6 +265,7 @@ void bwd_impl(const Ctx<T>& c, const at::Tensor& qn, const at::Tensor& sn, const
   at::Tensor part = direct ? gs_t : at::empty({items, S, D}, qn.options());
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
+    const MklOneThread mkl_one;  // its GEMMs on this thread (common.h)
     at::Tensor ws = at::empty({pl.tile, S}, qn.options());
     T* w = ws.mutable_data_ptr<T>();
     at::Tensor cm_t = at::empty({pl.tile, N}, qn.options());

@@ -294,6 +294,7 @@ void loss_fwd_impl(const Ctx<T>& c, const at::Tensor& qc, const at::Tensor& pc_t
   const Plan pl = plan_rows(B, Q, kTileBytes / static_cast<int64_t>(N * sizeof(T)));
   at::parallel_for(0, B * pl.chunks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by workers
+    const MklOneThread mkl_one;  // its GEMMs on this thread (common.h)
     at::Tensor ws = at::empty({pl.rows, N}, qc.options());
     T* w = ws.mutable_data_ptr<T>();
     for (int64_t it = begin; it < end; ++it) {
