@@ -14,9 +14,11 @@ On the same synthetic rollouts and parameters (float32), one product ``F_meta v`
 Correctness first: each product is compared with a float64 oracle (B at float64); a row over
 1e-3 relative error is reported WRONG and not timed. Then ``build`` (everything a CG solve does
 once: graphs / iterates / activations) and ``product`` (the mean of the 11 products one TRPO
-step makes after one build) are timed, methods interleaved in every repetition. ``step``: one whole TRPO meta-step (FVP build, outer gradient, 10 CG iterations + the
-trust-region product = 11 products, line search re-adapting every task) for A (per-task loop
-throughout, as pytorch-maml-rl) and C (``MAMLTRPO.step``).
+step makes after one build) are timed, methods interleaved in every repetition. ``step``: one
+whole TRPO meta-step (FVP build, outer gradient, 10 CG iterations + the trust-region product =
+11 products, line search re-adapting every task) for A (per-task loop throughout, as
+pytorch-maml-rl) and C (``MAMLTRPO.step``, which takes the trust-region product ``F x`` from
+CG's residual: 10 products).
 
 Clock: wall time at the default thread count; the thread's CPU time (``time.thread_time``) at 1
 thread, which other processes on a shared CPU do not inflate.
@@ -24,7 +26,7 @@ thread, which other processes on a shared CPU do not inflate.
 ``--phase``: the optimisation phase of one MAML-TRPO iteration (everything but env stepping:
 the adaptation the validation rollouts are sampled with, then the whole TRPO step: baseline
 fits and GAE of both batches, inner step, outer gradient, FVP build, 10 CG iterations + the
-trust-region product, line search, update) on rollouts sampled once from the real task
+trust-region product (C: from CG's residual), line search, update) on rollouts sampled once from the real task
 distributions at the CLI's configurations (``nav2d:20x20`` = 20 tasks x 20 episodes x 100
 steps, ``cheetah-vel:20x10`` with the CLI's action scale 10), fastmeta (``agent.adapt`` +
 ``agent.step``) vs the per-task loop (per-task inner steps, double-backward FVPs), side by side,
@@ -198,7 +200,7 @@ PHASE_HEADER = (
     "the task distribution with a fresh 64-64 tanh policy and its adapted parameters, seeded), "
     "float32: the adaptation the validation rollouts are sampled with, then the whole TRPO step "
     "(baseline fits + GAE of both batches, inner step, outer gradient, FVP build, 10 CG "
-    "iterations + the trust-region product, line search, update). A: the per-task loop of "
+    "iterations + the trust-region product (C takes it from CG's residual), line search, update). A: the per-task loop of "
     "pytorch-maml-rl (per-task inner steps of an unbatched functional policy, a create_graph KL "
     "per task, a double backward per FVP, per-task line-search re-adaptation; advantages from "
     "the same batched baseline/GAE code). C: fastmeta's `MAMLTRPO.adapt` + `MAMLTRPO.step`. "
@@ -380,7 +382,8 @@ def _header(cmd, info, warn):
             "float32, Gaussian 64-64 tanh policy, one inner step (lr 0.1), same rollouts and "
             "parameters for every method; medians over interleaved repetitions. `product`: one "
             "F_meta v (mean of the 11 products made after one build); `build`: the per-solve setup; `TRPO step`: FVP build + gradient + 11 "
-            "products + line search (A: per-task loop throughout; C: MAMLTRPO.step). "
+            "products + line search (A: per-task loop throughout; C: MAMLTRPO.step, 10 products: "
+            "the trust-region product from CG's residual). "
             "`max rel err`: largest ||F v - oracle|| / ||oracle|| over the methods, oracle = B at float64.\n")
 
 

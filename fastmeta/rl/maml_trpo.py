@@ -12,7 +12,8 @@ validation rollouts (sampled with the task's adapted parameters)::
                     on the validation data; = sum_t J_t^T grad_phi L_t     (meta_fvp.py)
     x            <- conjugate gradient on F_meta x = g, F_meta the meta-objective's Fisher as
                     batched Hessian-vector products and analytic Gaussian Fisher products
-    theta        <- theta - s * x / sqrt(x^T F x / (2 max_kl)), s backtracked until the
+    theta        <- theta - s * x / sqrt(x^T F x / (2 max_kl)) (F x = g - r, CG's own
+                    residual: no 11th product), s backtracked until the
                     surrogate improves and mean_t KL < max_kl; every try re-adapts all tasks
                     in one batched call                                      (trpo.py)
 
