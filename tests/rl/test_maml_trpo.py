@@ -55,6 +55,22 @@ def make(obs_dim=3, act_dim=2, hidden=(8, 8), seed=0, discrete=False):
     return pol
 
 
+def task_params(fn, T, g):
+    """Per-task float64 parameters ``{name: [T, *shape]}``: the policy's, perturbed per task."""
+    return {k: p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64) for k, p in fn.params().items()}
+
+
+def fisher_data(pol, N, seed, T=3):
+    """``(fn, generator, params, x [T, N, 3], w [T, N])`` for the Fisher tests: per-task
+    parameters, states and KL weights summing to 1 per task."""
+    fn = task_function(pol)
+    g = torch.Generator().manual_seed(seed)
+    params = task_params(fn, T, g)
+    x = torch.randn(T, N, 3, generator=g, dtype=D64)
+    w = torch.rand(T, N, generator=g, dtype=D64)
+    return fn, g, params, x, w / w.sum(1, keepdim=True)
+
+
 def per_task_fvp(policy, agent, train, valid, v, steps):
     """The peers' recipe: per task, the KL through a create_graph inner loop, double backward.
     ``train``: one rollout for every step, or a list of one per step."""
@@ -86,13 +102,7 @@ def test_fisher_equals_kl_hessian(discrete, N, act_dim, fused):
     # N = 600: the fused op's row blocks (256) with a partial last block; act_dim 10: the
     # output layer through BLAS (narrower ones take the op's dot-product loop)
     pol = make(discrete=discrete, act_dim=act_dim)
-    fn = task_function(pol)
-    T = 3
-    g = torch.Generator().manual_seed(1)
-    params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
-    x = torch.randn(T, N, 3, generator=g, dtype=D64)
-    w = torch.rand(T, N, generator=g, dtype=D64)
-    w = w / w.sum(1, keepdim=True)
+    fn, _, params, x, w = fisher_data(pol, N, seed=1)
     v = {k: torch.randn_like(p) for k, p in params.items()}
     fast = (categorical_fisher if discrete else gaussian_fisher)(params, x, w)(v)
     p = {k: t.clone().requires_grad_() for k, t in params.items()}
@@ -110,7 +120,7 @@ def test_pg_hvp_and_grad_equal_autograd(hidden, obs_dim, N, act_dim, fused):
     fn = task_function(pol)
     T = 3
     g = torch.Generator().manual_seed(2)
-    params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
+    params = task_params(fn, T, g)
     x = torch.randn(T, N, obs_dim, generator=g, dtype=D64)
     y = torch.randn(T, N, act_dim + 1, generator=g, dtype=D64)  # actions and signed weights
     v = {k: torch.randn_like(p) for k, p in params.items()}
@@ -449,14 +459,9 @@ def test_fisher_build_gives_the_outer_gradient(N, fused):
     # gaussian_fisher(..., target).grad is the per-task gradient of pg_loss from the Fisher's
     # own forward (.mu), as autograd gives it
     pol = make(obs_dim=3, hidden=(8, 8))
-    fn = task_function(pol)
-    T = 3
-    g = torch.Generator().manual_seed(4)
-    params = {k: (p.detach() + 0.1 * torch.randn((T, *p.shape), generator=g, dtype=D64)) for k, p in fn.params().items()}
-    x = torch.randn(T, N, 3, generator=g, dtype=D64)
-    w = torch.rand(T, N, generator=g, dtype=D64)
-    y = torch.randn(T, N, 3, generator=g, dtype=D64)
-    op = gaussian_fisher(params, x, w / w.sum(1, keepdim=True), y)
+    fn, g, params, x, w = fisher_data(pol, N, seed=4)
+    y = torch.randn(3, N, 3, generator=g, dtype=D64)
+    op = gaussian_fisher(params, x, w, y)
     p = {k: t.clone().requires_grad_() for k, t in params.items()}
     out = fn(p, x)
     ref = torch.autograd.grad(task_losses(pg_loss, out, y).sum(), list(p.values()))
