@@ -155,7 +155,12 @@ class MAMLTRPO:
     def adapt(self, train, theta: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Per-task adapted parameters ``{name: [T, *shape]}`` from ``theta`` (default the
         policy's own), detached: ``inner_steps`` steps on one rollout ``train``, or one step per
-        rollout of a list (``len(train)`` steps: the iterate the next batch is sampled with)."""
+        rollout of a list (``len(train)`` steps: the iterate the next batch is sampled with).
+
+        With ``hvp="analytic"`` the steps use the policy's analytic gradient (autograd's up to
+        rounding; a categorical policy takes autograd). The inner-Hessian operators built on
+        the way are kept: :meth:`step` on the same ``train`` reuses them, provided theta and
+        the rollouts' tensors are unchanged (checked by identity and version counters)."""
         xs, ys = self._train_data(train)
         start = self.fn.expand(xs[0].shape[0], self.theta() if theta is None else theta)
         if self.hvp != "analytic":
@@ -163,7 +168,7 @@ class MAMLTRPO:
         iters, hvps = adapt_analytic(self.policy, start, xs, ys, self.fast_lr, len(xs))
         # kept for step(train, valid): the inner-Hessian operators of these iterates are the ones
         # its meta-Fisher needs, so a step on the same train (unchanged theta and rollouts)
-        # builds none again
+        # builds none again. Held until the next adapt or step (a few [T, N, width] tensors).
         self._adapted = (self._adaptation_key(train), xs, ys, iters, hvps) if theta is None else None
         return iters[-1]
 
@@ -184,7 +189,11 @@ class MAMLTRPO:
         cached, self._adapted = getattr(self, "_adapted", None), None
         if cached is None or len(cached[1]) != steps:
             return None
-        (rollouts, *rest), key = cached[0], self._adaptation_key(train)
+        try:
+            key = self._adaptation_key(train)
+        except (AttributeError, TypeError):  # not rollouts: step's own checks say what is wrong
+            return None
+        rollouts, *rest = cached[0]
         if len(rollouts) != len(key[0]) or any(a is not b for a, b in zip(rollouts, key[0])):
             return None
         return cached[1:] if tuple(rest) == key[1:] else None
@@ -232,11 +241,9 @@ class MAMLTRPO:
         theta = self.theta()
         T = xv.shape[0]
         start = self.fn.expand(T, theta)
-        if cached is not None:
-            pass
-        elif self.hvp == "analytic":  # the inner steps from the operators MetaFisher reuses
+        if cached is None and self.hvp == "analytic":  # the operators MetaFisher reuses
             iters, hvps = adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)
-        else:
+        elif cached is None:
             iters, hvps = adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps), None
         if self.hvp == "analytic" and not self.policy.discrete:
             # The surrogate's gradient at phi_old, where its ratio is 1, is the gradient of the
