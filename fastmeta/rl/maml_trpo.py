@@ -163,20 +163,28 @@ class MAMLTRPO:
         the rollouts' tensors are unchanged (checked by identity and version counters)."""
         xs, ys = self._train_data(train)
         start = self.fn.expand(xs[0].shape[0], self.theta() if theta is None else theta)
-        if self.hvp != "analytic":
-            return adapt(self.policy, start, xs, ys, self.fast_lr, len(xs))[-1]
-        iters, hvps = adapt_analytic(self.policy, start, xs, ys, self.fast_lr, len(xs))
+        iters, hvps = self._iterates(start, xs, ys)
         # kept for step(train, valid): the inner-Hessian operators of these iterates are the ones
         # its meta-Fisher needs, so a step on the same train (unchanged theta and rollouts)
         # builds none again. Held until the next adapt or step (a few [T, N, width] tensors).
-        self._adapted = (self._adaptation_key(train), xs, ys, iters, hvps) if theta is None else None
+        keep = theta is None and self.hvp == "analytic"
+        self._adapted = (self._adaptation_key(train), xs, ys, iters, hvps) if keep else None
         return iters[-1]
+
+    def _iterates(self, start, xs, ys):
+        """``(iterates, hvps)``: the inner iterates from ``start``, one step per entry of
+        ``xs``/``ys``, detached; with ``hvp="analytic"`` by the policy's analytic gradient, with
+        the inner-Hessian operators built on the way (None for autograd or a policy without
+        them)."""
+        if self.hvp == "analytic":
+            return adapt_analytic(self.policy, start, xs, ys, self.fast_lr, len(xs))
+        return adapt(self.policy, start, xs, ys, self.fast_lr, len(xs)), None
 
     def _adaptation_key(self, train) -> tuple:
         """What :meth:`adapt`'s result depends on: the rollout objects and the versions of their
         tensors, theta's tensors and versions, and the hyperparameters of the data and the steps."""
         rollouts = list(train) if isinstance(train, (list, tuple)) else [train]
-        data = tuple((id(r), *(getattr(r, f)._version for f in ("obs", "actions", "rewards", "mask")))
+        data = tuple(tuple(getattr(r, f)._version for f in ("obs", "actions", "rewards", "mask"))
                      for r in rollouts)
         params = tuple((p.data_ptr(), p._version, p.dtype) for p in self.fn.params().values())
         hyper = (isinstance(train, (list, tuple)), self.fast_lr, self.gamma, self.gae_lambda,
@@ -240,11 +248,8 @@ class MAMLTRPO:
                              f"they must match")
         theta = self.theta()
         T = xv.shape[0]
-        start = self.fn.expand(T, theta)
-        if cached is None and self.hvp == "analytic":  # the operators MetaFisher reuses
-            iters, hvps = adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)
-        elif cached is None:
-            iters, hvps = adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps), None
+        if cached is None:  # with hvp="analytic", the operators MetaFisher reuses
+            iters, hvps = self._iterates(self.fn.expand(T, theta), x, y)
         if self.hvp == "analytic" and not self.policy.discrete:
             # The surrogate's gradient at phi_old, where its ratio is 1, is the gradient of the
             # inner policy-gradient loss with weights adv * w * M / T (the mean over tasks of
@@ -288,7 +293,7 @@ class MAMLTRPO:
         def evaluate(size: float) -> tuple[float, float]:
             new = {k: theta[k] - size * step[k] for k in theta}
             with torch.no_grad():
-                phi_new = self._adapt_detached(self.fn.expand(T, new), x, y)
+                phi_new = self._iterates(self.fn.expand(T, new), x, y)[0][-1]
                 loss_new, kl = self._surrogate(phi_new, xv, av, advv, wv, logp_old, out_old)
             loss_new, kl = distributed.mean_over_ranks([loss_new.item(), kl.item()]).tolist()
             return loss_new, kl
@@ -300,13 +305,6 @@ class MAMLTRPO:
                     p.sub_(size * step[k])
         return self._metrics(train, valid, loss_before, loss_after if size > 0 else loss_before,
                              kl if size > 0 else 0.0, size, tries, g.norm().item())
-
-    def _adapt_detached(self, start, x, y) -> dict[str, Tensor]:
-        """The last inner iterate from ``start``, detached (the line search's re-adaptation): by
-        the policy's analytic gradient where it has one, else by autograd."""
-        if self.hvp == "analytic":
-            return adapt_analytic(self.policy, start, x, y, self.fast_lr, self.inner_steps)[0][-1]
-        return adapt(self.policy, start, x, y, self.fast_lr, self.inner_steps)[-1]
 
     @staticmethod
     def _metrics(train, valid, loss_before, loss_after, kl, size, tries, grad_norm) -> dict[str, float]:
